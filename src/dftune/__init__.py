@@ -1,0 +1,7 @@
+"""dftune: Dynamic Fine-Tuning (DFT) and its family of probability-weighted objectives."""
+
+from dftune.loss import LossResult, token_loss
+from dftune.objectives import OBJECTIVES, Objective, TokenContext, get_objective
+
+__all__ = ["token_loss", "LossResult", "get_objective", "OBJECTIVES", "Objective", "TokenContext"]
+__version__ = "0.1.0"

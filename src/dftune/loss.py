@@ -1,0 +1,302 @@
+"""The fused LM-head + objective loss: ``token_loss``.
+
+The full logits of a batch (tokens x vocabulary) dominate memory when fine-tuning:
+8 x 2048 tokens at V=151,936 is ~10 GB per fp32 copy. ``token_loss`` takes the final
+hidden states and the LM head instead, and walks over the tokens in chunks, so at most
+``chunk_size x V`` logits exist at a time. Because every objective's gradient w.r.t. the
+logits is known in closed form once its per-token weight is known,
+
+    d loss / d z_t = g_t * (onehot(y_t) - softmax(z_t))  [+ lam * (softmax - ref) for ASFT]
+
+with g_t = d loss / d log p_t, the chunked backend produces the gradients for hidden,
+weight and bias in the forward pass itself (three matmuls per chunk, like Liger) and the
+backward pass only scales them. Objectives whose per-token weight depends on other tokens
+(TALR's batch median, iw-SFT's sequence means) take a first pass that only computes the
+target log-probs, then a second pass for the gradients (four matmuls). Log-softmax is
+always fp32, whatever the input dtype.
+
+Backends: ``chunked`` (default, pure PyTorch, CPU and GPU), ``naive`` (materialises the
+logits and uses autograd: the reference), ``cce`` (Apple's Cut Cross-Entropy) and
+``liger`` (Liger's fused linear cross-entropy), the last two on CUDA only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from dftune.objectives import Objective, TokenContext, get_objective
+
+IGNORE_INDEX = -100
+BACKENDS = ("chunked", "naive", "cce", "liger")
+
+
+@dataclass
+class LossResult:
+    """What ``token_loss`` returns.
+
+    ``loss`` is the differentiable scalar sum(per-token objective) / num_items. The
+    per-token tensors are detached fp32, shape (N,), zero where the label is ignored
+    (NaN where the backend cannot compute the statistic).
+    """
+
+    loss: Tensor  # () scalar
+    num_tokens: int  # valid tokens in this call
+    mask: Tensor  # (N,) bool, valid tokens
+    logp: Tensor  # (N,) log-prob of the target: NLL = -logp, p = exp(logp)
+    entropy: Tensor  # (N,) entropy of the model's next-token distribution
+    objective_sum: Tensor  # () detached sum of per-token objective values (KL term included)
+    kl: Tensor | None = None  # (N,) KL(pi_ref || pi_theta) where a reference was given
+
+    def sums(self) -> dict[str, float]:
+        """Summed statistics over valid tokens, for logging (divide by ``num_tokens``)."""
+        m = self.mask
+        out = {
+            "tokens": float(self.num_tokens),
+            "objective": float(self.objective_sum),
+            "nll": float(-self.logp[m].sum()),
+            "prob": float(self.logp[m].exp().sum()),
+            "entropy": float(self.entropy[m].sum()),
+        }
+        if self.kl is not None:
+            out["kl_ref"] = float(self.kl[m].sum())
+        return out
+
+
+def _check_inputs(hidden, weight, labels, bias, ref_hidden, ref_weight, seq_ids):
+    if hidden.dim() != 2 or weight.dim() != 2:
+        raise ValueError(f"hidden must be (N, H) and weight (V, H); got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden size mismatch: hidden {tuple(hidden.shape)} vs weight {tuple(weight.shape)}")
+    if labels.shape != (hidden.shape[0],):
+        raise ValueError(f"labels must be ({hidden.shape[0]},) to match hidden; got {tuple(labels.shape)}")
+    if not hidden.is_floating_point() or not weight.is_floating_point():
+        raise TypeError(f"hidden and weight must be floating point; got {hidden.dtype} and {weight.dtype}")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"labels must be int64 (or int32); got {labels.dtype}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must be ({weight.shape[0]},); got {tuple(bias.shape)}")
+    valid = labels != IGNORE_INDEX
+    if valid.any():
+        lo, hi = int(labels[valid].min()), int(labels[valid].max())
+        if lo < 0 or hi >= weight.shape[0]:
+            raise ValueError(f"labels must be in [0, {weight.shape[0]}) or {IGNORE_INDEX}; found {lo}..{hi}")
+    if (ref_hidden is None) != (ref_weight is None):
+        raise ValueError("ref_hidden and ref_weight go together")
+    if ref_hidden is not None:
+        if ref_hidden.shape[0] != hidden.shape[0] or ref_weight.shape[0] != weight.shape[0]:
+            raise ValueError("the reference must cover the same tokens (N) and vocabulary (V)")
+    if seq_ids is not None and seq_ids.shape != labels.shape:
+        raise ValueError(f"seq_ids must be {tuple(labels.shape)}; got {tuple(seq_ids.shape)}")
+
+
+def token_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    objective: str | Objective = "dft",
+    *,
+    bias: Tensor | None = None,
+    num_items: int | float | Tensor | None = None,
+    chunk_size: int | None = None,
+    backend: str = "chunked",
+    seq_ids: Tensor | None = None,
+    ref_hidden: Tensor | None = None,
+    ref_weight: Tensor | None = None,
+    ref_bias: Tensor | None = None,
+) -> LossResult:
+    """Per-token objective over an LM head without materialising the logits.
+
+    hidden (N, H) final hidden states; weight (V, H) the LM head (bias (V,) optional);
+    labels (N,) the already-shifted targets, -100 = ignored: hidden[i] predicts labels[i].
+    num_items: the divisor (default: valid tokens here); the training loop passes the
+    global count over accumulation micro-batches and data-parallel ranks.
+    seq_ids (N,): sequence index of each token, for per-sequence statistics (TALR,
+    iw-SFT); default: one sequence. ref_hidden/ref_weight/ref_bias: the frozen reference
+    model's final hidden states and head, for iw_sft, asft and KL logging.
+    chunk_size: tokens per chunk (default: about 2^26 logits per chunk).
+    """
+    obj = get_objective(objective)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
+    _check_inputs(hidden, weight, labels, bias, ref_hidden, ref_weight, seq_ids)
+    if obj.needs_ref and ref_hidden is None:
+        raise ValueError(f"objective {obj.name!r} needs a reference model (ref_hidden and ref_weight)")
+    n, vocab = hidden.shape[0], weight.shape[0]
+    mask = labels != IGNORE_INDEX
+    idx = mask.nonzero().squeeze(1)  # (M,)
+    m = int(idx.numel())
+    if num_items is None:
+        num_items = m
+    num_items = float(num_items.item() if isinstance(num_items, Tensor) else num_items)
+    if num_items <= 0:
+        num_items = 1.0  # nothing valid anywhere: loss 0, zero gradients
+    if seq_ids is None:
+        seq_ids = torch.zeros(n, dtype=torch.long, device=hidden.device)
+    chunk = chunk_size or max(16, min(4096, (1 << 26) // vocab))
+
+    sel = dict(
+        hidden=hidden[idx], labels=labels[idx], seq_ids=seq_ids[idx],
+        ref_hidden=None if ref_hidden is None else ref_hidden[idx],
+    )
+    if backend == "naive":
+        out = _naive(sel, weight, bias, ref_weight, ref_bias, obj, num_items)
+    elif backend == "chunked":
+        out = _Chunked.apply(sel["hidden"], weight, bias, sel, ref_weight, ref_bias, obj, num_items, chunk)
+    else:
+        from dftune import loss_gpu  # lazy: imports cut-cross-entropy / liger only here
+
+        out = loss_gpu.run(backend, sel, weight, bias, ref_weight, ref_bias, obj, num_items)
+    loss, logp_v, ent_v, kl_v, obj_sum = out
+
+    def scatter(v):
+        full = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+        return full.index_copy_(0, idx, v.detach().float())
+
+    if m == 0:  # keep the graph connected so backward gives zero gradients, not None
+        loss = loss + 0.0 * hidden.sum() + 0.0 * weight.sum()
+    return LossResult(
+        loss=loss, num_tokens=m, mask=mask, logp=scatter(logp_v), entropy=scatter(ent_v),
+        objective_sum=obj_sum.detach(), kl=None if kl_v is None else scatter(kl_v),
+    )
+
+
+def _logits(h: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """(c, V) logits in fp32, the matmul in the input dtype (as the model's lm_head)."""
+    z = h @ w.T if b is None else torch.addmm(b, h, w.T)
+    return z.float()
+
+
+def _naive(sel, weight, bias, ref_weight, ref_bias, obj: Objective, num_items: float):
+    """Reference backend: full logits + autograd. Memory O(N x V)."""
+    logsm = _logits(sel["hidden"], weight, bias).log_softmax(-1)  # (M, V)
+    tgt = sel["labels"]
+    logp = logsm.gather(1, tgt[:, None]).squeeze(1)  # (M,)
+    ent = -(logsm.detach().exp() * logsm.detach()).sum(-1)
+    ref_lp, kl = None, None
+    if ref_weight is not None:
+        with torch.no_grad():
+            ref_logsm = _logits(sel["ref_hidden"], ref_weight, ref_bias).log_softmax(-1)
+        ref_lp = ref_logsm.gather(1, tgt[:, None]).squeeze(1)
+        kl = (ref_logsm.exp() * (ref_logsm - logsm)).sum(-1)  # (M,) differentiable
+    vals = obj(logp, TokenContext(seq_ids=sel["seq_ids"], entropy=ent, ref_logp=ref_lp))
+    total = vals.sum()
+    if obj.kl_coef:
+        total = total + obj.kl_coef * kl.sum()
+    return total / num_items, logp, ent, kl, total.detach()
+
+
+def _chunk_forward(h, w, b, tgt, ref_h, ref_w, ref_b):
+    """Statistics of one chunk. Returns (logp_t, entropy, ref_logp_t, kl, probs, ref_probs).
+
+    probs (c, V) is the softmax, kept for the gradient; ref_probs likewise.
+    """
+    z = _logits(h, w, b)  # (c, V) fp32
+    lse = torch.logsumexp(z, dim=-1)  # (c,)
+    z.sub_(lse[:, None])  # z is now log-softmax, in place
+    logp = z.gather(1, tgt[:, None]).squeeze(1)  # (c,)
+    p = z.exp()  # (c, V)
+    # entropy = -sum p log p, as a batched dot product: no (c, V) temporary
+    ent = -torch.bmm(p.unsqueeze(1), z.unsqueeze(2)).view(-1)
+    ref_lp = kl = rp = None
+    if ref_w is not None:
+        rz = _logits(ref_h, ref_w, ref_b).log_softmax(-1)  # (c, V)
+        ref_lp = rz.gather(1, tgt[:, None]).squeeze(1)
+        rp = rz.exp()
+        # KL(ref || p) = sum rp * (log rp - log p)
+        kl = (torch.bmm(rp.unsqueeze(1), rz.unsqueeze(2)) - torch.bmm(rp.unsqueeze(1), z.unsqueeze(2))).view(-1)
+    return logp, ent, ref_lp, kl, p, rp
+
+
+def _objective_grad(obj: Objective, logp: Tensor, ctx: TokenContext, num_items: float):
+    """Per-token values and g = d(sum(values) / num_items) / d logp, via a tiny autograd."""
+    with torch.enable_grad():
+        lp = logp.detach().requires_grad_(True)
+        vals = obj(lp, ctx)
+        (g,) = torch.autograd.grad(vals.sum() / num_items, lp, allow_unused=True)
+    return vals.detach(), (torch.zeros_like(lp) if g is None else g)
+
+
+class _Chunked(torch.autograd.Function):
+    """Chunked forward that also produces the gradients; backward only scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, sel, ref_weight, ref_bias, obj: Objective, num_items, chunk):
+        m, dtype = hidden.shape[0], hidden.dtype
+        want_grad = any(ctx.needs_input_grad[:3])
+        tgt, seq, ref_h = sel["labels"], sel["seq_ids"], sel["ref_hidden"]
+        has_ref = ref_weight is not None
+        logp = hidden.new_zeros(m, dtype=torch.float32)
+        ent, ref_lp = torch.zeros_like(logp), torch.zeros_like(logp) if has_ref else None
+        kl = torch.zeros_like(logp) if has_ref else None
+        vals = torch.zeros_like(logp)
+        g_all = None
+        gh = torch.empty_like(hidden) if want_grad else None  # (M, H)
+        gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grad else None  # (V, H)
+        gb = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if (want_grad and bias is not None) else None
+        kl_scale = obj.kl_coef / num_items
+        spans = [(s, min(s + chunk, m)) for s in range(0, m, chunk)]
+
+        def rh(s, e):
+            return None if ref_h is None else ref_h[s:e]
+
+        if obj.batch_level:  # pass 1: statistics of every token, then the per-token weights
+            for s, e in spans:
+                out = _chunk_forward(hidden[s:e], weight, bias, tgt[s:e], rh(s, e), ref_weight, ref_bias)
+                logp[s:e], ent[s:e] = out[0], out[1]
+                if has_ref:
+                    ref_lp[s:e], kl[s:e] = out[2], out[3]
+                del out
+            vals, g_all = _objective_grad(obj, logp, TokenContext(seq, ent, ref_lp), num_items)
+            if not want_grad:
+                spans = []
+        for s, e in spans:  # the (only or second) pass: gradients chunk by chunk
+            lp_c, ent_c, rlp_c, kl_c, p, rp = _chunk_forward(hidden[s:e], weight, bias, tgt[s:e], rh(s, e), ref_weight, ref_bias)
+            if g_all is None:
+                logp[s:e], ent[s:e] = lp_c, ent_c
+                if has_ref:
+                    ref_lp[s:e], kl[s:e] = rlp_c, kl_c
+                v, g = _objective_grad(obj, lp_c, TokenContext(seq[s:e], ent_c, rlp_c), num_items)
+                vals[s:e] = v
+            else:
+                g = g_all[s:e]
+            if not want_grad:
+                continue
+            # grad_z = g * (onehot - p) + kl_scale * (p - rp), built in place in p
+            p.mul_((kl_scale - g)[:, None])
+            if rp is not None and kl_scale:
+                p.sub_(rp, alpha=kl_scale)
+            p.scatter_add_(1, tgt[s:e, None], g[:, None])
+            gz = p.to(dtype)
+            gh[s:e] = gz @ weight
+            if dtype == torch.float32:
+                gw.addmm_(gz.T, hidden[s:e])
+            else:
+                gw += (gz.T @ hidden[s:e]).float()
+            if gb is not None:
+                gb += p.sum(0)
+            del p, rp, gz
+        total = vals.sum() + (obj.kl_coef * kl.sum() if (has_ref and obj.kl_coef) else 0.0)
+        ctx.save_for_backward(gh, gw, gb)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        loss = (total / num_items).to(torch.float32)
+        ctx.mark_non_differentiable(logp, ent, total)
+        if kl is not None:
+            ctx.mark_non_differentiable(kl)
+        return loss, logp, ent, kl, total
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused):
+        gh, gw, gb = ctx.saved_tensors
+        wdt, bdt = ctx.dtypes
+        grads = [None] * 9
+        if gh is not None:
+            grads[0] = gh * grad_loss.to(gh.dtype) if ctx.needs_input_grad[0] else None
+            grads[1] = (gw * grad_loss).to(wdt) if ctx.needs_input_grad[1] else None
+            if gb is not None and ctx.needs_input_grad[2]:
+                grads[2] = (gb * grad_loss).to(bdt)
+        return tuple(grads)

@@ -1,0 +1,243 @@
+"""token_loss: chunked vs naive vs a float64 closed-form reference, for every objective."""
+
+import math
+
+import pytest
+import torch
+
+from dftune.loss import token_loss
+from dftune.objectives import OBJECTIVES, get_objective
+
+# Each spec, with the closed form of its per-token loss in float64. `lp` are the valid
+# tokens' target log-probs (with grad), `seq` their sequence ids, `ref` the reference's.
+def _seq_mean(x, seq):
+    out = torch.zeros_like(x)
+    for s in seq.unique():
+        out[seq == s] = x[seq == s].mean()
+    return out
+
+
+REFERENCE = {
+    "nll": lambda lp, seq, ref: -lp,
+    "dft": lambda lp, seq, ref: -lp.detach().exp() * lp,
+    "prob_power:alpha=2": lambda lp, seq, ref: (1 - lp.exp() ** 2) / 2,
+    "prob_power:alpha=0.5": lambda lp, seq, ref: (1 - lp.exp() ** 0.5) / 0.5,
+    "thresholded:q=0.05": lambda lp, seq, ref: -lp * (lp.detach().exp() >= 0.05),
+    "thresholded:q=0.05,normalize=kept": lambda lp, seq, ref: -lp * (lp.detach().exp() >= 0.05)
+    * (lp.numel() / (lp.detach().exp() >= 0.05).sum().clamp_min(1)),
+    "dft_clip:tau=0.1": lambda lp, seq, ref: -torch.where(lp.detach().exp() < 0.1, lp.detach().exp(), 1.0) * lp,
+    "talr": lambda lp, seq, ref: -torch.clamp(
+        lp.detach().exp() ** (1 / torch.stack([(-lp.detach()[seq == s]).mean() for s in seq.unique()]).median()), min=0.01
+    ) * lp,
+    "focal:gamma=2": lambda lp, seq, ref: -(1 - lp.exp()) ** 2 * lp,
+    "iw_sft": lambda lp, seq, ref: -torch.clamp(_seq_mean(lp.detach() - ref, seq).exp(), 0, 16) * lp,
+    "iw_sft:level=token": lambda lp, seq, ref: -torch.clamp((lp.detach() - ref).exp(), 0.2, 1.8) * lp,
+    "asft:lam=0.3": lambda lp, seq, ref: -lp.detach().exp() * lp,  # + KL term, added below
+}
+
+
+def test_every_registered_objective_has_a_reference():
+    covered = {spec.split(":")[0] for spec in REFERENCE}
+    assert covered >= set(OBJECTIVES) - {"sft"}
+
+
+def _problem(n, h, v, dtype, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(n, h, generator=g) * 0.7).to(dtype)
+    weight = (torch.randn(v, h, generator=g) * 0.7).to(dtype)
+    b = (torch.randn(v, generator=g) * 0.3).to(dtype) if bias else None
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[torch.rand(n, generator=g) < 0.3] = -100
+    seq = torch.arange(n) // 7
+    ref_h = (hidden.double() + 0.3 * torch.randn(n, h, generator=g, dtype=torch.float64)).to(dtype)
+    ref_w = (weight.double() + 0.3 * torch.randn(v, h, generator=g, dtype=torch.float64)).to(dtype)
+    return hidden, weight, b, labels, seq, ref_h, ref_w
+
+
+def _reference(spec, hidden, weight, b, labels, seq, ref_h, ref_w):
+    """float64 loss and gradients, from the full logits and the closed form."""
+    h = hidden.double().requires_grad_(True)
+    w = weight.double().requires_grad_(True)
+    bb = None if b is None else b.double().requires_grad_(True)
+    z = h @ w.T + (0 if bb is None else bb)
+    logsm = z.log_softmax(-1)
+    m = labels != -100
+    lp = logsm[m].gather(1, labels[m][:, None]).squeeze(1)
+    ref_logsm = (ref_h.double() @ ref_w.double().T + (0 if b is None else b.double())).log_softmax(-1)
+    ref_lp = ref_logsm[m].gather(1, labels[m][:, None]).squeeze(1)
+    vals = REFERENCE[spec](lp, seq[m], ref_lp)
+    total = vals.sum()
+    if spec.startswith("asft"):
+        total = total + 0.3 * (ref_logsm[m].exp() * (ref_logsm[m] - logsm[m])).sum()
+    loss = total / max(int(m.sum()), 1)
+    loss.backward()
+    return loss.detach(), h.grad, w.grad, None if bb is None else bb.grad
+
+
+def _ours(spec, backend, hidden, weight, b, labels, seq, ref_h, ref_w, chunk):
+    h = hidden.clone().requires_grad_(True)
+    w = weight.clone().requires_grad_(True)
+    bb = None if b is None else b.clone().requires_grad_(True)
+    ref_b = None if b is None else b
+    r = token_loss(h, w, labels, spec, bias=bb, backend=backend, chunk_size=chunk, seq_ids=seq,
+                   ref_hidden=ref_h, ref_weight=ref_w, ref_bias=ref_b)
+    r.loss.backward()
+    return r, h.grad, w.grad, None if bb is None else bb.grad
+
+
+@pytest.mark.parametrize("spec", sorted(REFERENCE))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(37, 16, 50, 8), (64, 24, 97, 16), (5, 8, 30, 64)])
+def test_chunked_and_naive_match_float64(spec, dtype, shape):
+    n, hdim, v, chunk = shape
+    prob = _problem(n, hdim, v, dtype, bias=(n != 64))
+    ref = _reference(spec, *prob)
+    # bf16 inputs: the matmuls run in bf16 (as the model's head would), log-softmax in fp32
+    tol = dict(rtol=2e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=5e-2, atol=3e-2)
+    for backend in ("chunked", "naive"):
+        r, gh, gw, gb = _ours(spec, backend, *prob, chunk)
+        assert torch.isfinite(r.loss)
+        torch.testing.assert_close(r.loss.double(), ref[0], **tol)
+        for ours, want in zip((gh, gw, gb), ref[1:]):
+            if ours is None:
+                continue
+            scale = max(want.abs().max().item(), 1e-6)  # compare gradients relative to their size
+            torch.testing.assert_close(ours.double() / scale, want / scale, **tol)
+
+
+@pytest.mark.parametrize("spec", sorted(REFERENCE))
+def test_chunked_equals_naive_closely_in_fp32(spec):
+    prob = _problem(53, 16, 71, torch.float32, seed=3)
+    a = _ours(spec, "naive", *prob, 10)
+    b = _ours(spec, "chunked", *prob, 10)
+    torch.testing.assert_close(a[0].loss, b[0].loss, rtol=1e-5, atol=1e-7)
+    for x, y in zip(a[1:], b[1:]):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(a[0].logp, b[0].logp)
+    torch.testing.assert_close(a[0].entropy, b[0].entropy, rtol=1e-5, atol=1e-5)
+
+
+def test_dft_on_uniform_logits_is_ce_over_v():
+    n, h, v = 12, 4, 40
+    hidden = torch.zeros(n, h, requires_grad=True)
+    weight = torch.randn(v, h)
+    labels = torch.randint(0, v, (n,))
+    for backend in ("chunked", "naive"):
+        dft = token_loss(hidden, weight, labels, "dft", backend=backend).loss
+        nll = token_loss(hidden, weight, labels, "nll", backend=backend).loss
+        assert math.isclose(nll.item(), math.log(v), rel_tol=1e-6)
+        assert math.isclose(dft.item(), math.log(v) / v, rel_tol=1e-6)
+
+
+def test_dft_gradient_is_p_times_nll_gradient_per_token():
+    hidden, weight, b, labels, *_ = _problem(9, 8, 20, torch.float64, seed=5, bias=False)
+    labels = labels.clamp_min(0)  # no masking: one token at a time
+    for i in range(9):
+        lab = torch.full_like(labels, -100)
+        lab[i] = labels[i]
+        grads = {}
+        for spec in ("dft", "nll"):
+            h = hidden.clone().requires_grad_(True)
+            r = token_loss(h, weight, lab, spec)
+            r.loss.backward()
+            grads[spec] = h.grad[i]
+            p = r.logp[i].exp().double()
+        torch.testing.assert_close(grads["dft"], p * grads["nll"])
+
+
+def test_prob_power_alpha_1_has_dfts_gradient_and_alpha_0_is_nll():
+    prob = _problem(30, 8, 25, torch.float64, seed=7)
+    g = {s: _ours(s, "chunked", *prob, 7) for s in ("dft", "prob_power:alpha=1", "nll", "prob_power:alpha=0")}
+    for x, y in zip(g["dft"][1:], g["prob_power:alpha=1"][1:]):
+        torch.testing.assert_close(x, y)
+    for x, y in zip(g["nll"][1:], g["prob_power:alpha=0"][1:]):
+        torch.testing.assert_close(x, y)
+    # the reported value of prob_power(1) is 1 - p, DFT's is -p log p
+    p = g["dft"][0].logp[g["dft"][0].mask].exp()
+    torch.testing.assert_close(g["prob_power:alpha=1"][0].loss, (1 - p).mean())
+
+
+def test_focal_matches_its_formula_and_is_not_detached():
+    prob = _problem(20, 8, 25, torch.float64, seed=8, bias=False)
+    r, gh, *_ = _ours("focal:gamma=2", "chunked", *prob, 6)
+    p = r.logp[r.mask].exp()
+    torch.testing.assert_close(r.loss, (-(1 - p) ** 2 * p.log()).mean())
+    # a detached-weight version would have a different gradient
+    _, gh_det, *_ = _ours("dft", "chunked", *prob, 6)
+    assert not torch.allclose(gh, gh_det)
+
+
+def test_gradient_accumulation_with_global_num_items_equals_one_big_batch():
+    hidden, weight, b, labels, seq, rh, rw = _problem(60, 8, 33, torch.float64, seed=11)
+    total = int((labels != -100).sum())
+    for spec in ("dft", "nll", "focal:gamma=2", "asft"):
+        w_big = weight.clone().requires_grad_(True)
+        h_big = hidden.clone().requires_grad_(True)
+        token_loss(h_big, w_big, labels, spec, ref_hidden=rh, ref_weight=rw).loss.backward()
+        w_acc = weight.clone().requires_grad_(True)
+        h_acc = hidden.clone().requires_grad_(True)
+        for s in range(0, 60, 17):  # uneven micro-batches
+            r = token_loss(h_acc[s:s + 17], w_acc, labels[s:s + 17], spec, num_items=total,
+                           ref_hidden=rh[s:s + 17], ref_weight=rw, chunk_size=5)
+            r.loss.backward()
+        torch.testing.assert_close(w_acc.grad, w_big.grad)
+        torch.testing.assert_close(h_acc.grad, h_big.grad)
+
+
+@pytest.mark.parametrize("backend", ["chunked", "naive"])
+def test_all_masked_gives_zero_loss_and_zero_gradients(backend):
+    h = torch.randn(6, 4, requires_grad=True)
+    w = torch.randn(10, 4, requires_grad=True)
+    r = token_loss(h, w, torch.full((6,), -100), "talr", backend=backend)
+    r.loss.backward()
+    assert r.loss.item() == 0.0 and r.num_tokens == 0
+    assert torch.equal(h.grad, torch.zeros_like(h)) and torch.equal(w.grad, torch.zeros_like(w))
+    assert not torch.isnan(r.logp).any()
+
+
+def test_statistics_match_float64():
+    hidden, weight, b, labels, *_ = _problem(25, 8, 19, torch.float32, seed=2)
+    r = token_loss(hidden, weight, labels, "dft", bias=b, chunk_size=4)
+    z = (hidden.double() @ weight.double().T + b.double()).log_softmax(-1)
+    m = labels != -100
+    torch.testing.assert_close(r.logp[m].double(), z[m].gather(1, labels[m][:, None]).squeeze(1), rtol=1e-5, atol=1e-5)
+    ent = -(z.exp() * z).sum(-1)
+    torch.testing.assert_close(r.entropy[m].double(), ent[m], rtol=1e-5, atol=1e-5)
+    s = r.sums()
+    assert s["tokens"] == int(m.sum())
+    assert math.isclose(s["nll"], float(-z[m].gather(1, labels[m][:, None]).sum()), rel_tol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(hidden=torch.randn(4, 3), weight=torch.randn(9, 5), labels=torch.zeros(4, dtype=torch.long)), "hidden size"),
+        (dict(hidden=torch.randn(4, 3), weight=torch.randn(9, 3), labels=torch.zeros(5, dtype=torch.long)), "labels must be"),
+        (dict(hidden=torch.randn(4, 3), weight=torch.randn(9, 3), labels=torch.zeros(4)), "int64"),
+        (dict(hidden=torch.randn(4, 3), weight=torch.randn(9, 3, dtype=torch.float64), labels=torch.zeros(4, dtype=torch.long)), "share a dtype"),
+        (dict(hidden=torch.randn(4, 3), weight=torch.randn(9, 3), labels=torch.tensor([0, 1, 9, -100])), r"\[0, 9\)"),
+        (dict(hidden=torch.randn(4, 3), weight=torch.randn(9, 3), labels=torch.zeros(4, dtype=torch.long), objective="iw_sft"), "reference"),
+        (dict(hidden=torch.randn(4, 3), weight=torch.randn(9, 3), labels=torch.zeros(4, dtype=torch.long), backend="fast"), "unknown backend"),
+        (dict(hidden=torch.randn(4, 3), weight=torch.randn(9, 3), labels=torch.zeros(4, dtype=torch.long), backend="cce"), "CUDA"),
+    ],
+)
+def test_bad_input_gives_clear_errors(kwargs, match):
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
+        token_loss(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [("dtf", "unknown objective"), ("prob_power:beta=2", "no parameter"), ("prob_power:2", "key=value"),
+     ("thresholded:normalize=some", "normalize"), ("prob_power:alpha=-1", "alpha")],
+)
+def test_bad_objective_specs(spec, match):
+    with pytest.raises(ValueError, match=match):
+        get_objective(spec)
+
+
+def test_spec_parsing():
+    assert get_objective("prob_power:alpha=2").name == "prob_power:alpha=2"
+    assert get_objective("thresholded: q=0.2, normalize=kept").batch_level
+    assert get_objective("asft").kl_coef == 0.05
+    assert get_objective("iw_sft").needs_ref and get_objective("iw_sft").batch_level
