@@ -1,0 +1,228 @@
+"""Run configuration: dataclasses whose docstrings are the help, YAML that holds values only.
+
+    dftune train configs/tiny_cpu.yaml train.objective=nll train.lr=1e-4
+
+A YAML file and ``section.key=value`` overrides fill a ``Config``; an unknown key or a
+value of the wrong type is an error that names the key, raised before anything loads.
+The resolved config is written to the run folder as ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    """The model to fine-tune.
+
+    name_or_path: Hugging Face Hub id or local folder.
+    gguf_file: a GGUF file inside that folder, loaded through transformers (needs `gguf`).
+    dtype: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16.
+    gradient_checkpointing: recompute activations in backward to save memory.
+    lora_r: LoRA rank; 0 trains every weight.
+    lora_alpha, lora_dropout, lora_target_modules: peft LoraConfig values.
+    attn_implementation: passed to from_pretrained (e.g. sdpa, flash_attention_2).
+    trust_remote_code: allow custom model code from the Hub.
+    """
+
+    name_or_path: str = ""
+    gguf_file: str = ""
+    dtype: str = "auto"
+    gradient_checkpointing: bool = False
+    lora_r: int = 0
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_target_modules: str = "all-linear"
+    attn_implementation: str = ""
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    """The training data.
+
+    path: a .jsonl/.json/.parquet file, a folder of them, or a Hub dataset id.
+    split: the Hub split (ignored for local files).
+    format: auto, messages, prompt_completion, problem_solution or question_answer.
+    prompt_field, response_field, messages_field: override the fields the format reads.
+    select: all, first:N (the paper took the first 100K rows) or random:N (seeded).
+    max_length: tokens per example; longer responses are cut at the end, and examples
+        whose prompt alone reaches max_length are dropped and counted.
+    instruction_suffix: text appended to every prompt (e.g. the boxed instruction).
+    system_prompt: a system turn before every prompt; empty for none.
+    chat_template: auto (the tokenizer's; error if it has none), plain (a minimal
+        "User:/Assistant:" template for base models), or a path to a .jinja file.
+    boxed_answers: rewrite GSM8K's final "#### 72" line as "\\boxed{72}".
+    on_bad_row: error (stop, naming file, row and field) or skip (drop and count).
+    """
+
+    path: str = ""
+    split: str = "train"
+    format: str = "auto"
+    prompt_field: str = ""
+    response_field: str = ""
+    messages_field: str = ""
+    select: str = "all"
+    max_length: int = 2048
+    instruction_suffix: str = ""
+    system_prompt: str = ""
+    chat_template: str = "auto"
+    boxed_answers: bool = True
+    on_bad_row: str = "error"
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation (defaults: the paper's recipe, PAPER.md).
+
+    objective: nll, dft, prob_power:alpha=2, thresholded:q=0.2, dft_clip:tau=0.7, talr,
+        focal:gamma=2, iw_sft, iw_sft:level=token, asft:lam=0.05.
+    loss_backend: chunked (default), naive, cce or liger (CUDA).
+    chunk_size: tokens per loss chunk; 0 picks one from the vocabulary size.
+    lr, beta1, beta2, weight_decay: AdamW.
+    warmup_ratio: linear warm-up over this fraction of the steps, then cosine decay.
+    min_lr_ratio: the cosine schedule's floor, as a fraction of lr.
+    grad_clip: max global gradient norm; 0 disables clipping.
+    global_batch: sequences per optimizer step = micro_batch x accumulation x processes.
+    micro_batch: sequences per forward pass on one process.
+    epochs: passes over the data (fractions allowed); max_steps > 0 overrides it.
+    seed: data order, initialisation of anything random, dropout.
+    out_dir: the run folder (config, log, checkpoints, final model).
+    save_every: checkpoint every N optimizer steps (0: only at the end).
+    keep_checkpoints: how many recent checkpoints to keep.
+    resume: continue from the newest checkpoint in out_dir if there is one.
+    log_every: print a log line every N steps (the JSONL log gets every step).
+    tensorboard: also write TensorBoard events (needs the tensorboard package).
+    log_kl: keep a frozen reference to log KL(initial || current) every step, also for
+        objectives that do not need one (costs a second forward pass).
+    eval_every: run the short periodic evaluation every N steps (0: never).
+    eval_benchmarks, eval_limit, eval_n, eval_max_new_tokens, eval_data_dir: that evaluation.
+    """
+
+    objective: str = "dft"
+    loss_backend: str = "chunked"
+    chunk_size: int = 0
+    lr: float = 5e-5
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+    global_batch: int = 256
+    micro_batch: int = 4
+    epochs: float = 1.0
+    max_steps: int = 0
+    seed: int = 0
+    out_dir: str = "runs/dft"
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    resume: bool = False
+    log_every: int = 10
+    tensorboard: bool = True
+    log_kl: bool = False
+    eval_every: int = 0
+    eval_benchmarks: str = "math500"
+    eval_limit: int = 32
+    eval_n: int = 1
+    eval_max_new_tokens: int = 512
+    eval_data_dir: str = ""
+
+
+@dataclass
+class Config:
+    """A training run: model, data and train sections."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the dataclasses."""
+
+
+def _coerce(value, typ, where: str):
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is float and isinstance(value, str):  # YAML 1.1 reads 3e-5 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if typ is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if typ in (int, float, str, bool) and type(value) is not typ:
+        raise ConfigError(f"{where}: expected {typ.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def from_dict(cls, data: dict, where: str = ""):
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and bad types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"{where or 'config'}: unknown key(s) {sorted(unknown)}; known: {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        typ, path = hints[key], f"{where}.{key}" if where else key
+        if dataclasses.is_dataclass(typ):
+            kwargs[key] = from_dict(typ, value or {}, path)
+        else:
+            kwargs[key] = _coerce(value, typ, path)
+    return cls(**kwargs)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML file (or start from defaults) and apply ``section.key=value`` overrides."""
+    data: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+    for item in overrides:
+        key, eq, raw = item.partition("=")
+        if not eq or "." not in key:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        section, _, name = key.strip().partition(".")
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        data.setdefault(section, {})
+        if not isinstance(data[section], dict):
+            raise ConfigError(f"override {item!r}: {section} is not a section")
+        data[section][name] = value
+    try:
+        return from_dict(Config, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path or 'overrides'}: {e}") from None
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def describe() -> str:
+    """Every section's docstring with its defaults: the help for ``dftune train``."""
+    out = []
+    for name, cls in (("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig)):
+        out.append(f"[{name}] {(cls.__doc__ or '').strip()}")
+        out += [f"    {name}.{f.name} = {f.default!r}" for f in dataclasses.fields(cls)]
+    return "\n".join(out)

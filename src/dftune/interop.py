@@ -1,0 +1,42 @@
+"""Our objectives inside other trainers (TRL's SFTTrainer, the HF Trainer).
+
+    from dftune.interop import compute_loss_func
+    trainer = SFTTrainer(model=..., args=SFTConfig(...), train_dataset=...,
+                         compute_loss_func=compute_loss_func("dft"))
+
+Those trainers compute the full logits themselves, so this path has their memory cost;
+``token_loss`` (our own loop) avoids it. The loss is the sum of per-token objective
+values divided by ``num_items_in_batch``, which the trainers pass as the number of
+target tokens over all gradient-accumulation micro-batches, so accumulation is exact.
+Objectives that need a reference model (iw_sft, asft) are not available here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dftune.loss import IGNORE_INDEX
+from dftune.objectives import TokenContext, get_objective
+
+
+def compute_loss_func(objective: str = "dft"):
+    """A ``compute_loss_func(outputs, labels, num_items_in_batch=None)`` for HF/TRL trainers."""
+    obj = get_objective(objective)
+    if obj.needs_ref:
+        raise ValueError(f"{obj.name} needs a reference model: use dftune's own training loop")
+
+    def loss_fn(outputs, labels, num_items_in_batch=None):
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits  # (B, T, V)
+        b, t, v = logits.shape
+        shifted = labels[:, 1:].reshape(-1)  # (B*(T-1),): position i predicts token i+1
+        mask = shifted != IGNORE_INDEX
+        logsm = logits[:, :-1].reshape(-1, v)[mask].float().log_softmax(-1)  # fp32, valid rows only
+        logp = logsm.gather(1, shifted[mask][:, None]).squeeze(1)
+        seq_ids = torch.arange(b, device=labels.device).repeat_interleave(t - 1)[mask]
+        vals = obj(logp, TokenContext(seq_ids=seq_ids))
+        denom = num_items_in_batch if num_items_in_batch is not None else mask.sum()
+        if isinstance(denom, torch.Tensor):
+            denom = denom.to(vals.device)
+        return vals.sum() / denom
+
+    return loss_fn

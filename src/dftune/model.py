@@ -1,0 +1,146 @@
+"""Loading causal LMs and computing the loss from their final hidden states.
+
+Any ``AutoModelForCausalLM`` works (Hub id, local folder, or a GGUF file through
+transformers). The LM head is never applied to the whole sequence: ``CausalLMLoss`` runs
+the decoder to get the final hidden states and hands them, with the head's weight, to
+``token_loss``, which works through the vocabulary in chunks.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from dftune.config import ModelConfig
+from dftune.loss import LossResult, token_loss
+from dftune.objectives import Objective
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"model.dtype must be auto, fp32, bf16 or fp16; got {name!r}")
+    return DTYPES[name]
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    if not cfg.name_or_path:
+        raise ValueError("model.name_or_path is empty: give a Hub id or a local model folder")
+    kw = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
+    tok = AutoTokenizer.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, **kw)
+    if tok.eos_token_id is None:
+        raise ValueError(f"{cfg.name_or_path}: the tokenizer has no EOS token; responses must end with one")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # padding is masked out of attention and loss anyway
+    return tok
+
+
+def load_model(cfg: ModelConfig, device: torch.device):
+    """The model in the run's dtype, with gradient checkpointing and LoRA as configured."""
+    from transformers import AutoModelForCausalLM
+
+    kw = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
+    if cfg.attn_implementation:
+        kw["attn_implementation"] = cfg.attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg.name_or_path, dtype=resolve_dtype(cfg.dtype, device), trust_remote_code=cfg.trust_remote_code, **kw
+    )
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora_r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        target = cfg.lora_target_modules
+        lora = LoraConfig(
+            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
+            target_modules=target if target == "all-linear" else [t.strip() for t in target.split(",")],
+        )
+        model = get_peft_model(model, lora)
+        if cfg.gradient_checkpointing:
+            model.enable_input_require_grads()
+    return model.to(device)
+
+
+def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The module that yields final hidden states, and the LM head (peft-aware)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = base.get_decoder()
+    head = base.get_output_embeddings()
+    if decoder is None or head is None or not hasattr(head, "weight"):
+        raise ValueError(f"{type(base).__name__}: cannot find its decoder and LM head (get_decoder / get_output_embeddings)")
+    return decoder, head
+
+
+def _hidden(model: nn.Module, input_ids, attention_mask) -> torch.Tensor:
+    decoder, _ = decoder_and_head(model)
+    return decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+
+
+class CausalLMLoss(nn.Module):
+    """Wraps a causal LM so that forward returns ``token_loss``'s result.
+
+    It is this module that DDP/FSDP wrap, so the decoder and the head both run inside
+    the wrapped forward. The reference for iw_sft/asft/KL logging is either a frozen
+    copy of the initial model, or, for LoRA, the same model with its adapters disabled.
+    """
+
+    def __init__(self, model: nn.Module, objective: Objective, *, backend: str = "chunked",
+                 chunk_size: int | None = None, reference: str = "none"):
+        super().__init__()
+        self.model = model
+        self.objective = objective
+        self.backend = backend
+        self.chunk_size = chunk_size or None
+        self.reference = reference  # none | copy | adapters
+        if reference == "copy":
+            ref = copy.deepcopy(model).eval()
+            for p in ref.parameters():
+                p.requires_grad_(False)
+            self._ref = [ref]  # a list: not a registered submodule, so DDP/optimizer ignore it
+        else:
+            self._ref = []
+
+    def _reference(self, input_ids, attention_mask):
+        if self.reference == "none":
+            return None, None, None
+        with torch.no_grad():
+            if self.reference == "copy":
+                ref = self._ref[0]
+                h = _hidden(ref, input_ids, attention_mask)
+            else:
+                ref = self.model
+                with self.model.disable_adapter():
+                    h = _hidden(ref, input_ids, attention_mask)
+            _, head = decoder_and_head(ref)
+            return h, head.weight.detach(), None if getattr(head, "bias", None) is None else head.bias.detach()
+
+    def forward(self, input_ids, attention_mask, labels, num_items=None) -> LossResult:
+        hidden = _hidden(self.model, input_ids, attention_mask)  # (B, T, H)
+        _, head = decoder_and_head(self.model)
+        b, t, h = hidden.shape
+        shifted = labels[:, 1:].reshape(-1)  # (B*(T-1),): hidden[:, i] predicts labels[:, i+1]
+        seq_ids = torch.arange(b, device=labels.device).repeat_interleave(t - 1)
+        ref_h, ref_w, ref_b = self._reference(input_ids, attention_mask)
+        return token_loss(
+            hidden[:, :-1].reshape(-1, h), head.weight, shifted, self.objective,
+            bias=getattr(head, "bias", None), num_items=num_items, chunk_size=self.chunk_size,
+            backend=self.backend, seq_ids=seq_ids,
+            ref_hidden=None if ref_h is None else ref_h[:, :-1].reshape(-1, ref_h.shape[-1]),
+            ref_weight=ref_w, ref_bias=ref_b,
+        )
+
+
+def reference_kind(objective: Objective, lora: bool, log_kl: bool) -> str:
+    """Which reference the run needs: none, a frozen copy, or the adapter-free base."""
+    if not (objective.needs_ref or log_kl):
+        return "none"
+    return "adapters" if lora else "copy"
+

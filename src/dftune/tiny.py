@@ -1,0 +1,78 @@
+"""Tiny, real Hugging Face models built offline: a BPE tokenizer with a chat template,
+trained on the data at hand, and a randomly initialised Llama saved with save_pretrained.
+
+Tests use them (nothing is downloaded) and so does the tiny CPU config; the folder they
+write loads with AutoModelForCausalLM / AutoTokenizer / vLLM like any other.
+
+    dftune tiny-model out/tiny --data ../shared/data/train/gsm8k_train.jsonl
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
+
+
+def build_tokenizer(texts, vocab_size: int = 512):
+    """A byte-level BPE tokenizer (PreTrainedTokenizerFast) with a Qwen-style chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tk.train_from_iterator(texts, trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<pad>", bos_token=None,
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def build_model(vocab_size: int, *, hidden: int = 128, layers: int = 2, heads: int = 2, intermediate: int = 256,
+                max_positions: int = 2048, seed: int = 0, arch: str = "llama", eos_token_id: int = 0, pad_token_id=None):
+    """A randomly initialised causal LM (llama or qwen2). head_dim = hidden / heads (vLLM's
+    CPU attention needs >= 32)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
+    config = cls(
+        vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=heads, intermediate_size=intermediate, max_position_embeddings=max_positions,
+        tie_word_embeddings=False, eos_token_id=eos_token_id, pad_token_id=pad_token_id, bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def texts_from(path: str, limit: int = 2000) -> list[str]:
+    """Every string field of the first ``limit`` records of a data file, for the tokenizer."""
+    from dftune.data import read_records
+
+    out = []
+    for _, rec in read_records(path)[:limit]:
+        out += [v for v in rec.values() if isinstance(v, str)]
+    return out
+
+
+def make_tiny(out_dir: str | Path, texts, *, vocab_size: int = 512, seed: int = 0, **model_kw) -> Path:
+    """Write a tokenizer and a random model to ``out_dir``; return the folder."""
+    out = Path(out_dir)
+    tok = build_tokenizer(texts, vocab_size)
+    model = build_model(len(tok), seed=seed, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **model_kw)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
