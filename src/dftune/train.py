@@ -102,6 +102,8 @@ def _save_checkpoint(acc, out: Path, step: int, keep: int) -> None:
     acc.save_state(str(tmp))
     if acc.is_main_process:
         (tmp / "state.json").write_text(json.dumps({"step": step}))
+        if final.exists():  # the same step saved again (a finished run resumed)
+            shutil.rmtree(final)
         tmp.rename(final)  # atomic: a checkpoint folder exists only once complete
         for old in _checkpoints(out)[:-keep]:
             shutil.rmtree(old)
@@ -119,7 +121,7 @@ def train(cfg: Config, on_step=None) -> Path:
 
     t = cfg.train
     objective = get_objective(t.objective)  # bad names fail before anything loads
-    acc = Accelerator()
+    acc = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True: gloo DDP under torchrun
     world, rank = acc.num_processes, acc.process_index
     out = Path(t.out_dir)
     if acc.is_main_process:

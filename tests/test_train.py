@@ -1,0 +1,215 @@
+"""The training loop on tiny real models, offline."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from dftune.config import Config, DataConfig, ModelConfig, TrainConfig
+from dftune.data import build_dataset, collate
+from dftune.interop import compute_loss_func
+from dftune.model import CausalLMLoss
+from dftune.objectives import get_objective
+from dftune.train import NonFiniteError, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cfg(tiny_dir, data, out, **train_kw):
+    t = dict(objective="dft", lr=3e-3, global_batch=8, micro_batch=4, max_steps=4, out_dir=str(out),
+             tensorboard=False, warmup_ratio=0.25)
+    t.update(train_kw)
+    return Config(model=ModelConfig(name_or_path=str(tiny_dir)), data=DataConfig(path=str(data), max_length=128),
+                  train=TrainConfig(**t))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _log(out):
+    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+def _weights(folder):
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def test_loss_decreases_on_real_math_data(tiny_dir, shared_data, tmp_path):
+    cfg = _cfg(tiny_dir, shared_data / "train" / "gsm8k_train.jsonl", tmp_path / "run", objective="nll", max_steps=12,
+               lr=3e-3, global_batch=8, micro_batch=8)
+    cfg.data.select = "first:96"
+    cfg.data.max_length = 768
+    final = train(cfg)
+    log = _log(tmp_path / "run")
+    assert len(log) == 12
+    assert log[-1]["nll"] < log[0]["nll"] - 0.5
+    for key in ("loss", "nll", "mean_prob", "entropy", "grad_norm", "lr", "tokens_per_s"):
+        assert key in log[0]
+    # the final model loads back with transformers and the saved config is the resolved one
+    AutoModelForCausalLM.from_pretrained(final)
+    AutoTokenizer.from_pretrained(final)
+    assert "objective: nll" in (tmp_path / "run" / "config.yaml").read_text()
+    assert json.loads((tmp_path / "run" / "data_summary.json").read_text())["kept"] == 96
+
+
+def test_kill_and_resume_ends_with_the_same_weights(tiny_dir, problems_file, tmp_path):
+    full = train(_cfg(tiny_dir, problems_file, tmp_path / "a", max_steps=5, save_every=1))
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_3(step, rec):
+        if step == 3:
+            raise Killed
+
+    cfg = _cfg(tiny_dir, problems_file, tmp_path / "b", max_steps=5, save_every=1)
+    with pytest.raises(Killed):
+        train(cfg, on_step=kill_after_3)
+    assert not (tmp_path / "b" / "final").exists()
+    cfg.train.resume = True
+    resumed = train(cfg)
+    wa, wb = _weights(full), _weights(resumed)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    la, lb = _log(tmp_path / "a"), _log(tmp_path / "b")
+    assert [r["step"] for r in lb] == [1, 2, 3, 4, 5]
+    assert [r["loss"] for r in la] == [r["loss"] for r in lb]
+
+
+def test_ddp_two_processes_equal_one_process_with_accumulation(tiny_dir, problems_file, tmp_path):
+    """2 gloo processes x micro 4 and 1 process x accumulation 2 see the same step."""
+    script = tmp_path / "cfg.yaml"
+    outs = {}
+    for name, nproc in (("single", 1), ("ddp", 2)):
+        out = tmp_path / name
+        args = [f"model.name_or_path={tiny_dir}", f"data.path={problems_file}", "data.max_length=128",
+                "train.global_batch=8", "train.micro_batch=4", "train.max_steps=2", f"train.out_dir={out}",
+                "train.tensorboard=false", "train.lr=3e-3", "train.objective=dft"]
+        script.write_text("{}\n")
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}",
+               "-m", "dftune.cli", "train", str(script), *args]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        outs[name] = out
+    a, b = _log(outs["single"]), _log(outs["ddp"])
+    for ra, rb in zip(a, b):
+        assert ra["tokens"] == rb["tokens"]
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
+        assert ra["nll"] == pytest.approx(rb["nll"], rel=1e-5)
+        assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-4)
+    wa, wb = _weights(outs["single"] / "final"), _weights(outs["ddp"] / "final")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
+
+
+def test_non_finite_loss_stops_before_the_update(tiny_dir, problems_file, tmp_path):
+    bad = tmp_path / "bad_model"
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    with torch.no_grad():
+        model.lm_head.weight[3, 0] = float("inf")
+    model.save_pretrained(bad)
+    AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(bad)
+    with pytest.raises(NonFiniteError, match="non-finite loss or gradient at step 1"):
+        train(_cfg(bad, problems_file, tmp_path / "run"))
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def _batch(tiny_dir, problems_file, n=4):
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    exs, _ = build_dataset(DataConfig(path=str(problems_file)), tok)
+    return collate(exs[:n], tok.pad_token_id)
+
+
+def test_all_masked_micro_batch_is_zero_not_nan(tiny_dir, problems_file):
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    batch = _batch(tiny_dir, problems_file)
+    batch["labels"][:] = -100
+    res = CausalLMLoss(model, get_objective("talr"))(**batch, num_items=0)
+    res.loss.backward()
+    assert res.loss.item() == 0.0
+    assert all(p.grad is None or not p.grad.abs().sum() for p in model.parameters())
+
+
+@pytest.mark.parametrize("spec", ["iw_sft", "iw_sft:level=token", "asft:lam=0.1"])
+def test_reference_objectives_against_float64(tiny_dir, problems_file, spec):
+    """Weights and KL on a real model's batch, against a float64 computation from its logits."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    wrapped = CausalLMLoss(model, get_objective(spec), reference="copy")
+    with torch.no_grad():  # move away from the reference so that weights and KL are not trivial
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    batch = _batch(tiny_dir, problems_file)
+    res = wrapped(**batch)
+    ref_model = wrapped._ref[0]
+    with torch.no_grad():
+        lp = model(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits.double().log_softmax(-1)[:, :-1]
+        rlp = ref_model(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits.double().log_softmax(-1)[:, :-1]
+    lab = batch["labels"][:, 1:]
+    mask = lab != -100
+    tgt = lab.clamp_min(0)[..., None]
+    logp, ref_logp = lp.gather(-1, tgt).squeeze(-1), rlp.gather(-1, tgt).squeeze(-1)
+    kl = (rlp.exp() * (rlp - lp)).sum(-1)
+    if spec == "iw_sft":
+        seq_w = ((logp - ref_logp) * mask).sum(1) / mask.sum(1)
+        w = seq_w.exp().clamp(0, 16)[:, None].expand_as(logp)
+        want = (-(w * logp) * mask).sum() / mask.sum()
+    elif spec == "iw_sft:level=token":
+        w = (logp - ref_logp).exp().clamp(0.2, 1.8)
+        want = (-(w * logp) * mask).sum() / mask.sum()
+    else:
+        want = ((-logp.exp() * logp + 0.1 * kl) * mask).sum() / mask.sum()
+    assert res.loss.item() == pytest.approx(want.item(), rel=1e-4)
+    torch.testing.assert_close(res.kl[res.mask].double(), kl[mask], rtol=1e-3, atol=1e-6)
+    assert kl[mask].mean() > 1e-3
+
+
+def test_compute_loss_func_matches_our_loop_loss(tiny_dir, problems_file):
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    batch = _batch(tiny_dir, problems_file)
+    for spec in ("dft", "nll", "prob_power:alpha=0.5", "talr"):
+        ours = CausalLMLoss(model, get_objective(spec))(**batch)
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        theirs = compute_loss_func(spec)(out, batch["labels"], num_items_in_batch=torch.tensor(n))
+        assert theirs.item() == pytest.approx(ours.loss.item(), rel=1e-5)
+        # half the batch with the global count: accumulation-exact
+        half = compute_loss_func(spec)(model(input_ids=batch["input_ids"][:2], attention_mask=batch["attention_mask"][:2]),
+                                       batch["labels"][:2], num_items_in_batch=n)
+        assert half.item() < theirs.item()
+    with pytest.raises(ValueError, match="reference"):
+        compute_loss_func("asft")
+
+
+def test_lora_run_with_asft_saves_merged_model_and_adapter(tiny_dir, problems_file, tmp_path):
+    cfg = _cfg(tiny_dir, problems_file, tmp_path / "lora", objective="asft", max_steps=2)
+    cfg.model.lora_r = 4
+    final = train(cfg)
+    log = _log(tmp_path / "lora")
+    assert "kl_ref" in log[0] and log[0]["kl_ref"] == pytest.approx(0.0, abs=1e-6)  # adapters start at zero
+    assert log[1]["kl_ref"] > 0
+    assert (final / "adapter" / "adapter_config.json").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(final)
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    assert any(not torch.equal(a, b) for a, b in zip(merged.state_dict().values(), base.state_dict().values()))
+
+
+def test_cli_train_errors_before_loading(tmp_path, capsys):
+    from dftune.cli import main
+
+    assert main(["train", "--show"]) == 0
+    assert "train.objective" in capsys.readouterr().out
+    assert main(["train", str(ROOT / "configs" / "tiny_cpu.yaml"), "train.lrr=1"]) == 2
+    assert "unknown key" in capsys.readouterr().err
