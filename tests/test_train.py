@@ -213,3 +213,21 @@ def test_cli_train_errors_before_loading(tmp_path, capsys):
     assert "train.objective" in capsys.readouterr().out
     assert main(["train", str(ROOT / "configs" / "tiny_cpu.yaml"), "train.lrr=1"]) == 2
     assert "unknown key" in capsys.readouterr().err
+
+
+def test_logit_scale_is_applied_and_softcap_refused(tiny_dir, problems_file):
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    batch = _batch(tiny_dir, problems_file, n=2)
+    base = CausalLMLoss(model, get_objective("nll"))(**batch).loss
+    model.config.logits_scaling = 0.5  # Granite-style: logits / 0.5
+    scaled = CausalLMLoss(model, get_objective("nll"))(**batch)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double() / 0.5
+    lab = batch["labels"][:, 1:]
+    m = lab != -100
+    want = -logits[:, :-1].log_softmax(-1).gather(-1, lab.clamp_min(0)[..., None]).squeeze(-1)[m].mean()
+    assert scaled.loss.item() == pytest.approx(want.item(), rel=1e-4) and scaled.loss.item() != pytest.approx(base.item())
+    del model.config.logits_scaling
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="softcapping"):
+        CausalLMLoss(model, get_objective("nll"))(**batch)

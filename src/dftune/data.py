@@ -9,6 +9,7 @@ Record formats (``format=auto`` detects them from the first row's keys):
 - prompt_completion: ``prompt`` / ``completion``.
 - problem_solution: ``problem`` / ``solution`` (NuminaMath-CoT, MATH).
 - question_answer: ``question`` / ``answer`` (GSM8K; "#### 72" becomes "\\boxed{72}").
+- tokenized: ``input_ids`` / ``completion_mask`` (1 = loss), already tokenised; no template.
 For the single-turn formats the paper's layout is used: prompt = the chat template's
 user turn with the generation prompt, response = the text + EOS, loss on the response.
 
@@ -36,6 +37,7 @@ FORMATS = {
     "prompt_completion": ("prompt", "completion"),
     "problem_solution": ("problem", "solution"),
     "question_answer": ("question", "answer"),
+    "tokenized": ("input_ids", "completion_mask"),
 }
 PLAIN_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
@@ -244,6 +246,18 @@ def tokenize_example(tokenizer, messages: list[dict], fmt: str, source: str) -> 
     return ids, labels
 
 
+def _pretokenized(record: dict, source: str, vocab: int) -> tuple[list[int], list[int]]:
+    ids, mask = record.get("input_ids"), record.get("completion_mask")
+    for key, val in (("input_ids", ids), ("completion_mask", mask)):
+        if not isinstance(val, list) or not val or not all(isinstance(x, int) for x in val):
+            raise DataError(f"{source}: field {key!r} must be a non-empty list of integers")
+    if len(ids) != len(mask):
+        raise DataError(f"{source}: fields 'input_ids' and 'completion_mask' differ in length ({len(ids)} vs {len(mask)})")
+    if min(ids) < 0 or max(ids) >= vocab:
+        raise DataError(f"{source}: field 'input_ids' has ids outside the tokenizer's vocabulary [0, {vocab})")
+    return ids, [t if m else -100 for t, m in zip(ids, mask)]
+
+
 def build_dataset(cfg: DataConfig, tokenizer, seed: int = 0) -> tuple[list[Example], DataSummary]:
     """Read, validate and tokenise everything; return the examples and a summary."""
     set_chat_template(tokenizer, cfg.chat_template)
@@ -263,7 +277,10 @@ def build_dataset(cfg: DataConfig, tokenizer, seed: int = 0) -> tuple[list[Examp
         try:
             if not isinstance(record, dict):
                 raise DataError(f"{source}: expected a JSON object, got {type(record).__name__}")
-            ids, labels = tokenize_example(tokenizer, to_messages(record, fmt, cfg, source), fmt, source)
+            if fmt == "tokenized":
+                ids, labels = _pretokenized(record, source, len(tokenizer))
+            else:
+                ids, labels = tokenize_example(tokenizer, to_messages(record, fmt, cfg, source), fmt, source)
         except DataError:
             if cfg.on_bad_row == "error":
                 raise

@@ -79,9 +79,28 @@ def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return decoder, head
 
 
+def logit_scale(model: nn.Module) -> float:
+    """The factor some models apply to the head's output (Cohere, Granite, Falcon-H1).
+
+    A scale folds into the hidden states (s * h @ W.T); a tanh soft-cap (Gemma 2) cannot,
+    and is refused rather than silently trained without it.
+    """
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if getattr(cfg, "final_logit_softcapping", None):
+        raise ValueError(f"{cfg.model_type}: final_logit_softcapping is not supported by token_loss")
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        if getattr(cfg, name, None) is not None:
+            return float(getattr(cfg, name))
+    if getattr(cfg, "logits_scaling", None) is not None:
+        return 1.0 / float(cfg.logits_scaling)
+    return 1.0
+
+
 def _hidden(model: nn.Module, input_ids, attention_mask) -> torch.Tensor:
     decoder, _ = decoder_and_head(model)
-    return decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+    scale = logit_scale(model)
+    return hidden if scale == 1.0 else hidden * scale
 
 
 class CausalLMLoss(nn.Module):
