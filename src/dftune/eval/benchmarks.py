@@ -1,0 +1,140 @@
+"""The paper's math benchmarks (and two extras) as (id, question, gold answers), plus prompts.
+
+Data come from a local folder holding ``NAME/test.jsonl`` (``--data-dir`` or the
+``DFTUNE_DATA_DIR`` environment variable), or from the Hugging Face Hub for users with
+internet (``HUB`` below; needs ``dftune[hub]``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from dftune.eval.grade import boxed_contents, split_top_level
+
+PAPER_FIVE = ("math500", "minerva_math", "olympiadbench", "aime24", "amc23")
+BENCHMARKS = PAPER_FIVE + ("gsm8k", "aime25")
+# Hub copies with the same fields as the paper's files (Qwen2.5-Math evaluation data).
+HUB = {
+    "math500": ("HuggingFaceH4/MATH-500", "test"),
+    "aime24": ("math-ai/aime24", "test"),
+    "amc23": ("math-ai/amc23", "test"),
+    "aime25": ("math-ai/aime25", "test"),
+    "minerva_math": ("math-ai/minervamath", "test"),
+    "olympiadbench": ("math-ai/olympiadbench", "test"),
+    "gsm8k": ("openai/gsm8k:main", "test"),
+}
+INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+PROMPTS = ("qwen-boxed", "chat", "plain")
+
+
+class BenchmarkError(ValueError):
+    pass
+
+
+@dataclass
+class Problem:
+    benchmark: str
+    id: str
+    question: str
+    golds: list[str]  # every part must match (OlympiadBench multi-answer records)
+
+
+def _field(rec: dict, key: str, where: str):
+    if key not in rec or rec[key] is None:
+        raise BenchmarkError(f"{where}: missing field {key!r}")
+    return rec[key]
+
+
+def _number(x) -> str:
+    """27.0 -> '27'; 2.5 -> '2.5'; '025' stays (math-verify reads it as 25)."""
+    if isinstance(x, float) and x.is_integer():
+        return str(int(x))
+    return str(x).strip()
+
+
+def to_problem(name: str, rec: dict, index: int, where: str) -> Problem:
+    """One record of benchmark ``name`` as a Problem; a missing field is a clear error."""
+    rid = str(rec.get("id", rec.get("unique_id", rec.get("idx", index))))
+    if name == "math500":
+        return Problem(name, rid, _field(rec, "problem", where), [str(_field(rec, "answer", where))])
+    if name == "minerva_math":
+        boxes = boxed_contents(_field(rec, "solution", where))
+        if not boxes:
+            raise BenchmarkError(f"{where}: field 'solution' has no \\boxed{{}} answer")
+        return Problem(name, rid, _field(rec, "problem", where), [boxes[-1]])
+    if name == "olympiadbench":
+        finals = _field(rec, "final_answer", where)
+        if not isinstance(finals, list) or not finals:
+            raise BenchmarkError(f"{where}: field 'final_answer' must be a non-empty list")
+        golds = [f.replace("$", "").strip() for f in finals]
+        if rec.get("is_multiple_answer") and len(golds) == 1:  # "(1,2), (3,4)" in one string: every part
+            golds = split_top_level(golds[0])
+        question = _field(rec, "question", where)
+        if rec.get("context"):
+            question = f"{rec['context']}\n\n{question}"
+        return Problem(name, rid, question, golds)
+    if name in ("aime24", "aime25", "amc23"):
+        question = rec.get("problem") or _field(rec, "question", where)
+        return Problem(name, rid, question, [_number(_field(rec, "answer", where))])
+    if name == "gsm8k":
+        answer = _field(rec, "answer", where)
+        if "####" not in answer:
+            raise BenchmarkError(f"{where}: field 'answer' has no '#### N' final answer")
+        return Problem(name, rid, _field(rec, "question", where), [answer.rsplit("####", 1)[1].strip().replace(",", "")])
+    raise BenchmarkError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+
+
+def data_dir(explicit: str | None = None) -> Path | None:
+    d = explicit or os.environ.get("DFTUNE_DATA_DIR")
+    return Path(d) if d else None
+
+
+def load_benchmark(name: str, directory: str | Path | None = None, limit: int | None = None) -> list[Problem]:
+    """Problems of one benchmark, from a local folder or the Hub."""
+    if name not in BENCHMARKS:
+        raise BenchmarkError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+    d = data_dir(str(directory) if directory else None)
+    if d is not None:
+        path = d / name / "test.jsonl"
+        if not path.is_file():
+            raise BenchmarkError(f"{path}: benchmark file not found (expected {name}/test.jsonl under {d})")
+        rows = []
+        with path.open() as f:
+            for i, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append((f"{path}:{i}", json.loads(line)))
+                    except json.JSONDecodeError as e:
+                        raise BenchmarkError(f"{path}, row {i}: not valid JSON ({e.msg})") from None
+    else:
+        try:
+            import datasets
+        except ImportError as e:
+            raise BenchmarkError("no --data-dir / DFTUNE_DATA_DIR given, and 'datasets' is missing for the Hub") from e
+        hub_id, split = HUB[name]
+        repo, _, config = hub_id.partition(":")
+        ds = datasets.load_dataset(repo, config or None, split=split)
+        rows = [(f"{hub_id}:{i}", dict(r)) for i, r in enumerate(ds, 1)]
+    problems = [to_problem(name, rec, i, where) for i, (where, rec) in enumerate(rows)]
+    return problems[:limit] if limit else problems
+
+
+def build_prompt(question: str, style: str, tokenizer=None) -> str:
+    """The prompt text. qwen-boxed: the paper's exact Qwen chat format; chat: the model's
+    own template with the same instruction; plain: a completion prompt for base models."""
+    user = f"{question}\n{INSTRUCTION}"
+    if style == "qwen-boxed":
+        return (
+            "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+            f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+        )
+    if style == "chat":
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise BenchmarkError("prompt 'chat' needs a tokenizer with a chat template; use qwen-boxed or plain")
+        return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
+    if style == "plain":
+        return f"Question: {user}\nAnswer:"
+    raise BenchmarkError(f"unknown prompt style {style!r}; choose from {PROMPTS}")
