@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from contextlib import nullcontext
@@ -121,7 +122,10 @@ def train(cfg: Config, on_step=None) -> Path:
 
     t = cfg.train
     objective = get_objective(t.objective)  # bad names fail before anything loads
-    acc = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True: gloo DDP under torchrun
+    # DeepSpeed runs the accumulation itself (and divides the loss by it): tell it the count
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    ds_accum = t.global_batch // (t.micro_batch * int(os.environ.get("WORLD_SIZE", "1"))) if deepspeed else 1
+    acc = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=max(1, ds_accum))  # cpu: gloo DDP
     world, rank = acc.num_processes, acc.process_index
     out = Path(t.out_dir)
     if acc.is_main_process:
@@ -183,14 +187,14 @@ def train(cfg: Config, on_step=None) -> Path:
                 sync = nullcontext() if i == len(micro) - 1 else acc.no_sync(wrapped)
                 with sync:
                     res = wrapped(**batch, num_items=global_count)
-                    acc.backward(res.loss * world)
+                    acc.backward(res.loss * world * ds_accum)
                 s = res.sums()
                 sums += torch.tensor([s["objective"], s["nll"], s["prob"], s["entropy"], s.get("kl_ref", 0.0),
                                       s["tokens"], float(batch["attention_mask"].sum())], dtype=torch.float64, device=acc.device)
             sums = acc.reduce(sums, reduction="sum")
             grad_norm = acc.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
-            grad_norm = float(grad_norm)
-            if not (math.isfinite(float(sums[0])) and math.isfinite(grad_norm)):
+            grad_norm = float("nan") if grad_norm is None else float(grad_norm)  # None: DeepSpeed clips itself
+            if not (math.isfinite(float(sums[0])) and (deepspeed or math.isfinite(grad_norm))):
                 kept = _checkpoints(out)
                 raise NonFiniteError(
                     f"non-finite loss or gradient at step {step + 1} (loss sum {float(sums[0])}, grad norm {grad_norm}); "
