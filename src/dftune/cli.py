@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def cmd_train(args) -> None:
@@ -70,6 +71,102 @@ def cmd_eval(args) -> None:
     print(f"per-sample results: {args.out}/samples.jsonl; summary: {args.out}/summary.json")
 
 
+def _analysis_examples(model_path: str, data: str, limit: int, max_length: int, fmt: str, chat_template: str):
+    from dftune.config import DataConfig, ModelConfig
+    from dftune.data import build_dataset
+    from dftune.model import load_tokenizer
+
+    tok = load_tokenizer(ModelConfig(name_or_path=model_path))
+    exs, summary = build_dataset(DataConfig(path=data, select=f"first:{limit}", max_length=max_length, format=fmt,
+                                            chat_template=chat_template, on_bad_row="skip"), tok)
+    return tok, exs
+
+
+def cmd_analyze(args) -> None:
+    """Token-probability analysis of one or more models on a data sample (response tokens only).
+
+    example: dftune analyze token-probs --models base=out/tiny-base,dft=runs/tiny-dft/final --base base \\
+                 --data ../shared/data/train/gsm8k_train.jsonl --limit 64 --out analysis/tiny
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from dftune.analysis.tokens import analyze, load_for_analysis, token_stats, write_json
+
+    models = dict(item.split("=", 1) if "=" in item else (Path(item).name, item) for item in args.models.split(","))
+    base = args.base or next(iter(models))
+    if base not in models:
+        raise SystemExit(f"--base {base!r} is not one of --models ({', '.join(models)})")
+    tok, exs = _analysis_examples(models[base], args.data, args.limit, args.max_length, args.format, args.chat_template)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    base_model = load_for_analysis(models[base], device)
+    stats = {}
+    for name, path in models.items():
+        model = base_model if name == base else load_for_analysis(path, device)
+        if model.get_output_embeddings().weight.shape[0] != base_model.get_output_embeddings().weight.shape[0]:
+            raise SystemExit(f"{path}: vocabulary differs from the base model's; token statistics need one tokenizer")
+        with tqdm(total=len(exs), desc=f"analyze {name}", unit="ex") as bar:
+            stats[name] = token_stats(model, exs, tok.pad_token_id, base=None if name == base else base_model,
+                                      batch_size=args.batch_size, progress=bar.update)
+    result = analyze(stats, lambda t: tok.decode([t]), base=base)
+    result["data"], result["examples"] = args.data, len(exs)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "token_probs.json", result)
+    for name, s in result["summary"].items():
+        print(f"{name}: " + ", ".join(f"{k}={v:.4g}" for k, v in s.items()))
+    print(f"wrote {out / 'token_probs.json'}")
+
+
+def cmd_probe(args) -> None:
+    """Pre-flight probe: how strong is the base model's prior on this data, and which objective fits.
+
+    example: dftune probe --model out/tiny-base --data ../shared/data/train/gsm8k_train.jsonl --limit 200
+    """
+    import torch
+
+    from dftune.analysis.tokens import load_for_analysis, recommend, summary, token_stats, write_json
+
+    tok, exs = _analysis_examples(args.model, args.data, args.limit, args.max_length, args.format, args.chat_template)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    st = token_stats(load_for_analysis(args.model, device), exs, tok.pad_token_id, batch_size=args.batch_size)
+    s = summary(st)
+    rec = recommend(s)
+    print(f"model {args.model} on {len(exs)} examples ({s['tokens']} response tokens):")
+    print(f"  mean p {s['mean_prob']:.3f} | p<0.1 {s['frac_below_0.1']:.1%} | p>0.9 {s['frac_above_0.9']:.1%} | "
+          f"entropy {s['mean_entropy']:.2f} nats | NLL {s['nll']:.3f}")
+    print(f"recommended objective: {rec['objective']}\n  {rec['reasoning']}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        write_json(Path(args.out), {"model": args.model, "data": args.data, "examples": len(exs), "stats": s,
+                                    "recommendation": rec})
+
+
+def cmd_report(args) -> None:
+    """One self-contained HTML report comparing runs, evaluations, analyses, probes and sweeps.
+
+    example: dftune report runs/tiny-dft analysis/tiny -o report.html
+    """
+    from dftune.analysis.report import write_report
+
+    print(f"wrote {write_report(args.inputs, args.output, args.title)}")
+
+
+def cmd_sweep(args) -> None:
+    """Train (and evaluate) every point of a grid; skip finished points; one report for all.
+
+    example: dftune sweep configs/tiny_cpu.yaml --grid train.objective=nll,dft train.lr=1e-4,1e-3 \\
+                 --out sweeps/tiny --eval-benchmarks gsm8k --eval-limit 20 --data-dir ../shared/data/benchmarks
+    """
+    from dftune.sweep import run_sweep
+
+    ev = None
+    if args.eval_benchmarks:
+        ev = {"benchmarks": args.eval_benchmarks.split(","), "n": args.eval_n, "limit": args.eval_limit,
+              "max_new_tokens": args.eval_max_new_tokens, "backend": args.eval_backend, "data_dir": args.data_dir}
+    run_sweep(args.config, args.grid, args.out, args.overrides or [], ev, args.print_only)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dftune", description="Dynamic Fine-Tuning and its family of objectives.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -107,6 +204,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="hf backend: sequences per generate call")
     p.add_argument("--grade-workers", type=int, default=None, help="grader processes (default: CPU count)")
 
+    p = add("analyze", cmd_analyze)
+    p.add_argument("what", choices=["token-probs"])
+    p.add_argument("--models", required=True, help="name=path,... (the first is the base unless --base)")
+    p.add_argument("--base", default=None)
+    data_args(p)
+    p.add_argument("--out", required=True)
+
+    p = add("probe", cmd_probe)
+    p.add_argument("--model", required=True)
+    data_args(p, limit=256)
+    p.add_argument("--out", default=None, help="also write the result as JSON (the report reads it)")
+
+    p = add("report", cmd_report)
+    p.add_argument("inputs", nargs="+", help="run, eval, analysis or sweep folders; probe.json files")
+    p.add_argument("-o", "--output", default="report.html")
+    p.add_argument("--title", default="dftune report")
+
+    p = add("sweep", cmd_sweep)
+    p.add_argument("config")
+    p.add_argument("--grid", nargs="+", required=True, help="key=v1,v2 ... (e.g. train.objective=nll,dft lr=1e-5,5e-5)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--set", dest="overrides", nargs="*", help="fixed section.key=value overrides for every point")
+    p.add_argument("--print-only", action="store_true", help="print the commands instead of running them")
+    p.add_argument("--eval-benchmarks", default="", help="evaluate each point on these (comma-separated)")
+    p.add_argument("--eval-n", type=int, default=4)
+    p.add_argument("--eval-limit", type=int, default=None)
+    p.add_argument("--eval-max-new-tokens", type=int, default=512)
+    p.add_argument("--eval-backend", default="hf", choices=["hf", "vllm"])
+    p.add_argument("--data-dir", default=None)
+
     p = add("tiny-model", cmd_tiny_model)
     p.add_argument("out")
     p.add_argument("--data", required=True, help="a data file whose text trains the tokenizer")
@@ -117,6 +244,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     return ap
+
+
+def data_args(p, limit: int = 128) -> None:
+    p.add_argument("--data", required=True, help="a training-format data file (jsonl/json/parquet/folder/Hub id)")
+    p.add_argument("--limit", type=int, default=limit, help="first N rows")
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--format", default="auto")
+    p.add_argument("--chat-template", default="auto", help="auto, plain, or a .jinja file")
+    p.add_argument("--batch-size", type=int, default=8)
 
 
 def main(argv=None) -> int:
