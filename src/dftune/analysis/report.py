@@ -117,7 +117,7 @@ def eval_section(runs: list[Run]) -> str:
             if not m:
                 cells.append("")
                 continue
-            cells.append(f"{100 * m[f'avg@{n}']:.2f} ± {100 * m['std']:.2f}<br><small>pass@{n} {100 * m.get(f'pass@{n}', 0):.1f}"
+            cells.append(f"{100 * m[f'avg@{n}']:.2f} ± {100 * m['std']:.2f}<br><small>pass@{n} = {100 * m.get(f'pass@{n}', 0):.1f}"
                          f" · {m['problems']} problems</small>")
         mean = r.summary.get("mean", {}).get(f"avg@{n}")
         cells.append("" if mean is None else f"<b>{100 * mean:.2f}</b>")
