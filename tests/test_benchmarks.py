@@ -56,7 +56,7 @@ def test_gold_parsing_per_benchmark():
      ("minerva_math", {"problem": "q", "solution": "no box"}, "no \\\\boxed"),
      ("gsm8k", {"question": "q", "answer": "12"}, "####"),
      ("olympiadbench", {"question": "q", "final_answer": []}, "non-empty list"),
-     ("nope", {}, "unknown benchmark")],
+     ("custom", {"question": "q"}, "missing field 'answer'")],
 )
 def test_bad_records(name, rec, match):
     with pytest.raises(BenchmarkError, match=match):
@@ -66,6 +66,16 @@ def test_bad_records(name, rec, match):
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(BenchmarkError, match="math500/test.jsonl"):
         load_benchmark("math500", tmp_path)
+    with pytest.raises(BenchmarkError, match="unknown benchmark 'nope'"):
+        load_benchmark("nope", tmp_path)
+
+
+def test_custom_benchmark_folder(tmp_path):
+    (tmp_path / "toy").mkdir()
+    (tmp_path / "toy" / "test.jsonl").write_text('{"id": "a", "question": "1+1?", "answer": "2"}\n'
+                                                 '{"id": "b", "problem": "2+2?", "answer": 4.0}\n')
+    ps = load_benchmark("toy", tmp_path)
+    assert [(p.id, p.question, p.golds) for p in ps] == [("a", "1+1?", ["2"]), ("b", "2+2?", ["4"])]
 
 
 def test_prompts():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -167,6 +168,64 @@ def cmd_sweep(args) -> None:
     run_sweep(args.config, args.grid, args.out, args.overrides or [], ev, args.print_only)
 
 
+def cmd_demo(args) -> None:
+    """The laptop-scale testbed: pretrain tiny bases (weak and strong prior, cached), fine-tune them with
+    NLL, DFT and prob_power, evaluate in and out of distribution, analyse, and write report.html.
+
+    example: dftune demo                       # defaults: about 10 minutes on 2 CPU cores
+             dftune demo seeds=3 strong_steps=800 out=out/demo-long
+             dftune demo --show                # every setting with its meaning
+    """
+    import dataclasses
+
+    import yaml
+
+    from dftune.config import ConfigError, from_dict
+    from dftune.testbed.demo import DemoConfig, run_demo
+
+    if args.show:
+        print(DemoConfig.__doc__)
+        print("\n".join(f"    {f.name} = {f.default!r}" for f in dataclasses.fields(DemoConfig)))
+        return
+    values = {}
+    for item in args.overrides:
+        key, eq, raw = item.partition("=")
+        if not eq:
+            raise ConfigError(f"demo setting {item!r} must look like key=value (see dftune demo --show)")
+        values[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    run_demo(from_dict(DemoConfig, values, "demo"))
+
+
+def cmd_sample(args) -> None:
+    """Rejection sampling: k responses per question, graded; writes rft.jsonl, dpo.jsonl, stats.json.
+
+    example: dftune sample --model runs/tiny-dft/final --data ../shared/data/train/gsm8k_train.jsonl \\
+                 --select first:32 --k 4 --backend hf --max-new-tokens 128 --out data/rft-tiny
+    """
+    from dftune.eval.generate import SamplingConfig
+    from dftune.offline.sample import sample
+
+    engine = {"batch_size": args.batch_size} if args.backend == "hf" else {"seed": args.seed}
+    sc = SamplingConfig(n=args.k, temperature=args.temperature, top_p=1.0, max_new_tokens=args.max_new_tokens,
+                        seed=args.seed)
+    stats = sample(args.model, args.data, args.out, k=args.k, backend=args.backend, select=args.select,
+                   suffix=args.instruction_suffix, sampling=sc, engine=engine, chat_template=args.chat_template)
+    print(json.dumps(stats, indent=1))
+
+
+def cmd_baseline(args) -> None:
+    """DPO or GRPO baselines on TRL, with configs mirroring the paper.
+
+    example: dftune baseline dpo configs/paper/dpo.yaml model=Qwen/Qwen2.5-Math-1.5B data=data/rft/dpo.jsonl
+             dftune baseline grpo configs/paper/grpo.yaml model=Qwen/Qwen2.5-Math-1.5B data=data/math.jsonl
+    """
+    from dftune.offline.baselines import load_baseline_config, run_dpo, run_grpo
+
+    cfg = load_baseline_config(args.config, args.overrides)
+    final = (run_dpo if args.kind == "dpo" else run_grpo)(cfg)
+    print(f"final model: {final}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dftune", description="Dynamic Fine-Tuning and its family of objectives.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -233,6 +292,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-max-new-tokens", type=int, default=512)
     p.add_argument("--eval-backend", default="hf", choices=["hf", "vllm"])
     p.add_argument("--data-dir", default=None)
+
+    p = add("sample", cmd_sample)
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, help="problem/solution or question/answer rows (gold from the data)")
+    p.add_argument("--out", required=True, help="output folder (re-running resumes)")
+    p.add_argument("--k", type=int, default=4, help="responses per question")
+    p.add_argument("--select", default="all", help="all, first:N or random:N")
+    p.add_argument("--backend", default="vllm", choices=["vllm", "hf"])
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--instruction-suffix", default="")
+    p.add_argument("--chat-template", default="auto")
+    p.add_argument("--batch-size", type=int, default=64, help="hf backend: sequences per generate call")
+
+    p = add("baseline", cmd_baseline)
+    p.add_argument("kind", choices=["dpo", "grpo"])
+    p.add_argument("config", nargs="?")
+    p.add_argument("overrides", nargs="*", help="key=value (see src/dftune/offline/baselines.py)")
+
+    p = add("demo", cmd_demo)
+    p.add_argument("overrides", nargs="*", help="key=value settings (dftune demo --show lists them)")
+    p.add_argument("--show", action="store_true")
 
     p = add("tiny-model", cmd_tiny_model)
     p.add_argument("out")

@@ -20,13 +20,19 @@ CHAT_TEMPLATE = (
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
 
 
-def build_tokenizer(texts, vocab_size: int = 512):
-    """A byte-level BPE tokenizer (PreTrainedTokenizerFast) with a Qwen-style chat template."""
+def build_tokenizer(texts, vocab_size: int = 512, split_digits: bool = False):
+    """A byte-level BPE tokenizer (PreTrainedTokenizerFast) with a Qwen-style chat template.
+
+    split_digits: one token per digit (as Qwen and LLaMA-3 tokenizers do), which small
+    models need to learn arithmetic.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                        if split_digits else byte_level)
     tk.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -67,10 +73,11 @@ def texts_from(path: str, limit: int = 2000) -> list[str]:
     return out
 
 
-def make_tiny(out_dir: str | Path, texts, *, vocab_size: int = 512, seed: int = 0, **model_kw) -> Path:
+def make_tiny(out_dir: str | Path, texts, *, vocab_size: int = 512, seed: int = 0, split_digits: bool = False,
+              **model_kw) -> Path:
     """Write a tokenizer and a random model to ``out_dir``; return the folder."""
     out = Path(out_dir)
-    tok = build_tokenizer(texts, vocab_size)
+    tok = build_tokenizer(texts, vocab_size, split_digits=split_digits)
     model = build_model(len(tok), seed=seed, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **model_kw)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.save_pretrained(out)

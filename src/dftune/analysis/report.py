@@ -60,10 +60,11 @@ def load_run(path: Path, name: str | None = None) -> Run:
     p = Path(path)
     if p.is_file():  # a probe.json / summary.json / token_probs.json given directly
         data = json.loads(p.read_text())
-        r = Run(name or p.parent.name, p.parent)
-        key = {"probe.json": "probe", "summary.json": "summary", "token_probs.json": "analysis"}.get(p.name)
+        r = Run(name or p.stem, p.parent)
+        key = ("probe" if "recommendation" in data else "summary" if "benchmarks" in data
+               else "analysis" if "p_edges" in data else None)
         if key is None:
-            raise ValueError(f"{p}: not a probe.json, summary.json or token_probs.json")
+            raise ValueError(f"{p}: not a probe, evaluation summary or token-probability analysis file")
         setattr(r, key, data)
         return r
     if not p.is_dir():

@@ -84,7 +84,9 @@ def to_problem(name: str, rec: dict, index: int, where: str) -> Problem:
         if "####" not in answer:
             raise BenchmarkError(f"{where}: field 'answer' has no '#### N' final answer")
         return Problem(name, rid, _field(rec, "question", where), [answer.rsplit("####", 1)[1].strip().replace(",", "")])
-    raise BenchmarkError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+    # any other NAME/test.jsonl in the data folder: question (or problem) and answer fields
+    question = rec.get("question") or _field(rec, "problem", where)
+    return Problem(name, rid, question, [_number(_field(rec, "answer", where))])
 
 
 def data_dir(explicit: str | None = None) -> Path | None:
@@ -94,9 +96,10 @@ def data_dir(explicit: str | None = None) -> Path | None:
 
 def load_benchmark(name: str, directory: str | Path | None = None, limit: int | None = None) -> list[Problem]:
     """Problems of one benchmark, from a local folder or the Hub."""
-    if name not in BENCHMARKS:
-        raise BenchmarkError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
     d = data_dir(str(directory) if directory else None)
+    if name not in BENCHMARKS and (d is None or not (d / name / "test.jsonl").is_file()):
+        raise BenchmarkError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}, or NAME/test.jsonl "
+                             "(question/answer fields) under --data-dir")
     if d is not None:
         path = d / name / "test.jsonl"
         if not path.is_file():

@@ -57,7 +57,7 @@ def read_samples(path: Path) -> list[dict]:
     return rows
 
 
-def _append(path: Path, rows: list[dict]) -> None:
+def append_rows(path: Path, rows: list[dict]) -> None:
     data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     with path.open("a", encoding="utf-8") as f:
         f.write(data)
@@ -119,7 +119,7 @@ def evaluate(cfg: EvalConfig, out_dir: str | Path, backend=None, progress: bool 
                     rows.append({"benchmark": p.benchmark, "id": p.id, "sample": j, "prompt": prompt, "completion": t,
                                  "gold": p.golds, "extracted": v.extracted, "correct": v.correct, "reason": v.reason,
                                  "rule": v.rule})
-            _append(samples_path, rows)
+            append_rows(samples_path, rows)
             for r in rows:
                 done.setdefault((r["benchmark"], r["id"]), {})[r["sample"]] = r
             if bar is not None:
