@@ -178,22 +178,14 @@ def cmd_demo(args) -> None:
     """
     import dataclasses
 
-    import yaml
-
-    from dftune.config import ConfigError, from_dict
+    from dftune.config import from_dict, parse_overrides
     from dftune.testbed.demo import DemoConfig, run_demo
 
     if args.show:
         print(DemoConfig.__doc__)
         print("\n".join(f"    {f.name} = {f.default!r}" for f in dataclasses.fields(DemoConfig)))
         return
-    values = {}
-    for item in args.overrides:
-        key, eq, raw = item.partition("=")
-        if not eq:
-            raise ConfigError(f"demo setting {item!r} must look like key=value (see dftune demo --show)")
-        values[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
-    run_demo(from_dict(DemoConfig, values, "demo"))
+    run_demo(from_dict(DemoConfig, parse_overrides(args.overrides, nested=False), "demo"))
 
 
 def cmd_sample(args) -> None:

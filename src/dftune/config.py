@@ -182,6 +182,24 @@ def from_dict(cls, data: dict, where: str = ""):
     return cls(**kwargs)
 
 
+def parse_overrides(items, nested: bool = True) -> dict:
+    """``["train.lr=1e-4", ...]`` -> ``{"train": {"lr": 1e-4}}`` (values read as YAML);
+    ``nested=False`` for flat configs: ``["lr=1e-4"]`` -> ``{"lr": 1e-4}``."""
+    data: dict = {}
+    for item in items:
+        key, eq, raw = item.partition("=")
+        key = key.strip()
+        if not eq or not key or (nested and "." not in key):
+            raise ConfigError(f"override {item!r} must look like {'section.key' if nested else 'key'}=value")
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        if nested:
+            section, _, name = key.partition(".")
+            data.setdefault(section, {})[name] = value
+        else:
+            data[key] = value
+    return data
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read a YAML file (or start from defaults) and apply ``section.key=value`` overrides."""
     data: dict = {}
@@ -195,16 +213,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"{p}: not valid YAML: {e}") from e
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
-    for item in overrides:
-        key, eq, raw = item.partition("=")
-        if not eq or "." not in key:
-            raise ConfigError(f"override {item!r} must look like section.key=value")
-        section, _, name = key.strip().partition(".")
-        value = yaml.safe_load(raw) if raw.strip() else ""
-        data.setdefault(section, {})
-        if not isinstance(data[section], dict):
-            raise ConfigError(f"override {item!r}: {section} is not a section")
-        data[section][name] = value
+    for section, values in parse_overrides(overrides).items():
+        if not isinstance(data.setdefault(section, {}), dict):
+            raise ConfigError(f"override {section}.*: {section} is not a section")
+        data[section].update(values)
     try:
         return from_dict(Config, data)
     except ConfigError as e:

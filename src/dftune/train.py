@@ -169,7 +169,8 @@ def train(cfg: Config, on_step=None) -> Path:
     if acc.is_main_process:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, initial=start, desc=f"train {objective.name}", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=total, initial=start, desc=f"train {objective.name}", unit="step", dynamic_ncols=True,
+                   disable=None)  # None: no bar when output is not a terminal (CI logs)
     plans: dict[int, list] = {}
     params = [p for p in wrapped.parameters() if p.requires_grad]
     t0, tokens_seen = time.perf_counter(), 0

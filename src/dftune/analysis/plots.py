@@ -25,20 +25,26 @@ def _bin_labels(edges):
     return [f"{fmt(a)}-{fmt(b)}" for a, b in zip(edges[:-1], edges[1:])]
 
 
-def prob_histogram(analysis: dict, title: str = "") -> bytes:
-    """Fraction of response tokens per log-spaced probability bin, models side by side."""
-    models = analysis["models"]
-    labels = _bin_labels(analysis["p_edges"])
-    fig, ax = plt.subplots(figsize=(9, 3.6))
-    width = 0.8 / len(models)
-    for i, m in enumerate(models):
-        ax.bar([x + i * width for x in range(len(labels))], analysis["hist"][m], width=width, label=m)
+def _grouped_bars(hists: dict[str, list[float]], edges, xlabel: str, title: str, height: float) -> bytes:
+    """One bar per model in each bin, side by side."""
+    labels = _bin_labels(edges)
+    fig, ax = plt.subplots(figsize=(9, height))
+    width = 0.8 / len(hists)
+    for i, (m, h) in enumerate(hists.items()):
+        ax.bar([x + i * width for x in range(len(labels))], h, width=width, label=m)
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(labels))], labels, rotation=45, ha="right", fontsize=7)
     ax.set_ylabel("fraction of tokens")
-    ax.set_xlabel("target-token probability (log-spaced bins)")
-    ax.set_title(title or "Token-probability distribution")
+    ax.set_xlabel(xlabel)
+    if title:
+        ax.set_title(title)
     ax.legend(fontsize=8)
     return _png(fig)
+
+
+def prob_histogram(analysis: dict, title: str = "") -> bytes:
+    """Fraction of response tokens per log-spaced probability bin, models side by side."""
+    return _grouped_bars(analysis["hist"], analysis["p_edges"], "target-token probability (log-spaced bins)",
+                         title or "Token-probability distribution", 3.6)
 
 
 def shift_plot(analysis: dict) -> bytes | None:
@@ -57,17 +63,8 @@ def shift_plot(analysis: dict) -> bytes | None:
 
 
 def entropy_histogram(analysis: dict) -> bytes:
-    models = analysis["models"]
-    labels = _bin_labels(analysis["entropy_edges"])
-    fig, ax = plt.subplots(figsize=(9, 3.2))
-    width = 0.8 / len(models)
-    for i, m in enumerate(models):
-        ax.bar([x + i * width for x in range(len(labels))], analysis["entropy_hist"][m], width=width, label=m)
-    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(labels))], labels, rotation=45, ha="right", fontsize=7)
-    ax.set_xlabel("entropy of the next-token distribution (nats)")
-    ax.set_ylabel("fraction of tokens")
-    ax.legend(fontsize=8)
-    return _png(fig)
+    return _grouped_bars(analysis["entropy_hist"], analysis["entropy_edges"],
+                         "entropy of the next-token distribution (nats)", "", 3.2)
 
 
 def curves(series: dict[str, list[tuple[float, float]]], ylabel: str, title: str, logy: bool = False) -> bytes:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from dftune.config import ConfigError, from_dict
+from dftune.config import ConfigError, from_dict, parse_overrides
 
 
 @dataclass
@@ -59,14 +59,10 @@ class BaselineConfig:
 
 
 def load_baseline_config(path: str | None, overrides: list[str]) -> BaselineConfig:
-    data = yaml.safe_load(Path(path).read_text()) if path else {}
+    data = (yaml.safe_load(Path(path).read_text()) or {}) if path else {}
     if path and not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
-    for item in overrides:
-        key, eq, raw = item.partition("=")
-        if not eq:
-            raise ConfigError(f"override {item!r} must look like key=value")
-        data[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    data.update(parse_overrides(overrides, nested=False))
     return from_dict(BaselineConfig, data or {}, path or "baseline")
 
 
