@@ -231,3 +231,15 @@ def test_logit_scale_is_applied_and_softcap_refused(tiny_dir, problems_file):
     model.config.final_logit_softcapping = 30.0
     with pytest.raises(ValueError, match="softcapping"):
         CausalLMLoss(model, get_objective("nll"))(**batch)
+
+
+def test_periodic_evaluation_writes_a_learning_curve(tiny_dir, problems_file, tmp_path):
+    bench = tmp_path / "bench" / "toy"
+    bench.mkdir(parents=True)
+    write = "".join(json.dumps({"id": str(i), "question": f"What is {i} plus 2?", "answer": str(i + 2)}) + "\n" for i in range(3))
+    (bench / "test.jsonl").write_text(write)
+    cfg = _cfg(tiny_dir, problems_file, tmp_path / "run", max_steps=4, eval_every=2, eval_benchmarks="toy",
+               eval_limit=3, eval_n=2, eval_max_new_tokens=8, eval_data_dir=str(tmp_path / "bench"))
+    train(cfg)
+    curve = [json.loads(x) for x in (tmp_path / "run" / "eval_curve.jsonl").read_text().splitlines()]
+    assert [c["step"] for c in curve] == [2, 4] and all(0.0 <= c["toy"] <= 1.0 for c in curve)

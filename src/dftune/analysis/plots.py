@@ -69,7 +69,8 @@ def entropy_histogram(analysis: dict) -> bytes:
 
 def curves(series: dict[str, list[tuple[float, float]]], ylabel: str, title: str, logy: bool = False) -> bytes:
     """series[run] = [(step, value), ...]."""
-    fig, ax = plt.subplots(figsize=(5.2, 3.2))
+    many = len(series) > 4  # a legend beside the axes, not over the curves
+    fig, ax = plt.subplots(figsize=(7.5 if many else 5.2, 3.2))
     for name, pts in series.items():
         if pts:
             xs, ys = zip(*pts)
@@ -79,7 +80,10 @@ def curves(series: dict[str, list[tuple[float, float]]], ylabel: str, title: str
     ax.set_title(title, fontsize=10)
     if logy:
         ax.set_yscale("log")
-    ax.legend(fontsize=7)
+    if many:
+        ax.legend(fontsize=5, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=7)
     return _png(fig)
 
 

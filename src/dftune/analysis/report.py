@@ -162,10 +162,12 @@ def analysis_section(runs: list[Run]) -> str:
                 "mean_kl_to_base"]
         rows = [[html.escape(m)] + [_fmt(s.get(k)) for k in keys] for m, s in a["summary"].items()]
         out.append(_table(["model"] + keys, rows))
-        low = [[html.escape(m), html.escape(", ".join(f"{t!r}×{n}" for t, n in fill[1])),
-                html.escape(", ".join(f"{t!r}×{n}" for t, n in fill[3]))] for m, fill in a["bin_tokens"].items()]
-        out.append("<p>Tokens filling two low-probability bins (the paper found connectives and punctuation in the "
-                   "lowest):</p>" + _table(["model", f"p in {_edge(a, 1)}", f"p in {_edge(a, 3)}"], low))
+        fills = a["bin_tokens"]
+        lowest = [i for i in range(len(a["p_edges"]) - 1) if any(f[i] for f in fills.values())][:2]
+        low = [[html.escape(m)] + [html.escape(", ".join(f"{t!r}×{n}" for t, n in fill[i])) for i in lowest]
+               for m, fill in fills.items()]
+        out.append("<p>Tokens filling the two lowest occupied probability bins (the paper found connectives and "
+                   "punctuation in the lowest):</p>" + _table(["model"] + [f"p in {_edge(a, i)}" for i in lowest], low))
         for m in a.get("risers", {}):
             rs = ", ".join(f"{html.escape(repr(t))} ({d:+.2f})" for t, d, _ in a["risers"][m])
             fs = ", ".join(f"{html.escape(repr(t))} ({d:+.2f})" for t, d, _ in a["fallers"][m])
@@ -237,9 +239,32 @@ def sweep_section(paths: list[Path], runs: list[Run]) -> str:
             logx = all(x > 0 for ln in lines.values() for x in ln) and max(x for ln in lines.values() for x in ln) / max(
                 min(x for ln in lines.values() for x in ln), 1e-30) >= 10
             out.append(_img(plots.axis_plot(pts, axis, "mean accuracy (%)", logx), axis))
-        rows = [[html.escape(", ".join(f"{k}={v}" for k, v in values.items())), f"{acc:.2f}"] for values, acc in points]
-        out.append(_table(["grid point", "mean accuracy (%)"], rows))
+        out.append(_grouped_table(p, sweep, by_dir))
     return "<h2>Sweep</h2><div class='grid'>" + "".join(out) + "</div>" if out else ""
+
+
+def _grouped_table(folder: Path, sweep: dict, by_dir: dict) -> str:
+    """Mean ± spread over seeds of avg@k per benchmark, one row per other grid setting."""
+    groups: dict[str, dict[str, list[float]]] = {}
+    for pt in sweep["points"]:
+        r = by_dir.get(str((Path(folder) / pt["name"]).resolve()))
+        if not (r and r.summary):
+            continue
+        n = r.summary["sampling"]["n"]
+        key = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in pt["values"].items() if not k.endswith("seed")) or "all"
+        for b, m in r.summary["benchmarks"].items():
+            groups.setdefault(key, {}).setdefault(b, []).append(100 * m[f"avg@{n}"])
+        groups[key].setdefault("mean", []).append(100 * r.summary["mean"][f"avg@{n}"])
+    if not groups:
+        return ""
+    cols = sorted({b for g in groups.values() for b in g if b != "mean"}) + ["mean"]
+
+    def cell(v):
+        return "" if not v else f"{statistics.mean(v):.2f} ± {statistics.pstdev(v):.2f}" if len(v) > 1 else f"{v[0]:.2f}"
+
+    rows = [[html.escape(k), str(len(g["mean"]))] + [cell(g.get(c, [])) for c in cols] for k, g in groups.items()]
+    return ("<p>Accuracy (avg@k, %) as mean ± spread over seeds.</p>"
+            + _table(["setting", "seeds"] + cols, rows))
 
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}

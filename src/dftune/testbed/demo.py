@@ -24,7 +24,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from dftune.config import Config, DataConfig, ModelConfig, TrainConfig
+from dftune.eval.benchmarks import INSTRUCTION
 from dftune.testbed import tasks
+
+# Training prompts carry the evaluation's instruction, and evaluation uses the model's own
+# chat template ("chat" prompt), so training and test prompts have one layout.
+SUFFIX = "\n" + INSTRUCTION
 
 
 @dataclass
@@ -49,8 +54,8 @@ class DemoConfig:
     cache_dir: str = ""
     objectives: str = "nll,dft,prob_power:alpha=0.5"
     priors: str = "weak,strong"
-    weak_steps: int = 60
-    strong_steps: int = 360
+    weak_steps: int = 100
+    strong_steps: int = 600
     pretrain_examples: int = 6000
     pretrain_batch: int = 32
     pretrain_lr: float = 3e-3
@@ -92,7 +97,7 @@ def _cache_key(cfg: DemoConfig, steps: int) -> str:
     """Everything a base is built from: the task generator's source, shapes, budget, data."""
     recipe = {"tasks_source": Path(tasks.__file__).read_text(), "mix": [asdict(s) for s in tasks.PRETRAIN_MIX],
               "steps": steps, "examples": cfg.pretrain_examples, "batch": cfg.pretrain_batch, "lr": cfg.pretrain_lr,
-              "hidden": cfg.hidden, "layers": cfg.layers, "heads": cfg.heads, "format": 1}
+              "hidden": cfg.hidden, "layers": cfg.layers, "heads": cfg.heads, "instruction": INSTRUCTION, "format": 2}
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -111,7 +116,8 @@ def pretrained_base(cfg: DemoConfig, prior: str, files: dict, cache: Path) -> Pa
     texts = [r["problem"] + "\n" + r["solution"] for r in rows[:3000]]
     init = make_tiny(folder / "init", texts, vocab_size=384, split_digits=True, hidden=cfg.hidden, layers=cfg.layers,
                      heads=cfg.heads, intermediate=4 * cfg.hidden, max_positions=512)
-    run = Config(model=ModelConfig(name_or_path=str(init)), data=DataConfig(path=str(files["pretrain"]), max_length=256),
+    run = Config(model=ModelConfig(name_or_path=str(init)),
+                 data=DataConfig(path=str(files["pretrain"]), max_length=256, instruction_suffix=SUFFIX),
                  train=TrainConfig(objective="nll", lr=cfg.pretrain_lr, global_batch=cfg.pretrain_batch,
                                    micro_batch=cfg.pretrain_batch, max_steps=steps, warmup_ratio=0.05, min_lr_ratio=0.1,
                                    out_dir=str(folder / "run"), tensorboard=False, log_every=max(steps // 4, 1)))
@@ -121,6 +127,15 @@ def pretrained_base(cfg: DemoConfig, prior: str, files: dict, cache: Path) -> Pa
     (folder / "final.tmp").rename(folder / "final")  # the cache entry appears only once complete
     shutil.rmtree(folder / "run" / "checkpoints", ignore_errors=True)
     return folder / "final"
+
+
+def _stale(run: Path, base: Path) -> bool:
+    cfg = run / "config.yaml"
+    if not cfg.is_file():
+        return False
+    import yaml
+
+    return yaml.safe_load(cfg.read_text())["model"]["name_or_path"] != str(base)
 
 
 def estimate_seconds(cfg: DemoConfig, cached: set[str]) -> float:
@@ -172,19 +187,24 @@ def run_demo(cfg: DemoConfig) -> Path:
     bar = tqdm(total=stages, desc="demo", unit="stage", position=0, dynamic_ncols=True)
 
     def evaluate_model(model: Path, name: str):
-        evaluate(EvalConfig(model=str(model), benchmarks=splits, backend="hf", data_dir=str(files["benchmarks"]),
+        evaluate(EvalConfig(model=str(model), benchmarks=splits, backend="hf", prompt="chat", data_dir=str(files["benchmarks"]),
                             sampling=sampling, engine={"batch_size": 256}), root / name / "eval", progress=False)
 
     for prior in priors:
         base = pretrained_base(cfg, prior, files, cache)
         tok = load_tokenizer(ModelConfig(name_or_path=str(base)))
-        exs, _ = build_dataset(DataConfig(path=str(files["narrow"]), select=f"first:{cfg.analysis_examples}"), tok)
+        exs, _ = build_dataset(DataConfig(path=str(files["narrow"]), select=f"first:{cfg.analysis_examples}",
+                                          instruction_suffix=SUFFIX), tok)
         base_model = load_for_analysis(str(base), __import__("torch").device("cpu"))
         s = summary(token_stats(base_model, exs, tok.pad_token_id))
         write_json(root / f"probe_{prior}.json", {"model": f"{prior} base", "data": str(files["narrow"]),
                                                   "examples": len(exs), "stats": s, "recommendation": recommend(s)})
         name = f"prior={prior}_objective=base_seed=0"
+        marker = root / name / "base.txt"
+        if marker.is_file() and marker.read_text() != str(base):
+            shutil.rmtree(root / name)
         evaluate_model(base, name)
+        marker.write_text(str(base))
         points.append({"name": name, "values": {"prior": prior, "objective": "base", "seed": 0}})
         bar.update(1)
         finals = {}
@@ -192,8 +212,11 @@ def run_demo(cfg: DemoConfig) -> Path:
             for seed in range(cfg.seeds):
                 name = f"prior={prior}_objective={obj.replace(':', '-')}_seed={seed}"
                 out = root / name
+                if _stale(out, base):  # fine-tuned from another base (the recipe changed): redo it
+                    shutil.rmtree(out)
                 if not (out / "final" / "config.json").is_file():
-                    run = Config(model=ModelConfig(name_or_path=str(base)), data=DataConfig(path=str(files["narrow"]), max_length=256),
+                    run = Config(model=ModelConfig(name_or_path=str(base)),
+                                 data=DataConfig(path=str(files["narrow"]), max_length=256, instruction_suffix=SUFFIX),
                                  train=TrainConfig(objective=obj, lr=cfg.finetune_lr, global_batch=cfg.finetune_batch,
                                                    micro_batch=cfg.finetune_batch, max_steps=cfg.finetune_steps, epochs=100,
                                                    seed=seed, out_dir=str(out), tensorboard=False, log_every=10**6))
