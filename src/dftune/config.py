@@ -182,6 +182,19 @@ def from_dict(cls, data: dict, where: str = ""):
     return cls(**kwargs)
 
 
+def parse_scalar(raw: str):
+    """A command-line value read as YAML, except that 1e-5 (a string in YAML 1.1) is a float."""
+    if not raw.strip():
+        return ""
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
 def parse_overrides(items, nested: bool = True) -> dict:
     """``["train.lr=1e-4", ...]`` -> ``{"train": {"lr": 1e-4}}`` (values read as YAML);
     ``nested=False`` for flat configs: ``["lr=1e-4"]`` -> ``{"lr": 1e-4}``."""
@@ -191,7 +204,7 @@ def parse_overrides(items, nested: bool = True) -> dict:
         key = key.strip()
         if not eq or not key or (nested and "." not in key):
             raise ConfigError(f"override {item!r} must look like {'section.key' if nested else 'key'}=value")
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = parse_scalar(raw)
         if nested:
             section, _, name = key.partition(".")
             data.setdefault(section, {})[name] = value

@@ -14,9 +14,8 @@ import typing
 from dataclasses import fields
 from pathlib import Path
 
-import yaml
 
-from dftune.config import Config, ConfigError, load_config
+from dftune.config import Config, ConfigError, load_config, parse_scalar
 
 
 def _full_key(key: str) -> str:
@@ -38,7 +37,7 @@ def parse_grid(grid: list[str]) -> tuple[list[str], list[dict]]:
         if not eq or not vals:
             raise ConfigError(f"--grid {item!r} must look like key=v1,v2")
         axes.append(_full_key(key.strip()))
-        values.append([yaml.safe_load(v) if v.strip() else "" for v in vals.split(",")])
+        values.append([parse_scalar(v) for v in vals.split(",")])
     return axes, [dict(zip(axes, combo)) for combo in itertools.product(*values)]
 
 
