@@ -137,3 +137,15 @@ def test_collate_pads_and_masks(tok, problems_file):
     short = min(range(2), key=lambda i: len([exs[0], exs[-1]][i].input_ids))
     n = len([exs[0], exs[-1]][short].input_ids)
     assert (b["labels"][short, n:] == -100).all() and (b["attention_mask"][short, n:] == 0).all()
+
+
+def test_pretokenized_rows(tok, tmp_path):
+    f = write_jsonl(tmp_path / "t.jsonl", [{"input_ids": [5, 6, 7, 8], "completion_mask": [0, 0, 1, 1]}])
+    (ex,), _ = build_dataset(DataConfig(path=str(f)), tok)
+    assert ex.input_ids == [5, 6, 7, 8] and ex.labels == [-100, -100, 7, 8]
+    write_jsonl(f, [{"input_ids": [5, 6, 7], "completion_mask": [0, 1]}])
+    with pytest.raises(DataError, match=r"t\.jsonl:1: fields 'input_ids' and 'completion_mask' differ"):
+        build_dataset(DataConfig(path=str(f)), tok)
+    write_jsonl(f, [{"input_ids": [5, 10**6], "completion_mask": [0, 1]}])
+    with pytest.raises(DataError, match="outside the tokenizer's vocabulary"):
+        build_dataset(DataConfig(path=str(f)), tok)
