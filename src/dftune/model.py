@@ -52,6 +52,8 @@ def load_model(cfg: ModelConfig, device: torch.device):
     model = AutoModelForCausalLM.from_pretrained(
         cfg.name_or_path, dtype=resolve_dtype(cfg.dtype, device), trust_remote_code=cfg.trust_remote_code, **kw
     )
+    if cfg.gguf_file:
+        drop_gguf_marker(model)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -67,6 +69,14 @@ def load_model(cfg: ModelConfig, device: torch.device):
         if cfg.gradient_checkpointing:
             model.enable_input_require_grads()
     return model.to(device)
+
+
+def drop_gguf_marker(model) -> None:
+    """transformers dequantises GGUF weights on load but keeps a quantizer marker that makes
+    save_pretrained refuse; the weights are plain tensors, so the marker goes."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:

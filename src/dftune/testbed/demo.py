@@ -93,11 +93,10 @@ def smollm2_folder(cache: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tmp = folder.with_name(folder.name + ".tmp")
+    from dftune.model import drop_gguf_marker
+
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype="float32")  # dequantised on load
-    # the weights are plain fp32 tensors now; drop the GGUF marker that blocks save_pretrained
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    drop_gguf_marker(model)
     model.save_pretrained(tmp)
     AutoTokenizer.from_pretrained(src, gguf_file=gguf).save_pretrained(tmp)
     tmp.rename(folder)
