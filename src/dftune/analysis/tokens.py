@@ -54,13 +54,13 @@ def token_stats(model, examples, pad_id: int, *, base=None, batch_size: int = 8,
     device = next(model.parameters()).device
     ids, logps, ents, kls = [], [], [], []
     _, head = decoder_and_head(model)
+    bhead = decoder_and_head(base)[1] if base is not None else None
     for s in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[s:s + batch_size], pad_id).items()}
         h = _hidden(model, batch["input_ids"], batch["attention_mask"])[:, :-1]  # (B, T-1, H)
         labels = batch["labels"][:, 1:].reshape(-1)
         kw = {}
         if base is not None:
-            _, bhead = decoder_and_head(base)
             bh = _hidden(base, batch["input_ids"], batch["attention_mask"])[:, :-1]
             kw = dict(ref_hidden=bh.reshape(-1, bh.shape[-1]), ref_weight=bhead.weight, ref_bias=getattr(bhead, "bias", None))
         res = token_loss(h.reshape(-1, h.shape[-1]), head.weight, labels, "nll", bias=getattr(head, "bias", None), **kw)

@@ -183,6 +183,7 @@ def estimate_seconds(cfg: DemoConfig, cached: set[str]) -> float:
 
 def run_demo(cfg: DemoConfig) -> Path:
     """Run every stage; return the report's path."""
+    import torch
     from tqdm.auto import tqdm
 
     from dftune.analysis.report import write_report
@@ -228,7 +229,7 @@ def run_demo(cfg: DemoConfig) -> Path:
         tok = load_tokenizer(ModelConfig(name_or_path=str(base)))
         exs, _ = build_dataset(DataConfig(path=str(files["narrow"]), select=f"first:{cfg.analysis_examples}",
                                           instruction_suffix=SUFFIX), tok)
-        base_model = load_for_analysis(str(base), __import__("torch").device("cpu"))
+        base_model = load_for_analysis(str(base), torch.device("cpu"))
         s = summary(token_stats(base_model, exs, tok.pad_token_id))
         write_json(root / f"probe_{prior}.json", {"model": f"{prior} base", "data": str(files["narrow"]),
                                                   "examples": len(exs), "stats": s, "recommendation": recommend(s)})
