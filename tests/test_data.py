@@ -90,7 +90,8 @@ def test_missing_chat_template_is_a_clear_error_with_a_fallback(tok, problems_fi
     with pytest.raises(DataError, match="no chat template"):
         build_dataset(DataConfig(path=str(problems_file)), tok)
     exs, _ = build_dataset(DataConfig(path=str(problems_file), chat_template="plain"), tok)
-    assert tok.decode(exs[0].input_ids).startswith("User: What is 1 plus 2?\nAssistant:")
+    # the Qwen2.5-Math harness's deepseek-math layout; this tokenizer has no BOS to prepend
+    assert tok.decode(exs[0].input_ids).startswith("User: What is 1 plus 2?\n\nAssistant: We add")
 
 
 def test_select_and_sources(tmp_path, tok, problems_file):
@@ -149,3 +150,22 @@ def test_pretokenized_rows(tok, tmp_path):
     write_jsonl(f, [{"input_ids": [5, 10**6], "completion_mask": [0, 1]}])
     with pytest.raises(DataError, match="outside the tokenizer's vocabulary"):
         build_dataset(DataConfig(path=str(f)), tok)
+
+
+def test_plain_template_puts_bos_once_and_agrees_across_formats(tok, tmp_path):
+    """Base models with a BOS (LLaMA, DeepSeekMath) get it once, at the start; a
+    problem/solution row and the same row as messages tokenize identically."""
+    import copy
+
+    t = copy.deepcopy(tok)
+    t.bos_token = "<|im_start|>"  # stands in for <|begin_of_text|>
+    ps = write_jsonl(tmp_path / "ps.jsonl", [{"problem": "What is 1 plus 2?", "solution": "It is 3."}])
+    ms = write_jsonl(tmp_path / "ms.jsonl", [{"messages": [{"role": "user", "content": "What is 1 plus 2?"},
+                                                           {"role": "assistant", "content": "It is 3."}]}])
+    a, _ = build_dataset(DataConfig(path=str(ps), chat_template="plain"), t)
+    b, _ = build_dataset(DataConfig(path=str(ms), chat_template="plain"), t)
+    assert a[0].input_ids[0] == t.bos_token_id and a[0].input_ids.count(t.bos_token_id) == 1
+    # messages add the template's "\n\n" after EOS; the rest, labels included, is the same
+    n = len(a[0].input_ids)
+    assert b[0].input_ids[:n] == a[0].input_ids and b[0].labels[:n] == a[0].labels
+    assert t.decode([x for x in a[0].labels if x != -100]) == " It is 3.<|endoftext|>"

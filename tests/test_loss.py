@@ -214,7 +214,6 @@ def test_statistics_match_float64():
         (dict(hidden=torch.randn(4, 3), weight=torch.randn(9, 5), labels=torch.zeros(4, dtype=torch.long)), "hidden size"),
         (dict(hidden=torch.randn(4, 3), weight=torch.randn(9, 3), labels=torch.zeros(5, dtype=torch.long)), "labels must be"),
         (dict(hidden=torch.randn(4, 3), weight=torch.randn(9, 3), labels=torch.zeros(4)), "int64"),
-        (dict(hidden=torch.randn(4, 3), weight=torch.randn(9, 3, dtype=torch.float64), labels=torch.zeros(4, dtype=torch.long)), "share a dtype"),
         (dict(hidden=torch.randn(4, 3), weight=torch.randn(9, 3), labels=torch.tensor([0, 1, 9, -100])), r"\[0, 9\)"),
         (dict(hidden=torch.randn(4, 3), weight=torch.randn(9, 3), labels=torch.zeros(4, dtype=torch.long), objective="iw_sft"), "reference"),
         (dict(hidden=torch.randn(4, 3), weight=torch.randn(9, 3), labels=torch.zeros(4, dtype=torch.long), backend="fast"), "unknown backend"),
@@ -241,3 +240,97 @@ def test_spec_parsing():
     assert get_objective("thresholded: q=0.2, normalize=kept").batch_level
     assert get_objective("asft").kl_coef == 0.05
     assert get_objective("iw_sft").needs_ref and get_objective("iw_sft").batch_level
+
+
+# ---- precision: what bf16-mixed training relies on -------------------------------------------
+
+
+def _exact_bf16_problem(n=24, h=16, v=40, seed=0):
+    """hidden in {-1,0,1}/8 and weight in {-1,0,1}/4: every logit is k/32 with |k| <= 16,
+    exact in bf16 whatever the GEMM's summation order, so a float64 reference of the same
+    logits is exact and only the softmax precision is under test."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = (torch.randint(-1, 2, (n, h), generator=g) / 8).to(torch.bfloat16)
+    weight = (torch.randint(-1, 2, (v, h), generator=g) / 4).to(torch.bfloat16)
+    labels = torch.randint(0, v, (n,), generator=g)
+    return hidden, weight, labels
+
+
+@pytest.mark.parametrize("backend", ["chunked", "naive"])
+def test_bf16_inputs_give_fp32_probabilities(backend):
+    hidden, weight, labels = _exact_bf16_problem()
+    r = token_loss(hidden, weight, labels, "dft", backend=backend, chunk_size=5)
+    z = (hidden.double() @ weight.double().T).log_softmax(-1)
+    want = z.gather(1, labels[:, None]).squeeze(1)
+    # fp32 log-softmax: ~1e-7 relative; a bf16 softmax (8-bit mantissa) would be off by ~1e-2
+    torch.testing.assert_close(r.logp.double(), want, rtol=0, atol=2e-6)
+    assert r.logp.dtype == torch.float32
+    p = want.exp()
+    assert r.loss.item() == pytest.approx(float((-p * want).mean()), rel=1e-5)
+
+
+def test_bf16_hidden_with_fp32_head_under_autocast_and_outside_it():
+    """bf16-mixed: the decoder's bf16 hidden states meet the fp32 master head."""
+    hidden, weight, labels = _exact_bf16_problem(seed=1)
+    w32 = weight.float().requires_grad_(True)
+    h = hidden.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r = token_loss(h, w32, labels, "dft", chunk_size=7)
+    r.loss.backward()
+    assert h.grad.dtype == torch.bfloat16 and w32.grad.dtype == torch.float32
+    ref = _reference("dft", hidden, weight, None, labels, torch.zeros_like(labels), hidden, weight)
+    torch.testing.assert_close(r.loss.double(), ref[0], rtol=1e-5, atol=1e-7)
+    # weight gradient accumulated in fp32 from bf16 chunk gradients: bf16 rounding of g only
+    torch.testing.assert_close(w32.grad.double(), ref[2], rtol=2e-2, atol=2e-4)
+    # outside autocast, mixed dtypes are promoted: an fp32 computation, fp32-accurate
+    w32.grad = None
+    r2 = token_loss(hidden, w32, labels, "dft", chunk_size=7)
+    r2.loss.backward()
+    torch.testing.assert_close(w32.grad.double(), ref[2], rtol=1e-4, atol=1e-7)
+
+
+def _matmul_count(fn) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    # GEMMs over the vocabulary: aten::mm (h @ W.T, gz @ W) and aten::addmm_ (the weight
+    # gradient); the entropy's per-row dot products are bmm and not counted
+    return sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm", "aten::addmm_"))
+
+
+def test_only_the_gradients_asked_for_are_computed():
+    hidden, weight, b, labels, *_ = _problem(40, 8, 30, torch.float32, seed=4, bias=False)
+    chunks = 4  # 28 valid tokens (of 40) in chunks of 8
+    h = hidden.clone().requires_grad_(True)
+    w = weight.clone().requires_grad_(True)
+
+    def run(hh, ww):
+        return token_loss(hh, ww, labels, "dft", chunk_size=8)
+
+    with torch.no_grad():  # analysis: logits only, one matmul per chunk, nothing saved
+        n_nograd = _matmul_count(lambda: run(h, w))
+        r = run(h, w)
+    assert r.loss.grad_fn is None
+    n_both = _matmul_count(lambda: run(h, w))
+    n_frozen_head = _matmul_count(lambda: run(h, weight))  # LoRA: the head is frozen
+    r = run(h, weight)
+    gh, gw, gb = r.loss.grad_fn.saved_tensors
+    assert gw is None and gb is None and gh is not None  # no (V, H) buffer for a frozen head
+    n_chunks = -(-int((labels != -100).sum()) // 8)
+    assert n_chunks == chunks
+    assert (n_nograd, n_frozen_head, n_both) == (n_chunks, 2 * n_chunks, 3 * n_chunks)
+
+
+def test_backward_scales_in_place_for_any_grad_output():
+    """With several processes the loss is scaled before backward: the gradient follows."""
+    hidden, weight, b, labels, *_ = _problem(20, 8, 30, torch.float32, seed=6)
+    grads = []
+    for scale in (1.0, 3.0):
+        h = hidden.clone().requires_grad_(True)
+        w = weight.clone().requires_grad_(True)
+        bb = b.clone().requires_grad_(True)
+        (token_loss(h, w, labels, "dft", bias=bb).loss * scale).backward()
+        grads.append((h.grad, w.grad, bb.grad))
+    for one, three in zip(*grads):
+        torch.testing.assert_close(three, 3 * one)

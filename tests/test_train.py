@@ -1,6 +1,7 @@
 """The training loop on tiny real models, offline."""
 
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -243,3 +244,120 @@ def test_periodic_evaluation_writes_a_learning_curve(tiny_dir, problems_file, tm
     train(cfg)
     curve = [json.loads(x) for x in (tmp_path / "run" / "eval_curve.jsonl").read_text().splitlines()]
     assert [c["step"] for c in curve] == [2, 4] and all(0.0 <= c["toy"] <= 1.0 for c in curve)
+
+
+# ---- precision ------------------------------------------------------------------------------
+
+
+def _one_step(tiny_dir, data, out, precision, lr):
+    cfg = _cfg(tiny_dir, data, out, max_steps=1, lr=lr, warmup_ratio=0.0, precision=precision, weight_decay=0.0)
+    return _weights(train(cfg))
+
+
+def test_bf16_mixed_step_matches_fp32_and_keeps_tiny_updates(tiny_dir, problems_file, tmp_path):
+    """fp32 master weights: at lr 1e-6 every weight with a gradient moves (pure bf16 would
+    round 0.02 + 1e-6 back to 0.02), and the step equals the fp32 step to bf16 accuracy."""
+    init = {k: v.float() for k, v in _weights(tiny_dir).items()}
+    w32 = _one_step(tiny_dir, problems_file, tmp_path / "fp32", "fp32", 1e-6)
+    wmix = _one_step(tiny_dir, problems_file, tmp_path / "mixed", "bf16-mixed", 1e-6)
+    moved32 = moved_mix = agree = total = 0
+    for k, w0 in init.items():
+        d32, dmix = w32[k] - w0, wmix[k] - w0
+        assert wmix[k].dtype == torch.float32  # saved in the base checkpoint's dtype (fp32 here)
+        has_grad = d32 != 0
+        total += int(has_grad.sum())
+        moved32 += int(has_grad.sum())
+        moved_mix += int((dmix[has_grad] != 0).sum())
+        # AdamW's first step is -lr * g / |g|: the same step wherever bf16 keeps g's sign
+        agree += int(torch.isclose(dmix[has_grad], d32[has_grad], rtol=1e-2, atol=1e-9).sum())
+    assert total > 0.5 * sum(v.numel() for v in init.values())
+    assert moved_mix / total > 0.99
+    assert agree / total > 0.9
+    l32, lmix = _log(tmp_path / "fp32")[0], _log(tmp_path / "mixed")[0]
+    assert lmix["loss"] == pytest.approx(l32["loss"], rel=2e-2)
+    assert lmix["grad_norm"] == pytest.approx(l32["grad_norm"], rel=5e-2)
+
+
+def test_bf16_pure_loses_small_updates(tiny_dir, problems_file, tmp_path):
+    """What bf16-mixed exists to avoid (and why bf16-pure is documented as lossy)."""
+    init = _weights(tiny_dir)
+    w = _one_step(tiny_dir, problems_file, tmp_path / "pure", "bf16-pure", 1e-6)
+    changed = sum(int((w[k].float() != init[k].to(torch.bfloat16).float()).sum()) for k in init)
+    assert changed / sum(v.numel() for v in init.values()) < 0.1
+
+
+def test_fp16_is_refused_before_anything_loads(tiny_dir, problems_file, tmp_path):
+    from dftune.config import ConfigError
+
+    with pytest.raises(ConfigError, match="fp16 is not supported"):
+        _cfg(tiny_dir, problems_file, tmp_path / "x", precision="fp16-mixed")
+    assert not (tmp_path / "x").exists()
+
+
+# ---- run folders and checkpoints ----------------------------------------------------------
+
+
+def test_run_folder_is_never_mixed(tiny_dir, problems_file, tmp_path):
+    from dftune.train import RunFolderError
+
+    out = tmp_path / "run"
+    train(_cfg(tiny_dir, problems_file, out, max_steps=2, save_every=1))
+    with pytest.raises(RunFolderError, match="already holds a run"):
+        train(_cfg(tiny_dir, problems_file, out, max_steps=2))
+    with pytest.raises(RunFolderError, match=r"train.lr: saved 0.003, now 0.001"):
+        train(_cfg(tiny_dir, problems_file, out, max_steps=2, lr=1e-3, resume=True))
+    # harmless differences are allowed; a finished run resumed is returned as it is
+    final = train(_cfg(tiny_dir, problems_file, out, max_steps=2, resume=True, log_every=5, keep_checkpoints=1))
+    assert final == out / "final" and [r["step"] for r in _log(out)] == [1, 2]
+    # --overwrite starts clean: no old checkpoint survives to be resumed later
+    train(_cfg(tiny_dir, problems_file, out, max_steps=1, overwrite=True, lr=1e-3))
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_0000001"]
+    assert [r["step"] for r in _log(out)] == [1]
+
+
+def test_resume_ignores_unfinished_checkpoints_and_replays_log_once(tiny_dir, problems_file, tmp_path):
+    class Killed(Exception):
+        pass
+
+    def kill_after_3(step, rec):
+        if step == 3:
+            raise Killed
+
+    out = tmp_path / "run"
+    with pytest.raises(Killed):
+        train(_cfg(tiny_dir, problems_file, out, max_steps=5, save_every=2), on_step=kill_after_3)
+    assert [r["step"] for r in _log(out)] == [1, 2, 3]  # step 3 was logged, not checkpointed
+    # a crash while step 4 was being saved leaves a .tmp folder, even one holding state.json
+    tmp = out / "checkpoints" / "step_0000004.tmp"
+    tmp.mkdir()
+    (tmp / "state.json").write_text('{"step": 4}')
+    train(_cfg(tiny_dir, problems_file, out, max_steps=5, save_every=2, resume=True))
+    assert [r["step"] for r in _log(out)] == [1, 2, 3, 4, 5]
+
+
+def test_keep_checkpoints_must_be_positive(tiny_dir, problems_file, tmp_path):
+    from dftune.config import ConfigError
+
+    with pytest.raises(ConfigError, match="keep_checkpoints"):
+        _cfg(tiny_dir, problems_file, tmp_path, keep_checkpoints=0)
+
+
+def test_checkpoint_metadata_cannot_run_code(tiny_dir, problems_file, tmp_path):
+    import pickle
+
+    from dftune.dist import UnsafeCheckpointError
+
+    out = tmp_path / "run"
+    train(_cfg(tiny_dir, problems_file, out, max_steps=2, save_every=1))
+    ckpt = out / "checkpoints" / "step_0000001"
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (ckpt / ".metadata").write_bytes(pickle.dumps(Payload()))
+    shutil.rmtree(out / "checkpoints" / "step_0000002")
+    with pytest.raises(UnsafeCheckpointError, match="not checkpoint metadata"):
+        train(_cfg(tiny_dir, problems_file, out, max_steps=2, save_every=1, resume=True))
+    assert not marker.exists()

@@ -17,13 +17,21 @@ from pathlib import Path
 import yaml
 
 
+class ConfigError(ValueError):
+    """A config file or override that does not fit the dataclasses."""
+
+
+def _choice(where: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{where}: must be one of {', '.join(choices)}; got {value!r}")
+
+
 @dataclass
 class ModelConfig:
     """The model to fine-tune.
 
     name_or_path: Hugging Face Hub id or local folder.
     gguf_file: a GGUF file inside that folder, loaded through transformers (needs `gguf`).
-    dtype: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16.
     gradient_checkpointing: recompute activations in backward to save memory.
     lora_r: LoRA rank; 0 trains every weight.
     lora_alpha, lora_dropout, lora_target_modules: peft LoraConfig values.
@@ -33,7 +41,6 @@ class ModelConfig:
 
     name_or_path: str = ""
     gguf_file: str = ""
-    dtype: str = "auto"
     gradient_checkpointing: bool = False
     lora_r: int = 0
     lora_alpha: int = 16
@@ -83,6 +90,11 @@ class TrainConfig:
 
     objective: nll, dft, prob_power:alpha=2, thresholded:q=0.2, dft_clip:tau=0.7, talr,
         focal:gamma=2, iw_sft, iw_sft:level=token, asft:lam=0.05.
+    precision: auto (bf16-mixed on CUDA, fp32 on CPU), bf16-mixed (fp32 master weights and
+        optimizer state, bf16 compute: the paper's setting), fp32, or bf16-pure (bf16
+        weights: small updates are lost; only when memory forces it). fp16 is refused.
+    parallel: auto (ddp with several processes), ddp, or fsdp (FSDP2: parameters, gradients
+        and optimizer state sharded over processes). Launch several with torchrun.
     loss_backend: chunked (default), naive, cce or liger (CUDA).
     chunk_size: tokens per loss chunk; 0 picks one from the vocabulary size.
     lr, beta1, beta2, weight_decay: AdamW.
@@ -95,8 +107,9 @@ class TrainConfig:
     seed: data order, initialisation of anything random, dropout.
     out_dir: the run folder (config, log, checkpoints, final model).
     save_every: checkpoint every N optimizer steps (0: only at the end).
-    keep_checkpoints: how many recent checkpoints to keep.
-    resume: continue from the newest checkpoint in out_dir if there is one.
+    keep_checkpoints: how many recent checkpoints to keep (>= 1).
+    resume: continue the run in out_dir from its newest checkpoint (same settings required).
+    overwrite: delete the run already in out_dir and start again.
     log_every: print a log line every N steps (the JSONL log gets every step).
     tensorboard: also write TensorBoard events (needs the tensorboard package).
     log_kl: keep a frozen reference to log KL(initial || current) every step, also for
@@ -106,6 +119,8 @@ class TrainConfig:
     """
 
     objective: str = "dft"
+    precision: str = "auto"
+    parallel: str = "auto"
     loss_backend: str = "chunked"
     chunk_size: int = 0
     lr: float = 5e-5
@@ -124,6 +139,7 @@ class TrainConfig:
     save_every: int = 0
     keep_checkpoints: int = 2
     resume: bool = False
+    overwrite: bool = False
     log_every: int = 10
     tensorboard: bool = True
     log_kl: bool = False
@@ -134,6 +150,21 @@ class TrainConfig:
     eval_max_new_tokens: int = 512
     eval_data_dir: str = ""
 
+    def __post_init__(self):
+        if self.precision.startswith("fp16"):
+            raise ConfigError("train.precision: fp16 is not supported: fp16 gradients underflow without loss scaling, "
+                              "which dftune does not do; use bf16-mixed (GPUs since Ampere) or fp32")
+        _choice("train.precision", self.precision, ("auto", "bf16-mixed", "fp32", "bf16-pure"))
+        _choice("train.parallel", self.parallel, ("auto", "none", "ddp", "fsdp"))
+        for key in ("global_batch", "micro_batch", "keep_checkpoints"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key}: must be >= 1; got {getattr(self, key)}")
+        if self.global_batch % self.micro_batch:
+            raise ConfigError(f"train.global_batch ({self.global_batch}) must be a multiple of train.micro_batch "
+                              f"({self.micro_batch}) x processes")
+        if self.resume and self.overwrite:
+            raise ConfigError("train.resume and train.overwrite exclude each other")
+
 
 @dataclass
 class Config:
@@ -142,10 +173,6 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-
-
-class ConfigError(ValueError):
-    """A config file or override that does not fit the dataclasses."""
 
 
 def _coerce(value, typ, where: str):
@@ -234,6 +261,22 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         return from_dict(Config, data)
     except ConfigError as e:
         raise ConfigError(f"{path or 'overrides'}: {e}") from None
+
+
+def config_diff(saved: dict, cfg) -> list[tuple[str, object, object]]:
+    """(dotted key, saved value, current value) for every key whose value differs."""
+    a, b = _flatten(saved), _flatten(to_dict(cfg))
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def to_dict(cfg) -> dict:

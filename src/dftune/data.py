@@ -39,10 +39,16 @@ FORMATS = {
     "question_answer": ("question", "answer"),
     "tokenized": ("input_ids", "completion_mask"),
 }
+# For base models without a template of their own (LLaMA, DeepSeekMath base): the layout of
+# the Qwen2.5-Math harness's "deepseek-math" prompt ("User: {q}\n\nAssistant:"), so that a
+# model trained with it is evaluated on the same layout (prompt style "deepseek-math"); BOS
+# first when the tokenizer has one, as these models were pretrained with it (the harness's
+# engine adds it to the prompt string). The response follows "Assistant:" after a space.
 PLAIN_TEMPLATE = (
+    "{% if bos_token %}{{ bos_token }}{% endif %}"
     "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
-    "{% elif m['role'] == 'user' %}User: {{ m['content'] }}\n"
-    "{% else %}Assistant: {{ m['content'] }}{{ eos_token }}\n{% endif %}{% endfor %}"
+    "{% elif m['role'] == 'user' %}User: {{ m['content'] }}\n\n"
+    "{% else %}Assistant: {{ m['content'] }}{{ eos_token }}\n\n{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}Assistant:{% endif %}"
 )
 
@@ -230,7 +236,10 @@ def tokenize_example(tokenizer, messages: list[dict], fmt: str, source: str) -> 
     """(input_ids, labels) with -100 outside the assistant text."""
     if fmt != "messages":  # the paper's layout: template prompt, then response + EOS
         prompt = _ids(tokenizer, messages[:-1], add_generation_prompt=True)
-        response = tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        text = messages[-1]["content"]
+        if tokenizer.chat_template == PLAIN_TEMPLATE:
+            text = " " + text  # "Assistant: ...", as the template renders a whole turn
+        response = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         return prompt + response, [-100] * len(prompt) + response
     ids: list[int] = []
     labels: list[int] = []

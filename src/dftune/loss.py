@@ -12,8 +12,18 @@ with g_t = d loss / d log p_t, the chunked backend produces the gradients for hi
 weight and bias in the forward pass itself (three matmuls per chunk, like Liger) and the
 backward pass only scales them. Objectives whose per-token weight depends on other tokens
 (TALR's batch median, iw-SFT's sequence means) take a first pass that only computes the
-target log-probs, then a second pass for the gradients (four matmuls). Log-softmax is
-always fp32, whatever the input dtype.
+target log-probs, then a second pass for the gradients (four matmuls). Only the gradients
+that are needed are built: none under ``torch.no_grad()`` (analysis), no weight gradient
+for a frozen head (LoRA).
+
+Precision. Log-softmax, p, the objective and every accumulated gradient are fp32, whatever
+the input dtypes. The matmuls run in one compute dtype: under ``torch.autocast`` the
+autocast dtype (bf16-mixed training: hidden states in bf16, the fp32 master head cast to
+bf16 once per call, exactly the copy autocast itself would make); otherwise the promoted
+dtype of hidden and weight (a bf16 hidden with an fp32 head is computed in fp32). The
+weight gradient is accumulated in an fp32 (V, H) buffer without per-chunk (V, H)
+temporaries (on CUDA a bf16 GEMM with fp32 output; on CPU an fp32 GEMM) and returned in
+the head's own dtype (no copy for an fp32 master weight).
 
 Backends: ``chunked`` (default, pure PyTorch, CPU and GPU), ``naive`` (materialises the
 logits and uses autograd: the reference), ``cce`` (Apple's Cut Cross-Entropy) and
@@ -69,6 +79,11 @@ class LossResult:
         return out
 
 
+# FSDP2 and DDP find the tensors in a module's output by walking pytrees: a registered
+# dataclass lets them see the loss inside LossResult (FSDP2's pre-backward hooks hang on it).
+torch.utils._pytree.register_dataclass(LossResult)
+
+
 def _check_inputs(hidden, weight, labels, bias, ref_hidden, ref_weight, seq_ids):
     if hidden.dim() != 2 or weight.dim() != 2:
         raise ValueError(f"hidden must be (N, H) and weight (V, H); got {tuple(hidden.shape)} and {tuple(weight.shape)}")
@@ -78,8 +93,6 @@ def _check_inputs(hidden, weight, labels, bias, ref_hidden, ref_weight, seq_ids)
         raise ValueError(f"labels must be ({hidden.shape[0]},) to match hidden; got {tuple(labels.shape)}")
     if not hidden.is_floating_point() or not weight.is_floating_point():
         raise TypeError(f"hidden and weight must be floating point; got {hidden.dtype} and {weight.dtype}")
-    if hidden.dtype != weight.dtype:
-        raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
     if labels.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"labels must be int64 (or int32); got {labels.dtype}")
     if bias is not None and bias.shape != (weight.shape[0],):
@@ -142,15 +155,18 @@ def token_loss(
     if seq_ids is None:
         seq_ids = torch.zeros(n, dtype=torch.long, device=hidden.device)
     chunk = chunk_size or DEFAULT_CHUNK_LOGITS // vocab or 1
+    cdtype = compute_dtype(hidden, weight)
 
     sel = dict(
         hidden=hidden[idx], labels=labels[idx], seq_ids=seq_ids[idx],
         ref_hidden=None if ref_hidden is None else ref_hidden[idx],
     )
     if backend == "naive":
-        out = _naive(sel, weight, bias, ref_weight, ref_bias, obj, num_items)
+        with torch.autocast(hidden.device.type, enabled=False):  # the casts are explicit, in _logits
+            out = _naive(sel, weight, bias, ref_weight, ref_bias, obj, num_items, cdtype)
     elif backend == "chunked":
-        out = _Chunked.apply(sel["hidden"], weight, bias, sel, ref_weight, ref_bias, obj, num_items, chunk)
+        out = _Chunked.apply(sel["hidden"], weight, bias, sel, ref_weight, ref_bias, obj, num_items, chunk, cdtype,
+                             torch.is_grad_enabled())
     else:
         from dftune import loss_gpu  # lazy: imports cut-cross-entropy / liger only here
 
@@ -169,22 +185,49 @@ def token_loss(
     )
 
 
+def compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
+    """The dtype the head's matmuls run in: autocast's if it is on, else the promoted one."""
+    dev = hidden.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
 def _logits(h: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    """(c, V) logits in fp32, the matmul in the input dtype (as the model's lm_head)."""
-    z = h @ w.T if b is None else torch.addmm(b, h, w.T)
+    """(c, V) logits in fp32; the matmul in the dtype h and w already have (the compute dtype)."""
+    z = h @ w.T if b is None else torch.addmm(b.to(h.dtype), h, w.T)
     return z.float()
 
 
-def _naive(sel, weight, bias, ref_weight, ref_bias, obj: Objective, num_items: float):
+def _accumulate_wgrad(gw: Tensor, gz32: Tensor, gz: Tensor, h: Tensor) -> None:
+    """gw (V, H) fp32 += gz.T (V, c) @ h (c, H), with no (V, H) temporary.
+
+    fp32 inputs: one fp32 GEMM into gw. Low-precision inputs on CUDA: the bf16/fp16 GEMM
+    writes fp32 straight into gw (``out_dtype``, cuBLAS beta=1). Elsewhere (CPU has no such
+    GEMM): the (c, V) fp32 chunk gradient and an fp32 copy of the (c, H) chunk.
+    """
+    if gz.dtype == torch.float32:
+        gw.addmm_(gz.T, h)
+    elif gw.is_cuda:
+        torch.addmm(gw, gz.T, h, out_dtype=torch.float32, out=gw)
+    else:
+        gw.addmm_(gz32.T, h.float())
+
+
+def _naive(sel, weight, bias, ref_weight, ref_bias, obj: Objective, num_items: float, cdtype: torch.dtype):
     """Reference backend: full logits + autograd. Memory O(N x V)."""
-    logsm = _logits(sel["hidden"], weight, bias).log_softmax(-1)  # (M, V)
+    logsm = _logits(_cast(sel["hidden"], cdtype), _cast(weight, cdtype), bias).log_softmax(-1)  # (M, V)
     tgt = sel["labels"]
     logp = logsm.gather(1, tgt[:, None]).squeeze(1)  # (M,)
     ent = -(logsm.detach().exp() * logsm.detach()).sum(-1)
     ref_lp, kl = None, None
     if ref_weight is not None:
         with torch.no_grad():
-            ref_logsm = _logits(sel["ref_hidden"], ref_weight, ref_bias).log_softmax(-1)
+            ref_logsm = _logits(_cast(sel["ref_hidden"], cdtype), _cast(ref_weight, cdtype), ref_bias).log_softmax(-1)
         ref_lp = ref_logsm.gather(1, tgt[:, None]).squeeze(1)
         kl = (ref_logsm.exp() * (ref_logsm - logsm)).sum(-1)  # (M,) differentiable
     vals = obj(logp, TokenContext(seq_ids=sel["seq_ids"], entropy=ent, ref_logp=ref_lp))
@@ -229,28 +272,41 @@ class _Chunked(torch.autograd.Function):
     """Chunked forward that also produces the gradients; backward only scales them."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, sel, ref_weight, ref_bias, obj: Objective, num_items, chunk):
-        m, dtype = hidden.shape[0], hidden.dtype
-        want_grad = any(ctx.needs_input_grad[:3])
+    def forward(ctx, hidden, weight, bias, sel, ref_weight, ref_bias, obj: Objective, num_items, chunk, cdtype,
+                grad_mode: bool):
+        with torch.autocast(hidden.device.type, enabled=False):  # every cast below is explicit
+            return _Chunked._forward(ctx, hidden, weight, bias, sel, ref_weight, ref_bias, obj, num_items, chunk, cdtype,
+                                     grad_mode)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, bias, sel, ref_weight, ref_bias, obj, num_items, chunk, cdtype, grad_mode):
+        m = hidden.shape[0]
+        # only what will be asked for: nothing under no_grad, no weight gradient for a frozen head
+        want_h, want_w, want_b = (grad_mode and bool(x) for x in ctx.needs_input_grad[:3])
+        want_b = want_b and bias is not None
+        want_grad = want_h or want_w or want_b
         tgt, seq, ref_h = sel["labels"], sel["seq_ids"], sel["ref_hidden"]
         has_ref = ref_weight is not None
+        w_c, b_c = _cast(weight, cdtype), _cast(bias, cdtype)  # one (V, H) copy at most, as autocast makes
+        rw_c = _cast(ref_weight, cdtype) if has_ref else None
         logp = hidden.new_zeros(m, dtype=torch.float32)
         ent, ref_lp = torch.zeros_like(logp), torch.zeros_like(logp) if has_ref else None
         kl = torch.zeros_like(logp) if has_ref else None
         vals = torch.zeros_like(logp)
         g_all = None
-        gh = torch.empty_like(hidden) if want_grad else None  # (M, H)
-        gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grad else None  # (V, H)
-        gb = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if (want_grad and bias is not None) else None
+        gh = torch.empty_like(hidden) if want_h else None  # (M, H) in hidden's dtype
+        gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None  # (V, H) fp32
+        gb = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if want_b else None  # (V,)
         kl_scale = obj.kl_coef / num_items
         spans = [(s, min(s + chunk, m)) for s in range(0, m, chunk)]
 
-        def rh(s, e):
-            return None if ref_h is None else ref_h[s:e]
+        def fwd(s, e):
+            rh = None if ref_h is None else _cast(ref_h[s:e], cdtype)
+            return _chunk_forward(_cast(hidden[s:e], cdtype), w_c, b_c, tgt[s:e], rh, rw_c, ref_bias)
 
         if obj.batch_level:  # pass 1: statistics of every token, then the per-token weights
             for s, e in spans:
-                out = _chunk_forward(hidden[s:e], weight, bias, tgt[s:e], rh(s, e), ref_weight, ref_bias)
+                out = fwd(s, e)
                 logp[s:e], ent[s:e] = out[0], out[1]
                 if has_ref:
                     ref_lp[s:e], kl[s:e] = out[2], out[3]
@@ -259,7 +315,7 @@ class _Chunked(torch.autograd.Function):
             if not want_grad:
                 spans = []
         for s, e in spans:  # the (only or second) pass: gradients chunk by chunk
-            lp_c, ent_c, rlp_c, kl_c, p, rp = _chunk_forward(hidden[s:e], weight, bias, tgt[s:e], rh(s, e), ref_weight, ref_bias)
+            lp_c, ent_c, rlp_c, kl_c, p, rp = fwd(s, e)
             if g_all is None:
                 logp[s:e], ent[s:e] = lp_c, ent_c
                 if has_ref:
@@ -270,18 +326,17 @@ class _Chunked(torch.autograd.Function):
                 g = g_all[s:e]
             if not want_grad:
                 continue
-            # grad_z = g * (onehot - p) + kl_scale * (p - rp), built in place in p
+            # grad_z = g * (onehot - p) + kl_scale * (p - rp), built in place in p: (c, V) fp32
             p.mul_((kl_scale - g)[:, None])
             if rp is not None and kl_scale:
                 p.sub_(rp, alpha=kl_scale)
             p.scatter_add_(1, tgt[s:e, None], g[:, None])
-            gz = p.to(dtype)
-            gh[s:e] = gz @ weight
-            if dtype == torch.float32:
-                gw.addmm_(gz.T, hidden[s:e])
-            else:
-                gw += (gz.T @ hidden[s:e]).float()
-            if gb is not None:
+            gz = p.to(cdtype)  # (c, V) in the compute dtype (no copy in fp32)
+            if want_h:
+                gh[s:e] = gz @ w_c
+            if want_w:
+                _accumulate_wgrad(gw, p, gz, _cast(hidden[s:e], cdtype))
+            if want_b:
                 gb += p.sum(0)
             del p, rp, gz
         total = vals.sum() + (obj.kl_coef * kl.sum() if (has_ref and obj.kl_coef) else 0.0)
@@ -297,17 +352,14 @@ class _Chunked(torch.autograd.Function):
     def backward(ctx, grad_loss, *unused):
         gh, gw, gb = ctx.saved_tensors
         wdt, bdt = ctx.dtypes
-        grads = [None] * 9
-        if gh is not None:
-            # grad_loss is 1 in training: hand the buffers over without a scaled copy (the
-            # V x H weight gradient is the largest thing this loss allocates)
-            one = bool(grad_loss == 1)
-
-            def scaled(t, dtype):
-                return (t if one else t * grad_loss).to(dtype)
-
-            grads[0] = scaled(gh, gh.dtype) if ctx.needs_input_grad[0] else None
-            grads[1] = scaled(gw, wdt) if ctx.needs_input_grad[1] else None
-            if gb is not None and ctx.needs_input_grad[2]:
-                grads[2] = scaled(gb, bdt)
+        # The buffers are scaled in place (no copy, no device sync to test grad_loss == 1:
+        # with several processes grad_loss is the world size) and handed over; an fp32 head
+        # receives its fp32 buffer itself. Backward through this graph runs once.
+        grads = [None] * 11
+        if gh is not None and ctx.needs_input_grad[0]:
+            grads[0] = gh.mul_(grad_loss.to(gh.dtype))
+        if gw is not None and ctx.needs_input_grad[1]:
+            grads[1] = gw.mul_(grad_loss).to(wdt)
+        if gb is not None and ctx.needs_input_grad[2]:
+            grads[2] = gb.mul_(grad_loss).to(bdt)
         return tuple(grads)

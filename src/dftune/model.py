@@ -17,43 +17,64 @@ from dftune.config import ModelConfig
 from dftune.loss import LossResult, token_loss
 from dftune.objectives import Objective
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = ("auto", "bf16-mixed", "fp32", "bf16-pure")
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def resolve_precision(name: str, device: torch.device) -> str:
+    """auto: bf16-mixed on CUDA, fp32 on CPU. fp16 is refused: it needs loss scaling (the
+    LM-head gradient underflows at realistic token counts) and dftune does not scale."""
+    if name.startswith("fp16"):
+        raise ValueError("train.precision fp16 is not supported: fp16 gradients underflow without loss scaling, "
+                         "which dftune does not do; use bf16-mixed (GPUs since Ampere) or fp32")
+    if name not in PRECISIONS:
+        raise ValueError(f"train.precision must be one of {PRECISIONS}; got {name!r}")
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in DTYPES:
-        raise ValueError(f"model.dtype must be auto, fp32, bf16 or fp16; got {name!r}")
-    return DTYPES[name]
+        return "bf16-mixed" if device.type == "cuda" else "fp32"
+    return name
 
 
-def load_tokenizer(cfg: ModelConfig):
+def inference_dtype(device: torch.device | str) -> torch.dtype:
+    """For evaluation and analysis: bf16 on CUDA, fp32 on CPU."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def load_tokenizer(name_or_path: str | ModelConfig, *, gguf_file: str = "", trust_remote_code: bool = False):
+    """The tokenizer, with a pad token (EOS if it has none: padding is masked anyway)."""
     from transformers import AutoTokenizer
 
-    if not cfg.name_or_path:
+    if isinstance(name_or_path, ModelConfig):
+        gguf_file, trust_remote_code, name_or_path = (name_or_path.gguf_file, name_or_path.trust_remote_code,
+                                                      name_or_path.name_or_path)
+    if not name_or_path:
         raise ValueError("model.name_or_path is empty: give a Hub id or a local model folder")
-    kw = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
-    tok = AutoTokenizer.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, **kw)
+    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kw)
     if tok.eos_token_id is None:
-        raise ValueError(f"{cfg.name_or_path}: the tokenizer has no EOS token; responses must end with one")
+        raise ValueError(f"{name_or_path}: the tokenizer has no EOS token; responses must end with one")
     if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token  # padding is masked out of attention and loss anyway
+        tok.pad_token = tok.eos_token
     return tok
 
 
-def load_model(cfg: ModelConfig, device: torch.device):
-    """The model in the run's dtype, with gradient checkpointing and LoRA as configured."""
+def load_pretrained(name_or_path: str, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                    gguf_file: str = "", trust_remote_code: bool = False, attn_implementation: str = ""):
+    """A causal LM in ``dtype`` on ``device`` (GGUF files dequantised and made saveable)."""
     from transformers import AutoModelForCausalLM
 
-    kw = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
-    if cfg.attn_implementation:
-        kw["attn_implementation"] = cfg.attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(
-        cfg.name_or_path, dtype=resolve_dtype(cfg.dtype, device), trust_remote_code=cfg.trust_remote_code, **kw
-    )
-    if cfg.gguf_file:
+    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    if attn_implementation:
+        kw["attn_implementation"] = attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, **kw)
+    if gguf_file:
         drop_gguf_marker(model)
+    return model.to(device)
+
+
+def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype = torch.float32):
+    """The model to train, in ``dtype`` (fp32 master weights unless bf16-pure), with gradient
+    checkpointing and LoRA as configured."""
+    model = load_pretrained(cfg.name_or_path, dtype=dtype, gguf_file=cfg.gguf_file,
+                            trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -69,6 +90,15 @@ def load_model(cfg: ModelConfig, device: torch.device):
         if cfg.gradient_checkpointing:
             model.enable_input_require_grads()
     return model.to(device)
+
+
+def stored_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the pretrained checkpoint was stored in (config.dtype), fp32 if unknown."""
+    cfg = model.config
+    dt = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+    if isinstance(dt, str):
+        dt = getattr(torch, dt, None)
+    return dt if isinstance(dt, torch.dtype) else torch.float32
 
 
 def drop_gguf_marker(model) -> None:
@@ -130,6 +160,8 @@ class CausalLMLoss(nn.Module):
         self.chunk_size = chunk_size or None
         self.reference = reference  # none | copy | adapters
         if reference == "copy":
+            # frozen, read under no_grad; same dtype and autocast as the model, so that at step 1
+            # the reference's log-probs equal the model's exactly (KL 0, iw-SFT weight 1)
             ref = copy.deepcopy(model).eval()
             for p in ref.parameters():
                 p.requires_grad_(False)

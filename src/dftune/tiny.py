@@ -48,16 +48,18 @@ def build_tokenizer(texts, vocab_size: int = 512, split_digits: bool = False):
 
 
 def build_model(vocab_size: int, *, hidden: int = 128, layers: int = 2, heads: int = 2, intermediate: int = 256,
-                max_positions: int = 2048, seed: int = 0, arch: str = "llama", eos_token_id: int = 0, pad_token_id=None):
+                max_positions: int = 2048, seed: int = 0, arch: str = "llama", eos_token_id: int = 0, pad_token_id=None,
+                kv_heads: int = 0, tie: bool = False):
     """A randomly initialised causal LM (llama or qwen2). head_dim = hidden / heads (vLLM's
-    CPU attention needs >= 32)."""
+    CPU attention needs >= 32); kv_heads < heads for grouped-query attention; tie: share
+    the embedding and LM-head weights (Qwen2.5-0.5B/1.5B, Llama-3.2 do)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
     config = cls(
         vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=heads, intermediate_size=intermediate, max_position_embeddings=max_positions,
-        tie_word_embeddings=False, eos_token_id=eos_token_id, pad_token_id=pad_token_id, bos_token_id=None,
+        num_key_value_heads=kv_heads or heads, intermediate_size=intermediate, max_position_embeddings=max_positions,
+        tie_word_embeddings=tie, eos_token_id=eos_token_id, pad_token_id=pad_token_id, bos_token_id=None,
     )
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
