@@ -54,8 +54,11 @@ def run_dftune(args, work: Path) -> dict:
     rows = json.loads((work / "rows.json").read_text())
     data = work / "tokenized.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = Config(model=ModelConfig(name_or_path=str(work / "model"), dtype=args.dtype), data=DataConfig(path=str(data), max_length=args.seq),
+    precision = {"auto": "auto", "fp32": "fp32", "bf16": "bf16-mixed"}[args.dtype]
+    cfg = Config(model=ModelConfig(name_or_path=str(work / "model"), gradient_checkpointing=args.grad_ckpt),
+                 data=DataConfig(path=str(data), max_length=args.seq),
                  train=TrainConfig(objective="dft", global_batch=args.micro * args.accum, micro_batch=args.micro,
+                                   precision=precision, overwrite=True,
                                    max_steps=args.steps, out_dir=str(work / "run_dftune"), tensorboard=False,
                                    log_every=1000, lr=1e-5))
     stamps = []
@@ -78,14 +81,16 @@ def run_trl(args, work: Path) -> dict:
             stamps.append(time.perf_counter())
 
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype if args.dtype != "auto" else ("bf16" if args.device == "cuda" else "fp32")]
-    model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=dt)
+    # fp32 weights with bf16 autocast (Trainer's bf16=True): the same mixed precision as dftune's
+    model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(work / "model")
     cfg = SFTConfig(output_dir=str(work / "run_trl"), loss_type="dft", per_device_train_batch_size=args.micro,
                     gradient_accumulation_steps=args.accum, max_steps=args.steps, learning_rate=1e-5,
                     lr_scheduler_type="cosine", weight_decay=0.01, adam_beta2=0.95,
                     max_grad_norm=1.0, report_to="none", save_strategy="no", logging_steps=1000,
                     max_length=args.seq, completion_only_loss=True, use_cpu=args.device == "cpu",
-                    bf16=dt == torch.bfloat16, dataloader_num_workers=0, disable_tqdm=True)
+                    bf16=dt == torch.bfloat16, dataloader_num_workers=0, disable_tqdm=True,
+                    gradient_checkpointing=args.grad_ckpt)
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok,
                          callbacks=[Stamp()])
     trainer.train()
@@ -116,7 +121,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="dftune: precision auto/fp32/bf16-mixed; TRL: its bf16 flag (autocast, fp32 weights)")
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--heads", type=int, default=4)
@@ -128,6 +134,8 @@ def main():
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak (H100 SXM: 989)")
     ap.add_argument("--work", type=Path, default=ROOT / "out" / "train_bench")
+    ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (both trainers)")
+    ap.add_argument("--no-trl", action="store_true", help="dftune only (e.g. on a GPU image without TRL)")
     ap.add_argument("--only", choices=["dftune", "trl"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.only:
@@ -137,7 +145,7 @@ def main():
     args.work.mkdir(parents=True, exist_ok=True)
     build(args, args.work)
     res = {}
-    for who in ("dftune", "trl"):
+    for who in ("dftune",) if args.no_trl else ("dftune", "trl"):
         cmd = [sys.executable, __file__, "--only", who] + [a for a in sys.argv[1:]]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode:
@@ -152,6 +160,8 @@ def main():
     for who, r in res.items():
         m = mfu(args, r["tokens_per_s"])
         print(f"| {who} | {r['tokens_per_s']:.0f} | {r['peak_bytes'] / 2**20:.0f} | {'-' if m is None else f'{m:.1%}'} |")
+    if args.no_trl:
+        return
     d, t = res["dftune"], res["trl"]
     print(f"speed ratio dftune/TRL: {d['tokens_per_s'] / t['tokens_per_s']:.2f}x; "
           f"memory ratio dftune/TRL: {d['peak_bytes'] / t['peak_bytes']:.2f}x")

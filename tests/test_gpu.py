@@ -49,3 +49,26 @@ def test_chunked_on_cuda_matches_naive_in_fp32():
         a = token_loss(prob[0], prob[1], prob[2], spec, backend="chunked", chunk_size=64, **kw).loss
         b = token_loss(prob[0], prob[1], prob[2], spec, backend="naive", **kw).loss
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@cuda
+def test_bf16_mixed_head_on_cuda_matches_float64():
+    """The bf16-mixed path: bf16 hidden states, fp32 master head under autocast, the weight
+    gradient accumulated by the bf16 GEMM with fp32 output (no (V, H) temporaries)."""
+    hidden, weight, labels = _problem(torch.bfloat16, n=700, h=256, v=20000)
+    w32 = weight.float().requires_grad_(True)
+    h = hidden.clone().requires_grad_(True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        r = token_loss(h, w32, labels, "dft", chunk_size=128)
+    r.loss.backward()
+    assert w32.grad.dtype == torch.float32 and h.grad.dtype == torch.bfloat16
+    h64, w64 = hidden.double().requires_grad_(True), weight.double().requires_grad_(True)
+    lp = (h64 @ w64.T).log_softmax(-1)
+    m = labels != -100
+    logp = lp[m].gather(1, labels[m][:, None]).squeeze(1)
+    ref = (-logp.detach().exp() * logp).sum() / m.sum()
+    ref.backward()
+    torch.testing.assert_close(r.loss.double(), ref, rtol=1e-3, atol=1e-6)
+    for got, want in ((w32.grad, w64.grad), (h.grad, h64.grad)):
+        scale = want.abs().max()
+        torch.testing.assert_close(got.double() / scale, want / scale, rtol=3e-2, atol=1e-2)

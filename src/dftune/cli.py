@@ -20,7 +20,10 @@ def cmd_train(args) -> None:
     if args.show:
         print(describe())
         return
-    cfg = load_config(args.config, args.overrides)
+    config, overrides = args.config, list(args.overrides)
+    if config and "=" in config:  # no YAML file: every argument is an override
+        config, overrides = None, [config, *overrides]
+    cfg = load_config(config, overrides)
     if args.resume:
         cfg.train.resume = True
     final = train(cfg)
