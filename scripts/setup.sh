@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv and install dftune into it.
 #   bash scripts/setup.sh          # the library, CLI and what the demo needs
-#   bash scripts/setup.sh test     # + the test suite's needs: pytest, vLLM for CPU, TRL
+#   bash scripts/setup.sh test     # + the test suite's needs: pytest, vLLM for CPU, TRL, lm-eval
 # torch is pinned to 2.13.0: on the CPU-only machines we develop on, pip takes a CPU build
 # from local files; on a GPU machine install the torch build for your CUDA first.
 set -euo pipefail
@@ -11,7 +11,7 @@ python3 -m venv .venv
 pip install -q --upgrade pip
 pip install -q "torch==2.13.0"
 if [ "${1:-}" = "test" ]; then
-  pip install -q -e ".[test,hub,trl,gguf]"
+  pip install -q -e ".[test,hub,trl,gguf,general]"
   if ! python -c "import vllm" 2>/dev/null; then
     # vLLM on CPU (x86-64): needs torch 2.13.0 and transformers < 5.20. It pulls a
     # torchvision that breaks imports next to the CPU torch, so that goes again.

@@ -75,6 +75,32 @@ def cmd_eval(args) -> None:
     print(f"per-sample results: {args.out}/samples.jsonl; summary: {args.out}/summary.json")
 
 
+def cmd_eval_general(args) -> None:
+    """General capability (forgetting): lm-evaluation-harness tasks on one model; run it for the base and
+    the fine-tuned model, then `dftune report` both folders for the side-by-side table.
+
+    example: dftune eval-general model=out/base out=evals/base-general tasks=mmlu,arc_challenge limit=200
+             dftune eval-general model=runs/dft/final out=evals/dft-general tasks=mmlu,arc_challenge limit=200
+             dftune report evals/base-general evals/dft-general -o forgetting.html
+             dftune eval-general --show            # every setting with its meaning
+    needs:   pip install 'dftune[general]'
+    """
+    from dftune.config import from_dict, parse_overrides
+    from dftune.eval.general import GeneralEvalConfig, GeneralEvalError, describe, evaluate_general, markdown_table
+
+    if args.show:
+        print(describe())
+        return
+    try:  # bad settings (ConfigError) are reported by main()
+        cfg = from_dict(GeneralEvalConfig, parse_overrides(args.overrides, nested=False), "eval-general")
+        summary = evaluate_general(cfg)
+    except GeneralEvalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(markdown_table(summary, every=False))
+    print(f"every task and metric: {cfg.out}/results.md; summary: {cfg.out}/summary.json")
+
+
 def _analysis_examples(model_path: str, data: str, limit: int, max_length: int, fmt: str, chat_template: str):
     from dftune.config import DataConfig, ModelConfig
     from dftune.data import build_dataset
@@ -257,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=None, help="vLLM max_model_len")
     p.add_argument("--batch-size", type=int, default=16, help="hf backend: sequences per generate call")
     p.add_argument("--grade-workers", type=int, default=None, help="grader processes (default: CPU count)")
+
+    p = add("eval-general", cmd_eval_general)
+    p.add_argument("overrides", nargs="*", help="key=value settings (dftune eval-general --show lists them)")
+    p.add_argument("--show", action="store_true")
 
     p = add("analyze", cmd_analyze)
     p.add_argument("what", choices=["token-probs"])

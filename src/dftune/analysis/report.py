@@ -2,9 +2,10 @@
 
     dftune report runs/nll runs/dft evals/base analysis/ -o report.html
 
-Each argument is a run folder (config.yaml, log.jsonl, and optionally eval/, analysis/,
+Each argument is a run folder (config.yaml, log.jsonl, and optionally eval/, analysis/, general/,
 probe.json inside), an evaluation folder (summary.json), an analysis folder
-(token_probs.json), a probe file or a sweep folder (sweep.json). What is found is shown:
+(token_probs.json), a probe file, a sweep folder (sweep.json) or a general-suite folder
+(`dftune eval-general`; the first is the reference). What is found is shown:
 evaluation table, learning curves, token-probability histograms, probe results, config
 differences, and for sweeps one plot per grid axis.
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from dftune.analysis import plots
+from dftune.eval.general import is_summary as is_general
 
 CURVES = [("loss", "objective loss", True), ("nll", "NLL (always logged)", False), ("mean_prob", "mean target p", False),
           ("entropy", "entropy (nats)", False), ("grad_norm", "grad norm", True), ("lr", "learning rate", False),
@@ -38,6 +40,7 @@ class Run:
     summary: dict | None = None  # evaluation summary.json
     analysis: dict | None = None  # token_probs.json
     probe: dict | None = None
+    general: dict | None = None  # general-suite (lm-eval) summary.json
 
 
 def _jsonl(path: Path) -> list:
@@ -61,8 +64,8 @@ def load_run(path: Path, name: str | None = None) -> Run:
     if p.is_file():  # a probe.json / summary.json / token_probs.json given directly
         data = json.loads(p.read_text())
         r = Run(name or p.stem, p.parent)
-        key = ("probe" if "recommendation" in data else "summary" if "benchmarks" in data
-               else "analysis" if "p_edges" in data else None)
+        key = ("probe" if "recommendation" in data else "general" if is_general(data)
+               else "summary" if "benchmarks" in data else "analysis" if "p_edges" in data else None)
         if key is None:
             raise ValueError(f"{p}: not a probe, evaluation summary or token-probability analysis file")
         setattr(r, key, data)
@@ -75,9 +78,12 @@ def load_run(path: Path, name: str | None = None) -> Run:
     r.log = _jsonl(p / "log.jsonl")
     r.eval_curve = _jsonl(p / "eval_curve.jsonl")
     r.summary = _json(p / "summary.json") or _json(p / "eval" / "summary.json")
+    if is_general(r.summary):  # a general-suite folder (dftune eval-general)
+        r.general, r.summary = r.summary, None
+    r.general = r.general or _json(p / "general" / "summary.json")
     r.analysis = _json(p / "token_probs.json") or _json(p / "analysis" / "token_probs.json")
     r.probe = _json(p / "probe.json")
-    if not any([r.config, r.log, r.summary, r.analysis, r.probe]):
+    if not any([r.config, r.log, r.summary, r.analysis, r.probe, r.general]):
         raise ValueError(f"{p}: nothing to report (no config.yaml, log.jsonl, summary.json, token_probs.json, probe.json)")
     return r
 
@@ -126,6 +132,53 @@ def eval_section(runs: list[Run]) -> str:
     n0 = with_eval[0].summary["sampling"]["n"]
     return (f"<h2>Evaluation</h2><p>avg@k (mean accuracy over k={n0} samples per problem, the paper's number) ± the "
             f"standard deviation over the k samples, in %; pass@k below.</p>" + _table(["run"] + benches + ["mean"], rows))
+
+
+def general_section(runs: list[Run]) -> str:
+    """General capability (forgetting): the first run with a general-suite result is the reference
+    (list the base model first); every other is shown beside it with the difference."""
+    from dftune.eval.general import compare_general, fmt, headline, is_fraction, metric_label
+
+    with_general = [r for r in runs if r.general]
+    if not with_general:
+        return ""
+    ref, others = with_general[0], with_general[1:]
+    comps = [compare_general(ref.general, r.general) for r in others]
+    tasks = [t for t, _ in headline(ref.general)]
+    tasks += [t for r in others for t, _ in headline(r.general) if t not in tasks]
+    head = ["task", "metric", f"{ref.name} (reference)"]
+    for r in others:
+        head += [r.name, f"Δ {r.name}"]
+    rows = []
+    for t in tasks:
+        e = ref.general["tasks"].get(t) or next(r.general["tasks"][t] for r in others if t in r.general["tasks"])
+        key = e["primary"]
+        m = ref.general["tasks"].get(t, {}).get("metrics", {}).get(key, {})
+        vals = [m.get("value")] + [r.general["tasks"].get(t, {}).get("metrics", {}).get(key, {}).get("value")
+                                   for r in others]
+        pct = is_fraction(key, *vals)
+        cells = [html.escape(t), html.escape(metric_label(key)), fmt(m.get("value"), m.get("stderr"), pct)]
+        for c in comps:
+            row = next((x for x in c["rows"] if x["task"] == t and x["metric"] == key), None)
+            if row is None:
+                cells += ["", ""]
+                continue
+            cells.append(fmt(row["tuned"], row["tuned_stderr"], pct))
+            sign = "+" if row["delta"] is not None and row["delta"] >= 0 else ""
+            delta = sign + fmt(row["delta"], row["stderr"], pct)
+            if row["z"] is not None and abs(row["z"]) >= 1.96:  # outside the 95% interval: coloured
+                good = (row["delta"] > 0) == (row["higher_is_better"] is not False)
+                delta = f"<b style='color:{'#1a7f37' if good else '#c62828'}'>{delta}</b>"
+            cells.append(delta)
+        rows.append(cells)
+    notes = "".join(f"<p><b>Not like for like:</b> {html.escape(r.name)} was evaluated with other settings "
+                    f"({html.escape(', '.join(c['settings_differ']))}).</p>" for r, c in zip(others, comps)
+                    if c["settings_differ"])
+    return ("<h2>General capability (forgetting)</h2><p>lm-evaluation-harness tasks, headline metric of each; "
+            "value ± stderr, in % for accuracies. Δ = run − reference ± sqrt(se₁² + se₂²) (conservative: "
+            "both models answer the same questions); coloured when |Δ| ≥ 1.96 × that stderr and it is positive "
+            "(green: better, red: worse). Every subtask and metric: results.md in each folder.</p>"
+            + notes + _table(head, rows))
 
 
 def curves_section(runs: list[Run]) -> str:
@@ -293,8 +346,8 @@ def build_report(paths: list[str | Path], title: str = "dftune report") -> str:
             r.name = f"{p.resolve().parent.name}/{r.name}"
         seen[r.name] = r
         runs.append(r)
-    body = "".join([eval_section(runs), sweep_section([Path(p) for p in paths], runs), curves_section(runs),
-                    analysis_section(runs), probe_section(runs), config_section(runs)])
+    body = "".join([eval_section(runs), general_section(runs), sweep_section([Path(p) for p in paths], runs),
+                    curves_section(runs), analysis_section(runs), probe_section(runs), config_section(runs)])
     inputs = "".join(f"<li>{html.escape(str(Path(p)))}</li>" for p in paths)
     return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1><p>Generated "
