@@ -235,11 +235,17 @@ def cmd_sample(args) -> None:
 
 
 def cmd_baseline(args) -> None:
-    """DPO or GRPO baselines on TRL, with configs mirroring the paper.
+    """DPO or GRPO baselines on TRL, PPO on verl, with configs mirroring the paper.
 
     example: dftune baseline dpo configs/paper/dpo.yaml model=Qwen/Qwen2.5-Math-1.5B data=data/rft/dpo.jsonl
              dftune baseline grpo configs/paper/grpo.yaml model=Qwen/Qwen2.5-Math-1.5B data=data/math.jsonl
+             dftune baseline ppo configs/paper/ppo.yaml launch=false   # write verl's data and command only
     """
+    if args.kind == "ppo":
+        from dftune.offline.ppo import load_ppo_config, run_ppo
+
+        print(f"result: {run_ppo(load_ppo_config(args.config, args.overrides))}")
+        return
     from dftune.offline.baselines import load_baseline_config, run_dpo, run_grpo
 
     cfg = load_baseline_config(args.config, args.overrides)
@@ -333,9 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="hf backend: sequences per generate call")
 
     p = add("baseline", cmd_baseline)
-    p.add_argument("kind", choices=["dpo", "grpo"])
+    p.add_argument("kind", choices=["dpo", "grpo", "ppo"])
     p.add_argument("config", nargs="?")
-    p.add_argument("overrides", nargs="*", help="key=value (see src/dftune/offline/baselines.py)")
+    p.add_argument("overrides", nargs="*", help="key=value (see src/dftune/offline/baselines.py and ppo.py)")
 
     p = add("demo", cmd_demo)
     p.add_argument("overrides", nargs="*", help="key=value settings (dftune demo --show lists them)")

@@ -1,17 +1,21 @@
-"""DPO and GRPO baselines, run on TRL (not re-implemented here).
+"""DPO and GRPO baselines, run on TRL (not re-implemented here); PPO is in ``ppo.py`` (verl).
 
     dftune baseline dpo configs/paper/dpo.yaml data=data/rft/dpo.jsonl
     dftune baseline grpo configs/paper/grpo.yaml data=../shared/data/train/math_train.jsonl
+    accelerate launch --num_processes 8 -m dftune.cli baseline grpo configs/paper/grpo.yaml
 
 The configs mirror the paper (DPO: lr 1e-6, batch 128, warm-up 0.05; GRPO: group size 4,
-lr 1e-6, batch 256, warm-up 0.1). GRPO's reward is our grader (1 for a correct final
-answer, else 0). The final model is saved with save_pretrained in ``out_dir/final``,
-so ``dftune eval`` and ``dftune report`` take it like any run.
+lr 1e-6, batch 256 questions, warm-up 0.1). GRPO's reward is our grader (1 for a correct
+final answer, else 0). ``global_batch`` is per optimizer step over all processes: the
+gradient accumulation is global_batch / (micro_batch x WORLD_SIZE), and a global batch
+that does not divide is an error. The final model is saved with save_pretrained in
+``out_dir/final``, so ``dftune eval`` and ``dftune report`` take it like any run.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,8 +30,10 @@ class BaselineConfig:
 
     model: Hub id or local folder.  data: dpo.jsonl (DPO) or a question dataset (GRPO).
     select: all, first:N or random:N rows.  instruction_suffix: appended to every prompt.
-    lr, warmup_ratio, weight_decay, grad_clip: optimisation.
-    global_batch, micro_batch: sequences per optimizer step, per forward (per process).
+    lr, warmup_ratio (in [0, 1)), weight_decay, grad_clip: optimisation.
+    lr_scheduler: cosine (decay to 0 after the warm-up) or constant (flat after it; verl's default).
+    global_batch: sequences (DPO: pairs; GRPO: completions) per optimizer step, all processes together.
+    micro_batch: sequences per forward pass on one process; the accumulation is derived.
     epochs, max_steps: length (max_steps > 0 wins).
     beta: DPO's KL strength, or GRPO's KL coefficient.
     num_generations: GRPO group size.  max_completion_length: GRPO generation length.
@@ -41,6 +47,7 @@ class BaselineConfig:
     instruction_suffix: str = ""
     lr: float = 1e-6
     warmup_ratio: float = 0.05
+    lr_scheduler: str = "cosine"
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     global_batch: int = 128
@@ -58,6 +65,9 @@ class BaselineConfig:
     logging_steps: int = 10
 
 
+SCHEDULERS = {"cosine": "cosine", "constant": "constant_with_warmup"}  # ours -> transformers' names
+
+
 def load_baseline_config(path: str | None, overrides: list[str]) -> BaselineConfig:
     data = (yaml.safe_load(Path(path).read_text()) or {}) if path else {}
     if path and not isinstance(data, dict):
@@ -66,19 +76,60 @@ def load_baseline_config(path: str | None, overrides: list[str]) -> BaselineConf
     return from_dict(BaselineConfig, data or {}, path or "baseline")
 
 
-def _common_args(cfg: BaselineConfig, world: int = 1) -> dict:
+def world_size() -> int:
+    """Processes in this run, as the launcher (accelerate, torchrun) announces it in WORLD_SIZE."""
+    raw = os.environ.get("WORLD_SIZE", "1")
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigError(f"WORLD_SIZE={raw!r} in the environment is not a positive integer")
+    return int(raw)
+
+
+def grad_accumulation(global_batch: int, micro_batch: int, world: int) -> int:
+    """Micro-batches per process per optimizer step: global_batch / (micro_batch x world)."""
+    if global_batch < 1 or micro_batch < 1:
+        raise ConfigError(f"global_batch and micro_batch must be >= 1; got {global_batch} and {micro_batch}")
+    if global_batch % (micro_batch * world):
+        raise ConfigError(f"global_batch {global_batch} is not a multiple of micro_batch {micro_batch} x {world} "
+                          f"process(es) = {micro_batch * world}; change global_batch or micro_batch")
+    return global_batch // (micro_batch * world)
+
+
+def warmup_args(ratio: float, transformers_version: str | None = None) -> dict:
+    """TrainingArguments keywords for a linear warm-up over ``ratio`` of the steps.
+
+    transformers 5 reads a float ``warmup_steps`` below 1 as a ratio (``warmup_ratio`` is
+    deprecated in 5.0-5.1 and gone after); transformers 4 needs ``warmup_ratio`` (its
+    ``warmup_steps`` must be an int and overrides the ratio when positive).
+    """
+    if not 0.0 <= ratio < 1.0:
+        raise ConfigError(f"warmup_ratio must be in [0, 1); got {ratio}")
+    if transformers_version is None:
+        import transformers
+
+        transformers_version = transformers.__version__
+    if int(transformers_version.split(".")[0]) >= 5:
+        return {"warmup_steps": float(ratio)}
+    return {"warmup_ratio": float(ratio), "warmup_steps": 0}
+
+
+def _common_args(cfg: BaselineConfig, batch_unit: str = "sequences") -> dict:
     import torch
 
     cuda = torch.cuda.is_available()
-    if cfg.global_batch % (cfg.micro_batch * world):
-        raise ConfigError(f"global_batch {cfg.global_batch} must be a multiple of micro_batch x processes")
+    if cfg.lr_scheduler not in SCHEDULERS:
+        raise ConfigError(f"lr_scheduler must be one of {sorted(SCHEDULERS)}; got {cfg.lr_scheduler!r}")
+    world = world_size()
+    accum = grad_accumulation(cfg.global_batch, cfg.micro_batch, world)
+    print(f"batch: {cfg.global_batch} {batch_unit} per step = micro_batch {cfg.micro_batch} x {accum} accumulation "
+          f"x {world} process(es)")
     return dict(
-        output_dir=cfg.out_dir, learning_rate=cfg.lr, warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
+        output_dir=cfg.out_dir, learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.grad_clip, per_device_train_batch_size=cfg.micro_batch,
-        gradient_accumulation_steps=cfg.global_batch // (cfg.micro_batch * world), num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps if cfg.max_steps > 0 else -1, seed=cfg.seed, lr_scheduler_type="cosine",
-        report_to="none", save_strategy="no", logging_steps=cfg.logging_steps, use_cpu=not cuda,
-        bf16=cuda and cfg.dtype in ("auto", "bf16"), disable_tqdm=False,
+        gradient_accumulation_steps=accum, num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps if cfg.max_steps > 0 else -1, seed=cfg.seed,
+        lr_scheduler_type=SCHEDULERS[cfg.lr_scheduler], report_to="none", save_strategy="no",
+        logging_steps=cfg.logging_steps, use_cpu=not cuda, bf16=cuda and cfg.dtype in ("auto", "bf16"),
+        disable_tqdm=False, **warmup_args(cfg.warmup_ratio),
     )
 
 
@@ -94,14 +145,17 @@ def _model_and_tokenizer(cfg: BaselineConfig):
 
 
 def _finish(trainer, tok, cfg: BaselineConfig, kind: str) -> Path:
+    from dftune.files import write_text
+
     out = Path(cfg.out_dir)
     final = out / "final"
     trainer.save_model(str(final))
     tok.save_pretrained(final)
-    with (out / "log.jsonl").open("w") as f:  # the report's learning curves read this
-        for i, rec in enumerate(r for r in trainer.state.log_history if "loss" in r):
-            f.write(json.dumps({"step": rec.get("step", i + 1), **{k: v for k, v in rec.items() if isinstance(v, (int, float))}}) + "\n")
-    (out / "config.yaml").write_text(yaml.safe_dump({"baseline": kind, **asdict(cfg)}, sort_keys=False))
+    logs = [r for r in trainer.state.log_history if "loss" in r]  # the report's learning curves read log.jsonl
+    write_text(out / "log.jsonl", "".join(
+        json.dumps({"step": r.get("step", i + 1), **{k: v for k, v in r.items() if isinstance(v, (int, float))}}) + "\n"
+        for i, r in enumerate(logs)))
+    write_text(out / "config.yaml", yaml.safe_dump({"baseline": kind, **asdict(cfg)}, sort_keys=False))
     return final
 
 
@@ -118,9 +172,10 @@ def run_dpo(cfg: BaselineConfig) -> Path:
         if missing:
             raise ConfigError(f"{cfg.data}, row {i}: missing field(s) {sorted(missing)} (write it with dftune sample)")
     rows = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
+    args = _common_args(cfg, "pairs")
     model, tok = _model_and_tokenizer(cfg)
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-    args = DPOConfig(beta=cfg.beta, max_length=cfg.max_length, **_common_args(cfg))
+    args = DPOConfig(beta=cfg.beta, max_length=cfg.max_length, **args)
     trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
     trainer.train()
     return _finish(trainer, tok, cfg, "dpo")
@@ -142,12 +197,18 @@ def run_grpo(cfg: BaselineConfig) -> Path:
 
     from dftune.offline.sample import load_questions
 
-    qs = load_questions(cfg.data, cfg.select, cfg.instruction_suffix, cfg.seed)
+    if cfg.num_generations < 2 or cfg.global_batch % cfg.num_generations:
+        raise ConfigError(f"global_batch {cfg.global_batch} (completions) must be a multiple of num_generations "
+                          f"{cfg.num_generations} (>= 2): each question's group is in one step")
+    qs, skipped = load_questions(cfg.data, cfg.select, cfg.instruction_suffix, cfg.seed)
+    if skipped:
+        print(f"{cfg.data}: {len(skipped)} row(s) without a gold answer skipped (first: {skipped[0]})")
     rows = [{"prompt": [{"role": "user", "content": q.prompt}], "gold": q.golds} for q in qs]
+    args = _common_args(cfg, f"completions ({cfg.global_batch // cfg.num_generations} questions)")
     model, tok = _model_and_tokenizer(cfg)
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     args = GRPOConfig(num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,
-                      temperature=cfg.temperature, beta=cfg.beta, **_common_args(cfg))
+                      temperature=cfg.temperature, beta=cfg.beta, **args)
     trainer = GRPOTrainer(model=model, reward_funcs=[grader_reward], args=args, train_dataset=Dataset.from_list(rows),
                           processing_class=tok)
     trainer.train()

@@ -3,26 +3,34 @@
 k responses per question from the model (temperature 1.0), graded with our grader
 against the dataset's gold answer, written as
 - ``rft.jsonl``: the correct responses, as prompt/completion rows ``dftune train`` reads
-  (RFT = plain SFT on them; DFT and iw-SFT train on the same file);
+  (RFT = plain SFT on them; DFT and iw-SFT train on the same file, see
+  configs/paper/qwen2.5-math-1.5b-rft.yaml and -dft-on-rft.yaml);
 - ``dpo.jsonl``: (prompt, chosen = a correct response, rejected = an incorrect one) pairs
   for the same question, conversational, as TRL's DPOTrainer reads them;
-- ``samples.jsonl``: every sample with its verdict (resumable, like evaluations);
-- ``stats.json``: the yield (how many questions had 0..k correct responses).
+- ``samples.jsonl``: every sample with its verdict, one row per (id, sample) (resumable);
+- ``sample_config.json``: the settings; a re-run into the same folder with other settings
+  is refused (the samples would mix two distributions);
+- ``stats.json``: the yield (how many questions had 0..k correct responses) and how many
+  rows were skipped for want of a gold answer (NuminaMath's proofs have no ``\\boxed{}``).
 
     dftune sample --model M --data ../shared/data/train/math_train.jsonl --k 4 --out data/rft
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from dftune.data import DataError, detect_format, gsm8k_boxed, read_records, select_rows, set_chat_template
+from dftune.config import ConfigError
+from dftune.data import DataError, detect_format, read_records, select_rows, set_chat_template
 from dftune.eval.generate import SamplingConfig
 from dftune.eval.grade import boxed_contents, grade_batch
-from dftune.eval.run import append_rows, read_samples
+from dftune.files import append_jsonl, read_json, read_jsonl, repair_tail, write_json, write_text
+
+PROMPT_FIELD = {"problem_solution": "problem", "question_answer": "question", "prompt_completion": "prompt"}
 
 
 @dataclass
@@ -32,58 +40,136 @@ class Question:
     golds: list[str]
 
 
-def gold_answer(record: dict, fmt: str, source: str) -> list[str]:
-    """problem/solution: the solution's last \\boxed{}; question/answer: the number after ####;
-    an explicit ``answer`` field wins."""
+def gold_answer(record: dict, fmt: str) -> list[str]:
+    """The gold answer(s) to grade against, or [] when the row has none.
+
+    An explicit ``answer`` field wins (except GSM8K's, which holds a worked solution);
+    problem/solution: the solution's last \\boxed{}; question/answer: the number after ####.
+    """
     if isinstance(record.get("answer"), (str, int, float)) and fmt != "question_answer":
-        return [str(record["answer"])]
+        ans = str(record["answer"]).strip()
+        return [ans] if ans else []
     if fmt == "problem_solution":
         boxes = boxed_contents(str(record.get("solution", "")))
-        if not boxes:
-            raise DataError(f"{source}: field 'solution' has no \\boxed{{}} answer to grade against")
-        return [boxes[-1]]
+        return [boxes[-1]] if boxes and boxes[-1].strip() else []
     if fmt == "question_answer":
         ans = str(record.get("answer", ""))
-        if "####" not in ans:
-            raise DataError(f"{source}: field 'answer' has no '#### N' final answer")
-        return [ans.rsplit("####", 1)[1].strip().replace(",", "")]
-    raise DataError(f"{source}: cannot find a gold answer for format {fmt!r} (need an 'answer' field)")
+        final = ans.rsplit("####", 1)[1].strip().replace(",", "") if "####" in ans else ""
+        return [final] if final else []
+    return []
 
 
-def load_questions(data: str, select: str = "all", suffix: str = "", seed: int = 0) -> list[Question]:
-    rows = select_rows(read_records(data), select, seed)
+def load_questions(data: str, select: str = "all", suffix: str = "", seed: int = 0) -> tuple[list[Question], list[str]]:
+    """The questions with a gold answer, and the sources (file:row) of the rows without one.
+
+    Ids are the rows' ``id`` field, else their index in the file (stable under first:N).
+    A row whose prompt field is missing or empty is an error, not a skip: the file is wrong.
+    """
+    records = read_records(data)
+    rows = select_rows(list(enumerate(records)), select, seed)
     if not rows:
         raise DataError(f"{data}: no rows")
-    fmt = detect_format(rows[0][1], rows[0][0])
-    key = {"problem_solution": "problem", "question_answer": "question", "prompt_completion": "prompt"}.get(fmt)
+    first_source, first = rows[0][1]
+    fmt = detect_format(first, first_source)
+    key = PROMPT_FIELD.get(fmt)
     if key is None:
         raise DataError(f"{data}: sampling needs problem/solution, question/answer or prompt/completion+answer rows")
-    out = []
-    for i, (source, rec) in enumerate(rows):
+    out, skipped, seen = [], [], {}
+    for index, (source, rec) in rows:
         if not isinstance(rec.get(key), str) or not rec[key].strip():
             raise DataError(f"{source}: field {key!r} must be a non-empty string")
-        out.append(Question(str(rec.get("id", i)), rec[key] + suffix, gold_answer(rec, fmt, source)))
+        golds = gold_answer(rec, fmt)
+        if not golds:
+            skipped.append(source)
+            continue
+        qid = str(rec.get("id", index))
+        if qid in seen:
+            raise DataError(f"{source}: id {qid!r} repeats row {seen[qid]}; samples are keyed by id")
+        seen[qid] = source
+        out.append(Question(qid, rec[key] + suffix, golds))
+    if not out:
+        raise DataError(f"{data}: none of the {len(rows)} selected rows has a gold answer to grade against "
+                        f"(problem/solution: a \\boxed{{}} in the solution; question/answer: '#### N'; else an 'answer' field)")
+    return out, skipped
+
+
+def render_prompt(tokenizer, prompt: str) -> str:
+    """The text the model continues: the user turn in the chat template, with the generation prompt.
+
+    Training on rft.jsonl renders the same (data.format prompt_completion, same chat_template).
+    """
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def _text(x) -> str:
+    """A generated sample as text: backends return plain strings or records with a ``text`` field."""
+    if isinstance(x, str):
+        return x
+    return x["text"] if isinstance(x, dict) else x.text
+
+
+def _finish_reason(x) -> str:
+    if isinstance(x, str):
+        return ""
+    return str((x.get("finish_reason") if isinstance(x, dict) else getattr(x, "finish_reason", None)) or "")
+
+
+def _sha256(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
+
+
+def check_settings(out: Path, settings: dict) -> None:
+    """Refuse to add samples drawn with other settings to ``out``; else record the settings."""
+    path = out / "sample_config.json"
+    old = read_json(path)
+    if old is not None:
+        before, now = _flat(old), _flat(settings)
+        diff = [k for k in now if before.get(k) != now[k]]
+        if diff:
+            lines = "; ".join(f"{k}: {str(before.get(k))[:60]!r} -> {str(now[k])[:60]!r}" for k in diff)
+            raise ConfigError(f"{out} holds samples drawn with other settings ({lines}); see {path}. "
+                              "Use another --out, or the same settings to resume")
+    write_json(path, settings)
 
 
 def sample(model: str, data: str, out: str | Path, *, k: int = 4, backend: str = "vllm", select: str = "all",
            suffix: str = "", sampling: SamplingConfig | None = None, chunk: int = 64, engine: dict | None = None,
-           chat_template: str = "auto", backend_obj=None) -> dict:
-    """Sample, grade, and write samples/rft/dpo/stats; resumes from ``out/samples.jsonl``."""
+           chat_template: str = "auto", backend_obj=None, grade_workers: int | None = None) -> dict:
+    """Sample, grade, and write samples/rft/dpo/stats; resumes from ``out/samples.jsonl``.
+
+    Everything is checked (data, gold answers, chat template, settings against an earlier
+    run in ``out``) before the model is loaded.
+    """
     from transformers import AutoTokenizer
 
+    if k < 1:
+        raise ConfigError(f"k must be >= 1; got {k}")
     sc = sampling or SamplingConfig(n=k, temperature=1.0, max_new_tokens=2048)
     sc.n = k
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    questions = load_questions(data, select, suffix, sc.seed)  # checked before any model is loaded
+    questions, skipped = load_questions(data, select, suffix, sc.seed)
     tok = AutoTokenizer.from_pretrained(model)
     set_chat_template(tok, chat_template)
+    out.mkdir(parents=True, exist_ok=True)
+    check_settings(out, {
+        "model": model, "data": data, "select": select, "k": k, "sampling": asdict(sc), "instruction_suffix": suffix,
+        "chat_template": chat_template, "chat_template_sha256": _sha256(tok.chat_template),
+        "questions_sha256": _sha256([[q.id, q.prompt, q.golds] for q in questions]),
+    })
     path = out / "samples.jsonl"
-    done: dict[str, list[dict]] = {}
-    for r in read_samples(path):
-        done.setdefault(r["id"], []).append(r)
-    todo = [q for q in questions if len(done.get(q.id, [])) < k]
+    repair_tail(path)  # a line torn by a crash would fuse with the next append
+    done: dict[str, dict[int, dict]] = {}
+    for r in read_jsonl(path):
+        done.setdefault(r["id"], {}).setdefault(r["sample"], r)  # one row per (id, sample): the first
+    todo = [q for q in questions if any(j not in done.get(q.id, {}) for j in range(k))]
     if todo:
         from tqdm.auto import tqdm
 
@@ -93,40 +179,47 @@ def sample(model: str, data: str, out: str | Path, *, k: int = 4, backend: str =
         with tqdm(total=len(todo) * k, desc="sample", unit="response") as bar:
             for s in range(0, len(todo), chunk):
                 part = todo[s:s + chunk]
-                prompts = [tok.apply_chat_template([{"role": "user", "content": q.prompt}], tokenize=False,
-                                                   add_generation_prompt=True) for q in part]
-                texts = be.generate(prompts, [q.id for q in part], sc)
-                verdicts = iter(grade_batch([(t, q.golds) for q, ts in zip(part, texts) for t in ts]))
-                rows = [{"id": q.id, "sample": j, "prompt": q.prompt, "response": t, "gold": q.golds,
-                         "correct": (v := next(verdicts)).correct, "reason": v.reason}
-                        for q, ts in zip(part, texts) for j, t in enumerate(ts)]
-                for r in rows:
-                    done.setdefault(r["id"], []).append(r)
-                append_rows(path, rows)
-                bar.update(len(rows))
-    return write_datasets(out, questions, done, k, sc.seed)
+                outs = be.generate([render_prompt(tok, q.prompt) for q in part], [q.id for q in part], sc)
+                verdicts = iter(grade_batch([(_text(x), q.golds) for q, xs in zip(part, outs) for x in xs],
+                                            workers=grade_workers))
+                rows = []
+                for q, xs in zip(part, outs):
+                    for j, x in enumerate(xs):
+                        v = next(verdicts)
+                        if j in done.get(q.id, {}):
+                            continue  # already on disk (a partly written question): keep the first
+                        row = {"id": q.id, "sample": j, "prompt": q.prompt, "response": _text(x), "gold": q.golds,
+                               "correct": v.correct, "reason": v.reason}
+                        if _finish_reason(x):
+                            row["finish_reason"] = _finish_reason(x)
+                        rows.append(row)
+                        done.setdefault(q.id, {})[j] = row
+                append_jsonl(path, rows)
+                bar.update(len(part) * k)
+    return write_datasets(out, questions, done, k, sc.seed, skipped)
 
 
-def write_datasets(out: Path, questions: list[Question], done: dict, k: int, seed: int) -> dict:
+def write_datasets(out: Path, questions: list[Question], done: dict[str, dict[int, dict]], k: int, seed: int,
+                   skipped: list[str] = ()) -> dict:
+    """rft.jsonl, dpo.jsonl and stats.json from the graded samples 0..k-1 of every question."""
     rng = random.Random(seed)
     rft, dpo, hist = [], [], [0] * (k + 1)
     for q in questions:
-        rows = sorted(done[q.id], key=lambda r: r["sample"])[:k]
-        good = [r["response"] for r in rows if r["correct"]]
+        rows = [done[q.id][j] for j in range(k)]
+        good = [r for r in rows if r["correct"]]
         bad = [r["response"] for r in rows if not r["correct"]]
         hist[len(good)] += 1
-        rft += [{"id": f"{q.id}-{i}", "prompt": q.prompt, "completion": g} for i, g in enumerate(good)]
+        rft += [{"id": f"{q.id}-{r['sample']}", "prompt": q.prompt, "completion": r["response"]} for r in good]
         rng.shuffle(bad)
         for i, (g, b) in enumerate(zip(good, bad)):  # each response used at most once per question
             dpo.append({"id": f"{q.id}-{i}", "prompt": [{"role": "user", "content": q.prompt}],
-                        "chosen": [{"role": "assistant", "content": g}], "rejected": [{"role": "assistant", "content": b}]})
+                        "chosen": [{"role": "assistant", "content": g["response"]}],
+                        "rejected": [{"role": "assistant", "content": b}]})
     for name, rows in (("rft.jsonl", rft), ("dpo.jsonl", dpo)):
-        tmp = out / (name + ".tmp")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        tmp.replace(out / name)
+        write_text(out / name, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     stats = {"questions": len(questions), "k": k, "responses": len(questions) * k, "correct": len(rft),
              "yield": len(rft) / max(len(questions) * k, 1), "dpo_pairs": len(dpo),
-             "questions_by_correct": {str(i): n for i, n in enumerate(hist)}}
-    (out / "stats.json").write_text(json.dumps(stats, indent=1))
+             "questions_by_correct": {str(i): n for i, n in enumerate(hist)},
+             "skipped_no_gold": len(skipped), "skipped_examples": list(skipped[:5])}
+    write_json(out / "stats.json", stats)
     return stats
-
