@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from dftune.config import DataConfig
+from dftune.errors import UserError
 
 FORMATS = {
     "messages": ("messages",),
@@ -53,7 +54,7 @@ PLAIN_TEMPLATE = (
 )
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data problem, naming the file, row and field."""
 
 

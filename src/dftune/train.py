@@ -31,18 +31,19 @@ from pathlib import Path
 import torch
 
 from dftune import dist
-from dftune.config import Config, config_diff, save_config
-from dftune.data import build_dataset, collate, count_targets, plan_epoch
+from dftune.config import Config, ConfigError, config_diff, save_config
+from dftune.errors import UserError
+from dftune.data import DataError, build_dataset, collate, count_targets, plan_epoch
 from dftune.files import read_jsonl, write_json, write_text
 from dftune.model import CausalLMLoss, load_model, load_tokenizer, reference_kind, resolve_precision, stored_dtype
 from dftune.objectives import get_objective
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(UserError, RuntimeError):
     """The loss or gradient became NaN/inf: training stops before the bad update."""
 
 
-class RunFolderError(ValueError):
+class RunFolderError(UserError, ValueError):
     """The run folder holds another run, or a resume asks for different settings."""
 
 
@@ -195,9 +196,9 @@ def _train(cfg: Config, rt: dist.Runtime, on_step) -> Path:
     precision = resolve_precision(t.precision, rt.device)
     parallel = dist.resolve_parallel(t.parallel, rt.world)
     if parallel == "fsdp" and cfg.model.lora_r > 0:
-        raise ValueError("LoRA with FSDP is not supported (LoRA's trainable state is small): use train.parallel=ddp")
+        raise ConfigError("LoRA with FSDP is not supported (LoRA's trainable state is small): use train.parallel=ddp")
     if parallel == "fsdp" and t.eval_every:
-        raise ValueError("periodic evaluation (train.eval_every) needs the whole model in one process; with FSDP "
+        raise ConfigError("periodic evaluation (train.eval_every) needs the whole model in one process; with FSDP "
                          "evaluate saved checkpoints with dftune eval instead")
     out = Path(t.out_dir)
     resume_from = open_run_folder(cfg, rt)
@@ -211,14 +212,14 @@ def _train(cfg: Config, rt: dist.Runtime, on_step) -> Path:
         print(f"data: {summary}")
         write_json(out / "data_summary.json", summary.__dict__)
     if len(examples) < t.global_batch:
-        raise ValueError(f"{len(examples)} usable examples is fewer than one global batch ({t.global_batch})")
+        raise DataError(f"{len(examples)} usable examples is fewer than one global batch ({t.global_batch})")
     lengths = [len(e.input_ids) for e in examples]
     steps_per_epoch = len(examples) // t.global_batch
     total = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
     warmup = int(t.warmup_ratio * total)
 
+    save_dtype = stored_dtype(cfg.model)  # the final model is saved as the base was stored
     model = load_model(cfg.model, rt.device, dtype=torch.bfloat16 if precision == "bf16-pure" else torch.float32)
-    save_dtype = stored_dtype(model)
     module = CausalLMLoss(model, objective, backend=t.loss_backend, chunk_size=t.chunk_size,
                           reference=reference_kind(objective, cfg.model.lora_r > 0, t.log_kl))
     module.train()

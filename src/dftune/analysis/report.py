@@ -22,8 +22,13 @@ from pathlib import Path
 
 import yaml
 
+from dftune.errors import UserError
 from dftune.analysis import plots
 from dftune.eval.general import is_summary as is_general
+
+class ReportError(UserError, ValueError):
+    """An input that is not something the report can read."""
+
 
 CURVES = [("loss", "objective loss", True), ("nll", "NLL (always logged)", False), ("mean_prob", "mean target p", False),
           ("entropy", "entropy (nats)", False), ("grad_norm", "grad norm", True), ("lr", "learning rate", False),
@@ -67,11 +72,11 @@ def load_run(path: Path, name: str | None = None) -> Run:
         key = ("probe" if "recommendation" in data else "general" if is_general(data)
                else "summary" if "benchmarks" in data else "analysis" if "p_edges" in data else None)
         if key is None:
-            raise ValueError(f"{p}: not a probe, evaluation summary or token-probability analysis file")
+            raise ReportError(f"{p}: not a probe, evaluation summary or token-probability analysis file")
         setattr(r, key, data)
         return r
     if not p.is_dir():
-        raise ValueError(f"{p}: no such file or folder")
+        raise ReportError(f"{p}: no such file or folder")
     r = Run(name or p.name, p)
     cfg = p / "config.yaml"
     r.config = yaml.safe_load(cfg.read_text()) if cfg.is_file() else None
@@ -84,7 +89,7 @@ def load_run(path: Path, name: str | None = None) -> Run:
     r.analysis = _json(p / "token_probs.json") or _json(p / "analysis" / "token_probs.json")
     r.probe = _json(p / "probe.json")
     if not any([r.config, r.log, r.summary, r.analysis, r.probe, r.general]):
-        raise ValueError(f"{p}: nothing to report (no config.yaml, log.jsonl, summary.json, token_probs.json, probe.json)")
+        raise ReportError(f"{p}: nothing to report (no config.yaml, log.jsonl, summary.json, token_probs.json, probe.json)")
     return r
 
 

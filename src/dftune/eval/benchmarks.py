@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from dftune.errors import UserError
 from dftune.eval.grade import boxed_contents, split_top_level
 
 PAPER_FIVE = ("math500", "minerva_math", "olympiadbench", "aime24", "amc23")
@@ -30,7 +31,7 @@ INSTRUCTION = "Please reason step by step, and put your final answer within \\bo
 PROMPTS = ("qwen-boxed", "chat", "plain")
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(UserError, ValueError):
     pass
 
 

