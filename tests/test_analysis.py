@@ -107,7 +107,7 @@ def report_inputs(tiny_dir, problems_file, tmp_path_factory):
     from dftune.cli import main
 
     models = f"base={tiny_dir},nll={root / 'nll' / 'final'},dft={root / 'dft' / 'final'}"
-    assert main(["analyze", "token-probs", "--models", models, "--data", str(problems_file), "--limit", "16",
+    assert main(["analyze", "--models", models, "--data", str(problems_file), "--limit", "16",
                  "--out", str(root / "analysis")]) == 0
     assert main(["probe", "--model", str(tiny_dir), "--data", str(problems_file), "--limit", "16",
                  "--out", str(root / "probe.json")]) == 0

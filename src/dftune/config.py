@@ -268,8 +268,12 @@ def resolve_key(cls, key: str) -> list[str]:
                 return found[0].split(".")
             if len(found) > 1:
                 raise ConfigError(f"key {key!r} is ambiguous: say {' or '.join(found)}")
+        import difflib
+
         known = sorted(hints) if hints else []
-        raise ConfigError(f"unknown key {key!r}" + (f"; known here: {', '.join(known)}" if known else ""))
+        close = difflib.get_close_matches(part, known, n=3, cutoff=0.5)
+        hint = f" (did you mean {' or '.join('.'.join(path + [c]) for c in close)}?)" if close else ""
+        raise ConfigError(f"unknown key {key!r}{hint}" + (f"; known here: {', '.join(known)}" if known else ""))
     if dataclasses.is_dataclass(typ):
         raise ConfigError(f"{key!r} is a section; set one of its keys ({key}.KEY=VALUE)")
     return path

@@ -26,6 +26,20 @@ from dftune.errors import UserError
 from dftune.analysis import plots
 from dftune.eval.general import is_summary as is_general
 
+@dataclass
+class ReportConfig:
+    """Settings of `dftune report`.
+
+    inputs: run, evaluation, analysis, sweep or general-suite folders; probe.json files.
+    output: the HTML file to write.
+    title: the page title.
+    """
+
+    inputs: list[str] = field(default_factory=list, metadata={"split": False})
+    output: str = "report.html"
+    title: str = "dftune report"
+
+
 class ReportError(UserError, ValueError):
     """An input that is not something the report can read."""
 

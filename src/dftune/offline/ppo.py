@@ -114,9 +114,12 @@ class PPOConfig:
 
 def load_ppo_config(path: str | None, overrides: list[str]) -> PPOConfig:
     """YAML (optional) + key=value overrides, checked (dftune.config.load)."""
-    cfg = load(PPOConfig, path, overrides)
+    return check_extra(load(PPOConfig, path, overrides))
+
+
+def check_extra(cfg: PPOConfig) -> PPOConfig:
     if not all("=" in x for x in cfg.extra):
-        raise ConfigError(f"{path or 'ppo'}.extra: expected key=value strings, got {cfg.extra!r}")
+        raise ConfigError(f"ppo.extra: expected key=value strings, got {cfg.extra!r}")
     return cfg
 
 

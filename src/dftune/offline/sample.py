@@ -223,3 +223,54 @@ def write_datasets(out: Path, questions: list[Question], done: dict[str, dict[in
              "skipped_no_gold": len(skipped), "skipped_examples": list(skipped[:5])}
     write_json(out / "stats.json", stats)
     return stats
+
+
+@dataclass
+class SampleConfig:
+    """Settings of `dftune sample` (rejection sampling for the offline-RL setting).
+
+    model: the policy to sample from: a local folder or a Hub id.
+    data: problem/solution or question/answer rows (the gold answer comes from the data).
+    out: the output folder (re-running with the same settings resumes).
+    k: responses per question.
+    select: all, first:N (the paper: first:100000 of NuminaMath-CoT) or random:N.
+    backend: vllm (what real runs use) or hf (transformers generate, for CPUs and tests).
+    instruction_suffix: text appended to every question (e.g. the boxed instruction).
+    chat_template: auto (the tokenizer's), plain, or a .jinja file.
+    temperature, top_p, max_new_tokens, seed: sampling (the paper: temperature 1.0).
+    batch_size: hf backend: sequences per generate call.
+    tensor_parallel_size: vllm backend: GPUs per model.
+    grade_workers: grader processes (0: one per CPU).
+    """
+
+    model: str = ""
+    data: str = ""
+    out: str = ""
+    k: int = 4
+    select: str = "all"
+    backend: str = "vllm"
+    instruction_suffix: str = ""
+    chat_template: str = "auto"
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 2048
+    seed: int = 0
+    batch_size: int = 64
+    tensor_parallel_size: int = 1
+    grade_workers: int = 0
+
+
+def run_sample(cfg: SampleConfig) -> dict:
+    """`dftune sample`: check the settings, then sample() (see its docstring)."""
+    for key in ("model", "data", "out"):
+        if not getattr(cfg, key):
+            raise ConfigError(f"sample: {key} is empty")
+    if cfg.backend not in ("vllm", "hf"):
+        raise ConfigError(f"sample: backend must be vllm or hf; got {cfg.backend!r}")
+    engine = ({"batch_size": cfg.batch_size} if cfg.backend == "hf"
+              else {"seed": cfg.seed, "tensor_parallel_size": cfg.tensor_parallel_size})
+    sc = SamplingConfig(n=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                        seed=cfg.seed)
+    return sample(cfg.model, cfg.data, cfg.out, k=cfg.k, backend=cfg.backend, select=cfg.select,
+                  suffix=cfg.instruction_suffix, sampling=sc, engine=engine, chat_template=cfg.chat_template,
+                  grade_workers=cfg.grade_workers or None)
