@@ -361,3 +361,13 @@ def test_checkpoint_metadata_cannot_run_code(tiny_dir, problems_file, tmp_path):
     with pytest.raises(UnsafeCheckpointError, match="not checkpoint metadata"):
         train(_cfg(tiny_dir, problems_file, out, max_steps=2, save_every=1, resume=True))
     assert not marker.exists()
+
+
+def test_final_model_is_saved_in_the_base_checkpoints_dtype(tiny_dir, problems_file, tmp_path):
+    """A bf16 release fine-tuned with fp32 master weights ships as bf16 (config and tensors)."""
+    base = tmp_path / "bf16_base"
+    AutoModelForCausalLM.from_pretrained(tiny_dir).to(torch.bfloat16).save_pretrained(base)
+    AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(base)
+    final = train(_cfg(base, problems_file, tmp_path / "run", max_steps=1, precision="bf16-mixed"))
+    assert json.loads((final / "config.json").read_text())["dtype"] == "bfloat16"
+    assert all(v.dtype == torch.bfloat16 for v in _weights(final).values())

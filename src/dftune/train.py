@@ -332,8 +332,9 @@ def _export(rt: dist.Runtime, module, tokenizer, out: Path, save_dtype: torch.dt
             for name in _tied_duplicates(model):  # gathered shards are separate copies: keep one, like save_pretrained
                 state.pop(name, None)
         model.config.use_cache = True  # generation wants the KV cache; training turned it off
-        model.config.dtype = save_dtype
         model.save_pretrained(tmp, state_dict=state)
+        model.config.dtype = save_dtype  # save_pretrained wrote the in-memory (fp32) dtype: say what is stored
+        model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
