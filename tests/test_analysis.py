@@ -146,6 +146,8 @@ def test_class_summaries_and_end_of_turn_are_exact():
     assert report["stats"]["p_percentiles"]["50"] == pytest.approx(np.percentile(np.exp(st.logp), 50))
     assert report["schema"] == 2 and report["model"] == "m"
     json.dumps(report)  # JSON-serialisable as is
+    with pytest.raises(ValueError, match="no response tokens"):
+        probe_report(_stats([], []), classes, [1, 5])
 
 
 @pytest.fixture(scope="module")

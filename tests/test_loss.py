@@ -571,3 +571,24 @@ def test_describe_objectives_lists_every_objective_and_the_generic_parameters():
     for name in set(OBJECTIVES) - {"sft"}:
         assert f"\n  {name}" in text
     assert "floor=0.0" in text and "arXiv 2601.02151" in text and "norm:" in text and "protect:" in text
+
+
+@pytest.mark.parametrize("spec", ["eaft:k=5", "dft:floor=0.1,protect=special", "chord_phi", "thresholded:pct=30"])
+def test_interop_loss_matches_token_loss_for_the_new_objectives(spec):
+    """compute_loss_func (TRL / HF Trainer) gives token_loss's value and gradient."""
+    from dftune.interop import compute_loss_func
+
+    hidden, weight, b, labels, *_ = _problem(3 * 11, 8, 29, torch.float64, seed=14)
+    classes = _classes(29)
+    lab = torch.cat([torch.full((3, 1), -100), labels.view(3, 11)], 1)  # (B, T+1): position t predicts t+1
+    h1 = hidden.clone().requires_grad_(True)
+    logits = torch.cat([(h1 @ weight.T + b).view(3, 11, 29), torch.zeros(3, 1, 29, dtype=torch.float64)], 1)
+    ours = compute_loss_func(spec, token_class=classes)({"logits": logits}, lab)
+    ours.backward()
+    h2 = hidden.clone().requires_grad_(True)
+    ref = token_loss(h2, weight, labels, spec, bias=b, token_class=classes)
+    ref.loss.backward()
+    torch.testing.assert_close(ours, ref.loss)
+    torch.testing.assert_close(h1.grad, h2.grad)
+    with pytest.raises(ValueError, match="norm=weight"):
+        compute_loss_func("dft:norm=weight")

@@ -302,9 +302,11 @@ def probe_report(st: TokenStats, classes: np.ndarray, eot_ids, *, decode=None, *
     (``class_summaries``), end_of_turn (``end_of_turn_summary``), recommendation
     (``recommend``).
     """
+    if len(st.logp) == 0:
+        raise ValueError("nothing to probe: the examples have no response tokens (every label is masked)")
     stats = summary(st)
     p = np.exp(st.logp)
-    stats["p_percentiles"] = {str(q): float(np.percentile(p, q)) for q in PERCENTILES} if len(p) else {}
+    stats["p_percentiles"] = {str(q): float(np.percentile(p, q)) for q in PERCENTILES}
     cls = class_summaries(st, classes)
     eot = end_of_turn_summary(st, eot_ids, decode)
     return {"schema": PROBE_SCHEMA, **meta, "stats": stats, "classes": cls, "end_of_turn": eot,
@@ -319,6 +321,8 @@ def probe(model, examples, tokenizer, *, model_name: str = "", data: str = "", b
 
     model_name, data: stored as the JSON's "model" and "data" (for the report).
     """
+    if not examples:
+        raise ValueError("nothing to probe: no examples")
     st = token_stats(model, examples, tokenizer.pad_token_id, batch_size=batch_size, progress=progress)
     vocab = decoder_and_head(model)[1].weight.shape[0]
     classes = token_classes(tokenizer, vocab_size=max(vocab, len(tokenizer))).numpy()
