@@ -78,13 +78,9 @@ def cmd_probe(cfg) -> None:
     example: dftune probe --model out/tiny-base --data ../shared/data/train/gsm8k_train.jsonl --limit 200
     """
     from dftune.analysis.run import run_probe
+    from dftune.analysis.tokens import format_probe
 
-    res = run_probe(cfg)
-    s, rec = res["stats"], res["recommendation"]
-    print(f"model {cfg.model} on {res['examples']} examples ({s['tokens']} response tokens):")
-    print(f"  mean p {s['mean_prob']:.3f} | p<0.1 {s['frac_below_0.1']:.1%} | p>0.9 {s['frac_above_0.9']:.1%} | "
-          f"entropy {s['mean_entropy']:.2f} nats | NLL {s['nll']:.3f}")
-    print(f"recommended objective: {rec['objective']}\n  {rec['reasoning']}")
+    print(format_probe(run_probe(cfg)))
     if cfg.out:
         print(f"wrote {cfg.out}")
 
@@ -377,6 +373,10 @@ def main(argv=None) -> int:
             return 0
         if parsed.show:
             print(describe(cls))
+            if name == "train":
+                from dftune.objectives import describe_objectives
+
+                print("\n" + describe_objectives())
             return 0
         cmd.run(build_config(cls, parsed))
     except UserError as e:

@@ -90,8 +90,12 @@ class DataConfig:
 class TrainConfig:
     """The optimisation (defaults: the paper's recipe, PAPER.md).
 
-    objective: nll, dft, prob_power:alpha=2, thresholded:q=0.2, dft_clip:tau=0.7, talr,
-        focal:gamma=2, iw_sft, iw_sft:level=token, asft:lam=0.05.
+    objective: NAME or NAME:key=value,... e.g. nll, dft, dft:floor=0.1, dft:protect=special,
+        eaft:k=20, chord_phi, prob_power:alpha=2, thresholded:q=0.2, talr, iw_sft, asft:lam=0.05;
+        every objective also takes norm=weight (divide by the step's summed weights instead of
+        its token count) and protect=special (NLL on special tokens). The list is below.
+    objective_schedule: the objective changing over training, e.g. prob_power:alpha=0->1 or
+        nll@0.2,dft (NLL for the first 20% of steps); empty: objective throughout.
     precision: auto (bf16-mixed on CUDA, fp32 on CPU), bf16-mixed (fp32 master weights and
         optimizer state, bf16 compute: the paper's setting), fp32, or bf16-pure (bf16
         weights: small updates are lost; only when memory forces it). fp16 is refused.
@@ -121,6 +125,7 @@ class TrainConfig:
     """
 
     objective: str = "dft"
+    objective_schedule: str = ""
     precision: str = "auto"
     parallel: str = "auto"
     loss_backend: str = "chunked"

@@ -160,10 +160,11 @@ class CausalLMLoss(nn.Module):
     """
 
     def __init__(self, model: nn.Module, objective: Objective, *, backend: str = "chunked",
-                 chunk_size: int | None = None, reference: str = "none"):
+                 chunk_size: int | None = None, reference: str = "none", token_class: torch.Tensor | None = None):
         super().__init__()
         self.model = model
-        self.objective = objective
+        self.objective = objective  # the training loop sets it each step when a schedule moves it
+        self.token_class = token_class  # (V,) class per vocabulary id (protect=, probe classes); not a buffer
         self.backend = backend
         self.chunk_size = chunk_size or None
         self.reference = reference  # none | copy | adapters
@@ -176,6 +177,11 @@ class CausalLMLoss(nn.Module):
             self._ref = [ref]  # a list: not a registered submodule, so DDP/optimizer ignore it
         else:
             self._ref = []
+
+    def _classes(self, device):
+        if self.token_class is not None and self.token_class.device != device:
+            self.token_class = self.token_class.to(device)
+        return self.token_class
 
     def _reference(self, input_ids, attention_mask):
         if self.reference == "none":
@@ -201,15 +207,15 @@ class CausalLMLoss(nn.Module):
         return token_loss(
             hidden[:, :-1].reshape(-1, h), head.weight, shifted, self.objective,
             bias=getattr(head, "bias", None), num_items=num_items, chunk_size=self.chunk_size,
-            backend=self.backend, seq_ids=seq_ids,
+            backend=self.backend, seq_ids=seq_ids, token_class=self._classes(hidden.device),
             ref_hidden=None if ref_h is None else ref_h[:, :-1].reshape(-1, ref_h.shape[-1]),
             ref_weight=ref_w, ref_bias=ref_b,
         )
 
 
-def reference_kind(objective: Objective, lora: bool, log_kl: bool) -> str:
+def reference_kind(needs_ref: bool, lora: bool, log_kl: bool) -> str:
     """Which reference the run needs: none, a frozen copy, or the adapter-free base."""
-    if not (objective.needs_ref or log_kl):
+    if not (needs_ref or log_kl):
         return "none"
     return "adapters" if lora else "copy"
 

@@ -34,8 +34,14 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from dftune.errors import UserError
+
 from dftune.vocab import CLASS_IDS, CLASS_NAMES
 
+
+
+class ObjectiveError(UserError, ValueError):
+    """A bad objective spec or parameter."""
 
 @dataclass
 class TokenContext:
@@ -88,7 +94,7 @@ class Objective:
 
 def _need(value, what: str, name: str):
     if value is None:
-        raise ValueError(f"objective {name!r} needs {what}; token_loss computes it when the objective asks "
+        raise ObjectiveError(f"objective {name!r} needs {what}; token_loss computes it when the objective asks "
                          "(other callers must fill that TokenContext field)")
     return value
 
@@ -110,7 +116,7 @@ def dft(floor: float = 0.0) -> Objective:
     """
     f = float(floor)
     if not 0.0 <= f <= 1.0:
-        raise ValueError(f"dft: floor must be in [0, 1], got {floor}")
+        raise ObjectiveError(f"dft: floor must be in [0, 1], got {floor}")
     if f == 0:
         return Objective("dft", lambda logp, ctx: -logp.detach().exp() * logp)
     return Objective(f"dft:floor={f:g}", lambda logp, ctx: -logp.detach().exp().clamp_min(f) * logp)
@@ -124,7 +130,7 @@ def prob_power(alpha: float = 1.0) -> Objective:
     """
     a = float(alpha)
     if a < 0:
-        raise ValueError(f"prob_power: alpha must be >= 0, got {alpha}")
+        raise ObjectiveError(f"prob_power: alpha must be >= 0, got {alpha}")
     if a == 0:
         return Objective("prob_power:alpha=0", lambda logp, ctx: -logp)
     return Objective(f"prob_power:alpha={a:g}", lambda logp, ctx: (1 - torch.exp(a * logp)) / a)
@@ -160,18 +166,18 @@ def thresholded(q: float | None = None, pct: float | None = None, keep: str = "t
     (a per-call statistic, so under gradient accumulation it is per micro-batch).
     """
     if normalize not in ("all", "kept"):
-        raise ValueError(f"thresholded: normalize must be 'all' or 'kept', got {normalize!r}")
+        raise ObjectiveError(f"thresholded: normalize must be 'all' or 'kept', got {normalize!r}")
     if keep not in ("top", "bottom"):
-        raise ValueError(f"thresholded: keep must be 'top' or 'bottom', got {keep!r}")
+        raise ObjectiveError(f"thresholded: keep must be 'top' or 'bottom', got {keep!r}")
     if loss not in ("nll", "p"):
-        raise ValueError(f"thresholded: loss must be 'nll' or 'p', got {loss!r}")
+        raise ObjectiveError(f"thresholded: loss must be 'nll' or 'p', got {loss!r}")
     if q is not None and pct is not None:
-        raise ValueError("thresholded: give q (a probability) or pct (a percentile), not both")
+        raise ObjectiveError("thresholded: give q (a probability) or pct (a percentile), not both")
     if pct is not None and not 0 <= pct <= 100:
-        raise ValueError(f"thresholded: pct must be in [0, 100], got {pct}")
+        raise ObjectiveError(f"thresholded: pct must be in [0, 100], got {pct}")
     q = 0.2 if q is None and pct is None else q
     if q is not None and not 0 <= q <= 1:
-        raise ValueError(f"thresholded: q must be in [0, 1], got {q}")
+        raise ObjectiveError(f"thresholded: q must be in [0, 1], got {q}")
     logq = None if q is None else (math.log(q) if q > 0 else float("-inf"))
 
     def fn(logp: Tensor, ctx: TokenContext) -> Tensor:
@@ -254,9 +260,9 @@ def eaft(k: int = 20, alpha: float = 1.0) -> Objective:
     """
     k, a = int(k), float(alpha)
     if k < 2:
-        raise ValueError(f"eaft: k must be >= 2 (the entropy of one token is 0), got {k}")
+        raise ObjectiveError(f"eaft: k must be >= 2 (the entropy of one token is 0), got {k}")
     if a < 0:
-        raise ValueError(f"eaft: alpha must be >= 0, got {alpha}")
+        raise ObjectiveError(f"eaft: alpha must be >= 0, got {alpha}")
 
     def fn(logp: Tensor, ctx: TokenContext) -> Tensor:
         h = _need(ctx.topk_entropy, "the normalised top-K entropy (ctx.topk_entropy)", "eaft")
@@ -296,7 +302,7 @@ def psft(eps: float = 0.2) -> Objective:
     """
     e = float(eps)
     if not 0 < e:
-        raise ValueError(f"psft: eps must be > 0, got {eps}")
+        raise ObjectiveError(f"psft: eps must be > 0, got {eps}")
 
     def fn(logp: Tensor, ctx: TokenContext) -> Tensor:
         ref = _need(ctx.ref_logp, "the old policy's log-probs (ref_hidden/ref_weight)", "psft")
@@ -314,7 +320,7 @@ def iw_sft(level: str = "sequence", clip: float = 16.0, low: float = 0.2, high: 
     The reference is the frozen initial model.
     """
     if level not in ("sequence", "token"):
-        raise ValueError(f"iw_sft: level must be 'sequence' or 'token', got {level!r}")
+        raise ObjectiveError(f"iw_sft: level must be 'sequence' or 'token', got {level!r}")
 
     def fn(logp: Tensor, ctx: TokenContext) -> Tensor:
         ref = _need(ctx.ref_logp, "the reference model's log-probs (ref_hidden/ref_weight)", "iw_sft")
@@ -378,7 +384,7 @@ def _protect(obj: Objective, classes: str) -> Objective:
     names = [c.strip() for c in str(classes).split("+") if c.strip()]
     unknown = [c for c in names if c not in CLASS_IDS]
     if not names or unknown:
-        raise ValueError(f"protect={classes!r}: token classes are {', '.join(CLASS_NAMES)} (join several with '+')")
+        raise ObjectiveError(f"protect={classes!r}: token classes are {', '.join(CLASS_NAMES)} (join several with '+')")
     ids = sorted({CLASS_IDS[c] for c in names})
     inner = obj.fn
 
@@ -401,15 +407,15 @@ def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
     name, _, params = str(spec).partition(":")
     name = name.strip()
     if name not in OBJECTIVES:
-        raise ValueError(f"unknown objective {name!r}; known: {', '.join(sorted(OBJECTIVES))}")
+        raise ObjectiveError(f"unknown objective {name!r}; known: {', '.join(sorted(OBJECTIVES))}")
     kwargs: dict[str, str] = {}
     for item in filter(None, (p.strip() for p in params.split(","))):
         key, eq, value = item.partition("=")
         if not eq:
-            raise ValueError(f"objective {spec!r}: parameter {item!r} is not key=value")
+            raise ObjectiveError(f"objective {spec!r}: parameter {item!r} is not key=value")
         key = key.strip()
         if key in kwargs:
-            raise ValueError(f"objective {spec!r}: parameter {key!r} given twice")
+            raise ObjectiveError(f"objective {spec!r}: parameter {key!r} given twice")
         kwargs[key] = value.strip()
     return name, kwargs
 
@@ -427,21 +433,26 @@ def get_objective(spec: str | Objective) -> Objective:
     name, raw = parse_spec(spec)
     for key, value in raw.items():
         if "->" in value or value.endswith("-"):
-            raise ValueError(f"objective {spec!r}: {key}={value} is a ramp; ramps belong in an objective schedule "
+            raise ObjectiveError(f"objective {spec!r}: {key}={value} is a ramp; ramps belong in an objective schedule "
                              "(train.objective_schedule, dftune.objective_schedule); quote '->' on a shell command line")
     norm = raw.pop("norm", "tokens")
     protect = raw.pop("protect", None)
     if norm not in ("tokens", "weight"):
-        raise ValueError(f"objective {spec!r}: norm must be 'tokens' or 'weight', got {norm!r}")
+        raise ObjectiveError(f"objective {spec!r}: norm must be 'tokens' or 'weight', got {norm!r}")
     factory = OBJECTIVES[name]
     allowed = inspect.signature(factory).parameters
     unknown = set(raw) - set(allowed)
     if unknown:
-        raise ValueError(
+        raise ObjectiveError(
             f"objective {name!r} has no parameter(s) {sorted(unknown)}; it takes "
             f"{list(allowed) + list(GENERIC_PARAMS)}"
         )
-    obj = factory(**{k: _parse_value(v) for k, v in raw.items()})
+    try:
+        obj = factory(**{k: _parse_value(v) for k, v in raw.items()})
+    except ObjectiveError:
+        raise
+    except (TypeError, ValueError) as e:  # e.g. alpha=abc reaching float()
+        raise ObjectiveError(f"objective {spec!r}: {e}") from None
     if protect is not None:
         obj = _protect(obj, protect)
     if norm == "weight":

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dftune.objectives import Objective, get_objective, parse_spec
+from dftune.objectives import Objective, ObjectiveError, get_objective, parse_spec
 
 
 @dataclass(frozen=True)
@@ -119,14 +119,14 @@ def _number(text: str, spec: str, key: str) -> float:
         return float(text)
     except ValueError:
         hint = " (did the shell take '>' as a redirection? quote the argument)" if text.endswith("-") or not text else ""
-        raise ValueError(f"objective schedule {spec!r}: {key}: {text!r} is not a number{hint}") from None
+        raise ObjectiveError(f"objective schedule {spec!r}: {key}: {text!r} is not a number{hint}") from None
 
 
 def _split_phases(spec: str) -> list[str]:
     phases: list[list[str]] = []
     for item in (p.strip() for p in spec.split(",")):
         if not item:
-            raise ValueError(f"objective schedule {spec!r}: empty item (two commas, or a trailing comma)")
+            raise ObjectiveError(f"objective schedule {spec!r}: empty item (two commas, or a trailing comma)")
         if "=" in item and ":" not in item.split("=", 1)[0] and phases:
             phases[-1].append(item)  # key=value: continues the previous phase's parameters
         else:
@@ -139,7 +139,7 @@ def objective_schedule(spec: str) -> Schedule:
     resolved once here, so a bad name, parameter or value fails before training starts."""
     text = str(spec).strip()
     if not text:
-        raise ValueError("objective schedule is empty")
+        raise ObjectiveError("objective schedule is empty")
     parts = _split_phases(text)
     phases, last_end = [], 0.0
     for i, part in enumerate(parts):
@@ -148,12 +148,12 @@ def objective_schedule(spec: str) -> Schedule:
         if at:
             end = _number(end_text, text, f"phase {body!r} end")
             if is_last:
-                raise ValueError(f"objective schedule {text!r}: the last phase ({body!r}) runs to the end; drop '@{end_text}'")
+                raise ObjectiveError(f"objective schedule {text!r}: the last phase ({body!r}) runs to the end; drop '@{end_text}'")
             if not last_end < end < 1.0:
-                raise ValueError(f"objective schedule {text!r}: phase ends must increase within (0, 1); "
+                raise ObjectiveError(f"objective schedule {text!r}: phase ends must increase within (0, 1); "
                                  f"{body!r} ends at {end_text} after {last_end:g}")
         elif not is_last:
-            raise ValueError(f"objective schedule {text!r}: phase {body!r} needs '@END' (the fraction of training "
+            raise ObjectiveError(f"objective schedule {text!r}: phase {body!r} needs '@END' (the fraction of training "
                              "where it ends), e.g. nll@0.2,dft")
         else:
             end = 1.0

@@ -86,7 +86,7 @@ def run_probe(cfg: ProbeConfig) -> dict:
     """Statistics of the model on the sample and the recommended objective."""
     import torch
 
-    from dftune.analysis.tokens import recommend, summary, token_stats
+    from dftune.analysis.tokens import probe
     from dftune.files import write_json
     from dftune.model import inference_dtype, load_pretrained, load_tokenizer
 
@@ -96,8 +96,7 @@ def run_probe(cfg: ProbeConfig) -> dict:
     exs = sample_examples(tok, cfg.sample)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_pretrained(cfg.model, dtype=inference_dtype(device), device=device).eval()
-    s = summary(token_stats(model, exs, tok.pad_token_id, batch_size=cfg.sample.batch_size))
-    result = {"model": cfg.model, "data": cfg.sample.data, "examples": len(exs), "stats": s, "recommendation": recommend(s)}
+    result = probe(model, exs, tok, model_name=cfg.model, data=cfg.sample.data, batch_size=cfg.sample.batch_size)
     if cfg.out:
         write_json(Path(cfg.out), result)
     return result
@@ -151,7 +150,10 @@ def run_analyze(cfg: AnalyzeConfig, progress: bool = True) -> dict:
                                   batch_size=cfg.sample.batch_size, progress=bar.update if bar else None)
         if bar:
             bar.close()
-    result = analyze(stats, lambda t: tok.decode([t]), base=base)
+    from dftune.vocab import end_of_turn_ids, token_classes
+
+    classes = token_classes(tok, vocab_size=max(vocab, len(tok))).numpy()
+    result = analyze(stats, lambda t: tok.decode([t]), base=base, classes=classes, eot_ids=end_of_turn_ids(tok))
     result["data"], result["examples"] = cfg.sample.data, len(exs)
     write_json(Path(cfg.out) / "token_probs.json", result)
     return result

@@ -187,7 +187,9 @@ def run_demo(cfg: DemoConfig) -> Path:
     from tqdm.auto import tqdm
 
     from dftune.analysis.report import write_report
-    from dftune.analysis.tokens import analyze, load_for_analysis, recommend, summary, token_stats, write_json
+    from dftune.analysis.tokens import analyze, load_for_analysis, probe, token_stats
+    from dftune.files import write_json
+    from dftune.vocab import end_of_turn_ids, token_classes
     from dftune.data import build_dataset
     from dftune.eval.generate import SamplingConfig
     from dftune.eval.run import EvalConfig, evaluate
@@ -230,9 +232,8 @@ def run_demo(cfg: DemoConfig) -> Path:
         exs, _ = build_dataset(DataConfig(path=str(files["narrow"]), select=f"first:{cfg.analysis_examples}",
                                           instruction_suffix=SUFFIX), tok)
         base_model = load_for_analysis(str(base), torch.device("cpu"))
-        s = summary(token_stats(base_model, exs, tok.pad_token_id))
-        write_json(root / f"probe_{prior}.json", {"model": f"{prior} base", "data": str(files["narrow"]),
-                                                  "examples": len(exs), "stats": s, "recommendation": recommend(s)})
+        write_json(root / f"probe_{prior}.json", probe(base_model, exs, tok, model_name=f"{prior} base",
+                                                       data=str(files["narrow"])))
         name = f"prior={prior}_objective=base_seed=0"
         marker = root / name / "base.txt"
         if marker.is_file() and marker.read_text() != str(base):
@@ -264,7 +265,8 @@ def run_demo(cfg: DemoConfig) -> Path:
         stats = {"base": token_stats(base_model, exs, tok.pad_token_id)}
         for obj, final in finals.items():
             stats[obj] = token_stats(load_for_analysis(str(final), base_model.device), exs, tok.pad_token_id, base=base_model)
-        res = analyze(stats, lambda t: tok.decode([t]), base="base")
+        classes = token_classes(tok, vocab_size=max(len(tok), base_model.get_output_embeddings().weight.shape[0]))
+        res = analyze(stats, lambda t: tok.decode([t]), base="base", classes=classes.numpy(), eot_ids=end_of_turn_ids(tok))
         (root / f"analysis_{prior}").mkdir(exist_ok=True)
         write_json(root / f"analysis_{prior}" / "token_probs.json", res)
         bar.update(1)
