@@ -46,30 +46,37 @@ def cmd_eval(args) -> None:
                  --max-new-tokens 256 --backend hf --data-dir ../shared/data/benchmarks --out evals/tiny
     paper:   dftune eval --model Qwen/Qwen2.5-Math-1.5B --backend vllm --out evals/base
     """
-    from dftune.eval.generate import SamplingConfig
+    from dftune.eval.generate import EngineConfig, SamplingConfig
     from dftune.eval.run import EvalConfig, evaluate
 
-    engine = {}
-    if args.backend == "vllm":
-        engine = {"tensor_parallel_size": args.tensor_parallel, "data_parallel_size": args.data_parallel,
-                  "seed": args.seed}
-        if args.max_model_len:
-            engine["max_model_len"] = args.max_model_len
-    else:
-        engine = {"batch_size": args.batch_size}
     cfg = EvalConfig(
         model=args.model, benchmarks=[b.strip() for b in args.benchmarks.split(",") if b.strip()], backend=args.backend,
-        prompt=args.prompt, data_dir=args.data_dir, limit=args.limit,
+        prompt=args.prompt, data_dir=args.data_dir or "", limit=args.limit or 0,
         sampling=SamplingConfig(n=args.n, temperature=args.temperature, top_p=args.top_p,
                                 max_new_tokens=args.max_new_tokens, seed=args.seed,
                                 stop=[s for s in args.stop.split("|") if s] if args.stop else []),
-        grade_workers=args.grade_workers, engine=engine,
+        engine=EngineConfig(tensor_parallel_size=args.tensor_parallel, data_parallel_size=args.data_parallel,
+                            max_model_len=args.max_model_len or 0, batch_size=args.batch_size, dtype=args.dtype),
+        stop_at_end_of_turn=not args.no_end_of_turn_stop, strip_think=args.strip_think,
+        grade_workers=args.grade_workers or 0, grade_timeout=args.grade_timeout,
     )
     from dftune.eval.run import markdown_table
 
     summary = evaluate(cfg, args.out)
     print(markdown_table(summary))
     print(f"per-sample results: {args.out}/samples.jsonl; summary: {args.out}/summary.json")
+
+
+def cmd_compare(args) -> None:
+    """Compare two evaluations problem by problem: A - B per benchmark with a paired bootstrap and a sign test.
+
+    example: dftune compare evals/dft evals/sft --out evals/dft-vs-sft
+    """
+    from dftune.eval.compare import compare_markdown, write_compare
+
+    result = write_compare(args.a, args.b, args.out, reps=args.reps, seed=args.seed)
+    print(compare_markdown(result))
+    print(f"wrote {args.out}/compare.json and {args.out}/compare.md")
 
 
 def _analysis_examples(model_path: str, data: str, limit: int, max_length: int, fmt: str, chat_template: str):
@@ -254,6 +261,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=None, help="vLLM max_model_len")
     p.add_argument("--batch-size", type=int, default=16, help="hf backend: sequences per generate call")
     p.add_argument("--grade-workers", type=int, default=None, help="grader processes (default: CPU count)")
+    p.add_argument("--grade-timeout", type=int, default=5, help="math-verify's time limit per call (seconds)")
+    p.add_argument("--dtype", default="auto", help="auto, bf16, fp16 or fp32")
+    p.add_argument("--strip-think", action="store_true", help="grade only what follows </think>")
+    p.add_argument("--no-end-of-turn-stop", action="store_true",
+                   help="do not stop chat-format prompts at the template's end-of-turn token(s) (EOS only)")
+
+    p = add("compare", cmd_compare)
+    p.add_argument("a", help="evaluation folder A (dftune eval --out)")
+    p.add_argument("b", help="evaluation folder B")
+    p.add_argument("--out", required=True, help="folder for compare.json and compare.md")
+    p.add_argument("--reps", type=int, default=10_000, help="bootstrap resamples")
+    p.add_argument("--seed", type=int, default=0)
 
     p = add("analyze", cmd_analyze)
     p.add_argument("what", choices=["token-probs"])
@@ -334,10 +353,11 @@ def main(argv=None) -> int:
     from dftune.config import ConfigError
     from dftune.data import DataError
     from dftune.eval.benchmarks import BenchmarkError
+    from dftune.eval.compare import CompareError
 
     try:
         args.fn(args)
-    except (ConfigError, DataError, BenchmarkError) as e:
+    except (ConfigError, DataError, BenchmarkError, CompareError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

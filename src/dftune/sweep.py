@@ -92,7 +92,7 @@ def _eval_config(run: Path, ev: dict):
     from dftune.eval.run import EvalConfig
 
     return EvalConfig(model=str(run / "final"), benchmarks=ev["benchmarks"], backend=ev.get("backend", "hf"),
-                      prompt=ev.get("prompt", "qwen-boxed"), data_dir=ev.get("data_dir"), limit=ev.get("limit"),
+                      prompt=ev.get("prompt", "qwen-boxed"), data_dir=ev.get("data_dir") or "", limit=ev.get("limit") or 0,
                       sampling=SamplingConfig(n=ev.get("n", 4), max_new_tokens=ev.get("max_new_tokens", 512),
                                               seed=ev.get("seed", 0)))
 

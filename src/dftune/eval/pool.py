@@ -3,7 +3,9 @@ when they cannot start.
 
 A task is a module-level function ``fn(payload, timeout) -> result`` named
 ``"module:function"`` (so a spawned worker can import it). Each worker imports
-math-verify once, says it is ready, then runs tasks one at a time. A task that outlives
+math-verify once, says it is ready, then runs tasks one at a time; idle workers are kept
+for the next call (a Python process with sympy takes seconds to start), and stopped at
+exit or by ``close_pools``. A task that outlives
 its hard deadline has its worker killed and replaced; a worker that dies mid-task is
 replaced; either way the task gets ``fallback(payload, status)`` ("timeout", "crash",
 "memory"), computed in the parent without math-verify. A worker that dies before it
@@ -13,6 +15,7 @@ at once (never minutes of respawning).
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import logging
 import multiprocessing as mp
@@ -32,7 +35,7 @@ def _resolve(name: str):
     return getattr(importlib.import_module(module), fn)
 
 
-def _worker(conn, fn_name: str, memory_mb: int, timeout: int) -> None:
+def _worker(conn, memory_mb: int, timeout: int) -> None:
     if memory_mb:
         import resource
 
@@ -42,23 +45,25 @@ def _worker(conn, fn_name: str, memory_mb: int, timeout: int) -> None:
     logging.getLogger("math_verify").setLevel(logging.CRITICAL)
     import math_verify  # noqa: F401  (import once, before the first task)
 
-    fn = _resolve(fn_name)
     conn.send(("ready", None, ""))
+    fns = {}
     while True:
         task = conn.recv()
         if task is None:
             return
-        idx, payload = task
+        idx, fn_name, payload = task
         try:
+            fn = fns.get(fn_name) or fns.setdefault(fn_name, _resolve(fn_name))
             conn.send((idx, fn(payload, timeout), ""))
         except MemoryError:
             conn.send((idx, None, "memory"))
 
 
 class _Worker:
-    def __init__(self, ctx, fn_name: str, memory_mb: int, timeout: int):
+    def __init__(self, memory_mb: int, timeout: int):
+        ctx = mp.get_context("spawn")  # never fork a process that may hold vLLM or CUDA threads
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker, args=(child, fn_name, memory_mb, timeout), daemon=True)
+        self.proc = ctx.Process(target=_worker, args=(child, memory_mb, timeout), daemon=True)
         self.proc.start()
         child.close()
         self.born = time.monotonic()
@@ -86,6 +91,20 @@ def _start_error(w: _Worker, memory_mb: int) -> GraderStartError:
     )
 
 
+_POOLS: dict[tuple[int, int], list[_Worker]] = {}  # idle workers by (memory_mb, timeout)
+
+
+def close_pools() -> None:
+    """Stop every idle worker."""
+    for pool in _POOLS.values():
+        for w in pool:
+            w.stop()
+    _POOLS.clear()
+
+
+atexit.register(close_pools)
+
+
 def run_tasks(fn: str, payloads: list, *, fallback: str, workers: int = 0, timeout: int = 5,
               hard_timeout: float = 0, memory_mb: int = 4096, progress=None) -> list:
     """``fn(payload, timeout)`` for every payload in worker processes; results in order.
@@ -98,9 +117,11 @@ def run_tasks(fn: str, payloads: list, *, fallback: str, workers: int = 0, timeo
         return []
     on_fail = _resolve(fallback)
     hard = hard_timeout or 4 * timeout + 5
-    ctx = mp.get_context("spawn")  # never fork a process that may hold vLLM or CUDA threads
     n = max(1, min(workers or os.cpu_count() or 1, len(payloads)))
-    pool = [_Worker(ctx, fn, memory_mb, timeout) for _ in range(n)]
+    key = (memory_mb, timeout)
+    idle = [w for w in _POOLS.pop(key, []) if w.proc.is_alive()]
+    pool, spare = idle[:n], idle[n:]
+    pool += [_Worker(memory_mb, timeout) for _ in range(n - len(pool))]
     results: list = [None] * len(payloads)
     todo = list(range(len(payloads)))[::-1]
     done = 0
@@ -117,7 +138,7 @@ def run_tasks(fn: str, payloads: list, *, fallback: str, workers: int = 0, timeo
             for w in pool:
                 if w.ready and w.task is None and todo:
                     i = todo.pop()
-                    w.conn.send((i, payloads[i]))
+                    w.conn.send((i, fn, payloads[i]))
                     w.task = (i, time.monotonic())
             for conn in wait([w.conn for w in pool], timeout=0.05):
                 k, w = next((k, w) for k, w in enumerate(pool) if w.conn is conn)
@@ -127,7 +148,7 @@ def run_tasks(fn: str, payloads: list, *, fallback: str, workers: int = 0, timeo
                     if not w.ready:
                         raise _start_error(w, memory_mb) from None
                     w.proc.join(timeout=1)
-                    pool[k] = _Worker(ctx, fn, memory_mb, timeout)
+                    pool[k] = _Worker(memory_mb, timeout)
                     if w.task:
                         finish(w.task[0], on_fail(payloads[w.task[0]], "crash"))
                     continue
@@ -142,11 +163,13 @@ def run_tasks(fn: str, payloads: list, *, fallback: str, workers: int = 0, timeo
                     w.proc.kill()
                     w.proc.join()
                     finish(w.task[0], on_fail(payloads[w.task[0]], "timeout"))
-                    pool[k] = _Worker(ctx, fn, memory_mb, timeout)
+                    pool[k] = _Worker(memory_mb, timeout)
                 elif not w.ready and now - w.born > START_TIMEOUT:
                     raise GraderStartError(f"no grader worker became ready within {START_TIMEOUT:.0f} s "
                                            "(is the machine overloaded, or math-verify's import hanging?)")
-    finally:
-        for w in pool:
+    except BaseException:  # workers may be mid-task: never reuse them
+        for w in pool + spare:
             w.stop()
+        raise
+    _POOLS[key] = pool + spare
     return results

@@ -95,7 +95,7 @@ def sample(model: str, data: str, out: str | Path, *, k: int = 4, backend: str =
                 part = todo[s:s + chunk]
                 prompts = [tok.apply_chat_template([{"role": "user", "content": q.prompt}], tokenize=False,
                                                    add_generation_prompt=True) for q in part]
-                texts = be.generate(prompts, [q.id for q in part], sc)
+                texts = [[c.text for c in cs] for cs in be.generate(prompts, [q.id for q in part], sc)]
                 verdicts = iter(grade_batch([(t, q.golds) for q, ts in zip(part, texts) for t in ts]))
                 rows = [{"id": q.id, "sample": j, "prompt": q.prompt, "response": t, "gold": q.golds,
                          "correct": (v := next(verdicts)).correct, "reason": v.reason}
