@@ -15,7 +15,13 @@ import pytest
 from dftune.eval.compare import CompareError, compare, compare_markdown, sign_test
 from dftune.eval.generate import EngineConfig, HFBackend, SamplingConfig
 from dftune.eval.metrics import bootstrap_means, interval, pass_at_k, summarize
-from dftune.eval.run import EvalConfig, evaluate, markdown_table, read_samples, summarize_rows
+from dftune.eval.run import (
+    EvalConfig,
+    evaluate,
+    markdown_table,
+    read_samples,
+    summarize_rows,
+)
 from dftune.eval.vote import majority_correct, winner
 from dftune.files import CorruptFileError
 

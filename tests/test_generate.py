@@ -16,8 +16,14 @@ import pytest
 import torch
 
 from dftune.eval.benchmarks import build_prompt
-from dftune.eval.generate import (Completion, HFBackend, SamplingConfig, end_of_turn_ids, is_repetitive,
-                                  make_backend)
+from dftune.eval.generate import (
+    Completion,
+    HFBackend,
+    SamplingConfig,
+    end_of_turn_ids,
+    is_repetitive,
+    make_backend,
+)
 from dftune.eval.grade import grade_one
 
 ROOT = Path(__file__).resolve().parents[1]

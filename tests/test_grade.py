@@ -5,8 +5,19 @@ import time
 
 import pytest
 
-from dftune.eval.grade import (FAILURES, STATUSES, GraderStartError, boxed_contents, defuse, extract_answer,
-                               failure_counts, grade_batch, grade_one, split_top_level, strip_thinking)
+from dftune.eval.grade import (
+    FAILURES,
+    STATUSES,
+    GraderStartError,
+    boxed_contents,
+    defuse,
+    extract_answer,
+    failure_counts,
+    grade_batch,
+    grade_one,
+    split_top_level,
+    strip_thinking,
+)
 
 B = "The answer is \\boxed{%s}."
 
@@ -54,8 +65,8 @@ REGRESSIONS = [
     ("2", "Hence $x = \\frac{1+\\sqrt5}{2}$", False),
     ("\\{1,2,3,4\\}", "the union is ${1,3} \\cup {2,4}$", True),
     ("1", "so the set is $-[0,1)$", False),
-    ("10455", "There are \\boxed{5} cases, each counted separately with care and then summed up at the end.\n"
-              "The final answer is $10,455$.", True),
+    ("10455", ("There are \\boxed{5} cases, each counted separately with care and then summed up at the end.\n"
+               "The final answer is $10,455$."), True),
     ("204", "Thus the total is $180 + 24 = 204$. -sepehr2010", True),
 ]
 
@@ -91,6 +102,9 @@ BEHAVIOUR = [
     ("45^\\circ", "The angle is $\\boxed{45^\\circ}$.", True),
     ("\\text{Tuesday}", "It happens on $\\boxed{\\text{Tuesday}}$.", True),
     ("C", "The answer is \\boxed{\\textbf{(C)}}", True),
+    ("\\textbf{(C)}", "The answer is \\boxed{C}", True),
+    ("\\text{east}", "so \\boxed{\\text{seat}}", False),  # words are not products of letters
+    ("\\text{Evelyn}", "The answer is Evelyn.", True),
     # the last equals sign, relations, approximations
     ("9", "$y = 4 + 5 = 9$", True),
     ("x = 9", "$x = 9$", True),

@@ -99,7 +99,12 @@ def cmd_analyze(args) -> None:
     import torch
     from tqdm.auto import tqdm
 
-    from dftune.analysis.tokens import analyze, load_for_analysis, token_stats, write_json
+    from dftune.analysis.tokens import (
+        analyze,
+        load_for_analysis,
+        token_stats,
+        write_json,
+    )
 
     models = dict(item.split("=", 1) if "=" in item else (Path(item).name, item) for item in args.models.split(","))
     base = args.base or next(iter(models))
@@ -133,7 +138,13 @@ def cmd_probe(args) -> None:
     """
     import torch
 
-    from dftune.analysis.tokens import load_for_analysis, recommend, summary, token_stats, write_json
+    from dftune.analysis.tokens import (
+        load_for_analysis,
+        recommend,
+        summary,
+        token_stats,
+        write_json,
+    )
 
     tok, exs = _analysis_examples(args.model, args.data, args.limit, args.max_length, args.format, args.chat_template)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -80,7 +80,9 @@ def to_problem(name: str, rec: dict, index: int, where: str) -> Problem:
     if name == "minerva_math":
         if rec.get("solution") is None and rec.get("answer") is not None:  # Hub: question, answer
             return Problem(name, rid, _question(rec, where), [str(rec["answer"]).strip()])
-        boxes = boxed_contents(_field(rec, "solution", where))
+        if rec.get("solution") is None:
+            raise BenchmarkError(f"{where}: missing field 'solution' (with a \\boxed{{}} answer) or 'answer'")
+        boxes = boxed_contents(rec["solution"])
         if not boxes:
             raise BenchmarkError(f"{where}: field 'solution' has no \\boxed{{}} answer")
         return Problem(name, rid, _question(rec, where), [boxes[-1]])

@@ -120,10 +120,10 @@ def _signed(x: float) -> str:
 def compare_markdown(result: dict) -> str:
     """compare.md: per benchmark A, B, A - B with its 95% interval, and the two p-values."""
     metric = result["metric"]
-    lines = [f"A = {result['a']['path']} ({result['a']['model']}), B = {result['b']['path']} ({result['b']['model']}); "
-             f"{metric} in %, A - B with a paired bootstrap over problems ({result['reps']} resamples).", "",
-             f"| benchmark | problems | A {metric} | B {metric} | A - B | 95% CI | p (bootstrap) | A better / B better / tied "
-             "| p (sign test) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [(f"A = {result['a']['path']} ({result['a']['model']}), B = {result['b']['path']} ({result['b']['model']}); "
+              f"{metric} in %, A - B with a paired bootstrap over problems ({result['reps']} resamples)."), "",
+             (f"| benchmark | problems | A {metric} | B {metric} | A - B | 95% CI | p (bootstrap) | "
+              "A better / B better / tied | p (sign test) |"), "|---|---|---|---|---|---|---|---|---|"]
     for name, r in result["benchmarks"].items():
         st = r["sign_test"]
         lines.append(f"| {name} | {r['problems']} | {100 * r['a']:.2f} | {100 * r['b']:.2f} | {_signed(r['diff'])} | "

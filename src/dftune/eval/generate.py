@@ -251,11 +251,11 @@ def make_backend(name: str, model: str, engine: EngineConfig | None = None, seed
     older callers, the backend's own keyword arguments)."""
     if engine is not None:
         if name == "vllm":
-            kwargs = dict(tensor_parallel_size=engine.tensor_parallel_size,
-                          data_parallel_size=engine.data_parallel_size, max_model_len=engine.max_model_len,
-                          dtype=engine.dtype, seed=seed, gpu_memory_utilization=engine.gpu_memory_utilization)
+            kwargs = {"tensor_parallel_size": engine.tensor_parallel_size, "data_parallel_size": engine.data_parallel_size,
+                      "max_model_len": engine.max_model_len, "dtype": engine.dtype, "seed": seed,
+                      "gpu_memory_utilization": engine.gpu_memory_utilization}
         else:
-            kwargs = dict(batch_size=engine.batch_size, dtype=engine.dtype)
+            kwargs = {"batch_size": engine.batch_size, "dtype": engine.dtype}
     if name == "vllm":
         return VLLMBackend(model, **kwargs)
     if name == "hf":

@@ -29,9 +29,15 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 
 from dftune.eval.pool import GraderStartError, run_tasks  # noqa: F401  (re-exported)
+from dftune.eval.scan import (  # noqa: F401
+    MAX_ANSWER_CHARS,
+    boxed_contents,
+    defuse,
+    split_top_level,
+    strip_thinking,
+)
 
 MAX_TEXT_CHARS = 20_000
-MAX_ANSWER_CHARS = 1_000
 # Bump when a change can flip verdicts: an evaluation refuses to mix rows of two versions.
 GRADER_VERSION = "2"
 STATUSES = ("ok", "no_answer", "too_long", "timeout", "memory", "parse_error", "crash")
@@ -72,138 +78,15 @@ def failure_counts(verdicts) -> dict[str, int]:
     return counts
 
 
-# ---- our own scanning (linear time) ------------------------------------------------------
-
-
-_BOX = re.compile(r"\\(?:boxed|fbox)")
-
-
-def _closing_braces(text: str) -> dict[int, int]:
-    """{position of '{': position of its matching '}'} for every balanced pair; one pass."""
-    stack, pairs = [], {}
-    for m in re.finditer(r"[{}]", text):
-        if m.group() == "{":
-            stack.append(m.start())
-        elif stack:
-            pairs[stack.pop()] = m.start()
-    return pairs
-
-
-def boxed_contents(text: str) -> list[str]:
-    """Every ``\\boxed{...}`` / ``\\fbox{...}`` (and ``\\boxed 5``) in order, brace-matched.
-
-    Linear in the text; an unbalanced box is skipped, a box inside a box is part of the
-    outer one, and only the last 64 are kept (adversarial: thousands of boxes).
-    """
-    pairs, out, after = None, [], 0
-    for m in _BOX.finditer(text):
-        if m.start() < after:
-            continue
-        j = m.end()
-        while j < len(text) and text[j] == " ":
-            j += 1
-        if j < len(text) and text[j] == "{":
-            if pairs is None:
-                pairs = _closing_braces(text)
-            close = pairs.get(j)
-            if close is None:
-                continue
-            out.append(text[j + 1:close].strip())
-            after = close + 1
-        elif j > m.end():  # "\boxed 5": up to the next space or '$'
-            word = re.match(r"[^\s$]+", text[j:j + MAX_ANSWER_CHARS + 1])
-            if word:
-                out.append(word.group())
-                after = j + word.end()
-    return out[-64:]
-
-
-def split_top_level(answer: str) -> list[str]:
-    """'3, (1,2), 5' -> ['3', '(1,2)', '5']: commas outside brackets and braces."""
-    parts, depth, cur = [], 0, []
-    for c in answer:
-        if c in "([{":
-            depth += 1
-        elif c in ")]}":
-            depth -= 1
-        if c == "," and depth == 0:
-            parts.append("".join(cur).strip())
-            cur = []
-        else:
-            cur.append(c)
-    parts.append("".join(cur).strip())
-    return [p for p in parts if p]
-
-
-def strip_thinking(text: str) -> str:
-    """The text after the last ``</think>``; a ``<think>`` never closed (the budget ran out
-    while thinking) leaves only what came before it."""
-    end = text.rfind("</think>")
-    if end >= 0:
-        return text[end + len("</think>"):]
-    start = text.find("<think>")
-    return text if start < 0 else text[:start]
-
-
-def _drop_unclosed(text: str, opener: str, closer: str, same_line: bool) -> str:
-    """Remove every ``opener`` with no ``closer`` after it (on its own line, if same_line)."""
-    if opener not in text:
-        return text
-    seps = [opener, closer] + (["\n"] if same_line else [])
-    out, closed = [], False  # scanning backwards: is there a closer between here and the end?
-    for piece in reversed(re.split("(" + "|".join(map(re.escape, seps)) + ")", text)):
-        if piece == closer:
-            closed = True
-        elif piece == "\n":
-            closed = False
-        elif piece == opener and not closed:
-            continue
-        out.append(piece)
-    return "".join(reversed(out))
-
-
-_DIGIT_RUN = re.compile(r"[\d\s.]{201,}")
-
-
-def _shorten_run(m: re.Match) -> str:
-    run = m.group()
-    if not any(c.isspace() for c in run):  # digits and dots alone do not slow the regexes
-        return run
-    tail = run[-200:]
-    cut = next((i for i, c in enumerate(tail) if c.isspace()), 0)
-    return tail[cut:]  # from a whitespace, so no number is cut in two
-
-
-def defuse(text: str) -> str:
-    """The text with the constructs that make math-verify's regexes quadratic made inert.
-
-    An unclosed ``\\boxed{`` loses its command (its content stays as text); an unclosed
-    ``\\[`` / ``\\(`` is dropped; a run of over 200 digits, spaces and dots keeps its last
-    200 characters. ``\\fbox`` is read as ``\\boxed``. Linear time; ordinary text is unchanged.
-    """
-    text = text.replace("\\fbox{", "\\boxed{")
-    if "\\boxed" in text:
-        pairs = _closing_braces(text)
-        cut = [m.start() for m in re.finditer(r"\\boxed\{", text) if m.end() - 1 not in pairs]
-        if cut:
-            keep, prev = [], 0
-            for s in cut:
-                keep.append(text[prev:s])
-                prev = s + len("\\boxed")
-            text = "".join(keep) + text[prev:]
-    text = _drop_unclosed(text, "\\[", "\\]", same_line=False)
-    text = _drop_unclosed(text, "\\(", "\\)", same_line=True)
-    return _DIGIT_RUN.sub(_shorten_run, text)
-
-
 _ANSWER_IS = re.compile(r"answer is[:\s]*([^\n]{1,200}?)(?:\.\s|\.?$|\n)", re.IGNORECASE)
-_WRAPPERS = re.compile(r"\\(?:textbf|mathbf|mathrm|text)\{([^{}]*)\}")
-_CHOICE = re.compile(r"\\text(?:bf)?\{\(([A-E]|\d+)\)\}")  # AMC/AIME styling: \textbf{(C)}, \text{(073)}
+# AMC/AIME answer styling: \textbf{(C)}, \text{(073)}. (Other text is left to math-verify,
+# which reads \text{east} as one symbol; unwrapped, "east" would be the product e*a*s*t.)
+_CHOICE = re.compile(r"\\(?:text|textbf|mathbf|mathrm)\{\(([A-E]|\d+)\)\}")
 
 
 def _unwrap(answer: str) -> str:
-    """'\\textbf{(C)}' -> 'C'; '\\textbf{(073)}' -> '073' (AMC/AIME answer styling)."""
-    answer = _WRAPPERS.sub(r"\1", answer).strip().strip("$ ").strip()
+    """'\\textbf{(C)}' -> 'C'; '(073)' -> '073' (AMC/AIME answer styling); else as is."""
+    answer = _CHOICE.sub(r"\1", answer).strip().strip("$ ").strip()
     if re.fullmatch(r"\([A-E0-9]+\)", answer):
         answer = answer[1:-1]
     return answer
@@ -274,11 +157,19 @@ def _verify(gold: tuple, pred: list, timeout: int) -> tuple[bool, str]:
     return False, failure or ("parse_error" if errors == pairs else "")
 
 
+def _plain(text: str) -> str:
+    """'\\text{ Evelyn }' -> 'evelyn': for comparing answers that are words."""
+    return re.sub(r"\\(?:text|textbf|mathrm)\{([^{}]*)\}", r"\1", _unwrap(text)).replace(" ", "").lower()
+
+
 def _equal(gold: str, answer: str, timeout: int) -> tuple[bool, str]:
-    """One gold part against one answer string (multi-answer parts and fallbacks)."""
+    """One gold part against one answer string (multi-answer parts and fallbacks): the same
+    as text (words, case aside), or equal by math-verify."""
+    if _plain(gold) == _plain(answer):
+        return True, ""
     pred = _parse(defuse(f"${_unwrap(answer)}$"), _configs()[1], timeout)
     if not pred:
-        return _unwrap(gold).replace(" ", "") == _unwrap(answer).replace(" ", ""), ""
+        return False, ""
     return _verify(_parse_gold(gold, timeout), pred, timeout)
 
 

@@ -19,12 +19,36 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from dftune.eval.benchmarks import PAPER_FIVE, build_prompt, load_benchmark, problems_hash
-from dftune.eval.generate import EngineConfig, SamplingConfig, end_of_turn_ids, is_repetitive, make_backend
-from dftune.eval.grade import FAILURES, GRADER_VERSION, STATUSES, failure_counts, grade_batch
+from dftune.eval.benchmarks import (
+    PAPER_FIVE,
+    build_prompt,
+    load_benchmark,
+    problems_hash,
+)
+from dftune.eval.generate import (
+    EngineConfig,
+    SamplingConfig,
+    end_of_turn_ids,
+    is_repetitive,
+    make_backend,
+)
+from dftune.eval.grade import (
+    FAILURES,
+    GRADER_VERSION,
+    STATUSES,
+    failure_counts,
+    grade_batch,
+)
 from dftune.eval.metrics import bootstrap_means, generation_stats, interval, summarize
 from dftune.eval.vote import majority_correct
-from dftune.files import append_jsonl, read_json, read_jsonl, repair_tail, write_json, write_text
+from dftune.files import (
+    append_jsonl,
+    read_json,
+    read_jsonl,
+    repair_tail,
+    write_json,
+    write_text,
+)
 
 log = logging.getLogger("dftune.eval")
 
