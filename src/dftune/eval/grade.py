@@ -253,15 +253,15 @@ def _grade(text: str, golds: list[str], timeout: int) -> Verdict:
             if ok:
                 return _verdict(True, "", ", ".join(parts), rule)
             failure = failure or f
-        gold = _parse_gold("$" + ", ".join(golds) + "$", timeout)  # the whole text against the set
+        gold = "$" + ", ".join(golds) + "$"  # the whole text against the set
     else:
-        gold, failure, tries = _parse_gold(golds[0], timeout), "", []
+        gold, failure, tries = golds[0], "", []
     pred = _parse(defuse(text), _configs()[1], timeout)
     if pred:
         shown = _shown(pred)
         if len(shown) > MAX_ANSWER_CHARS:
             return Verdict(False, "too_long", shown[:80] + "...", "answer too long", "math_verify")
-        ok, f = _verify(gold, pred, timeout)
+        ok, f = _verify(_parse_gold(gold, timeout), pred, timeout)
         if ok or not tries:
             return _verdict(ok, f or failure, shown, "math_verify")
     if tries:  # report the multi-answer reading that came closest

@@ -94,8 +94,8 @@ class EvalConfig:
 
 
 # the settings a resumed evaluation must share with the stored one
-CHECKED = ("model", "model_weights", "backend", "prompt", "sampling", "engine", "stop_at_end_of_turn", "strip_think",
-           "grader")
+CHECKED = ("grader", "model", "model_weights", "backend", "prompt", "sampling", "engine", "stop_at_end_of_turn",
+           "strip_think")
 
 
 def read_samples(path) -> list[dict]:
@@ -296,11 +296,10 @@ def markdown_table(summary: dict) -> str:
              "the token budget; repetitive: samples stuck in a loop.\n")
     if summary.get("warnings"):
         text += "\n**Warnings**\n\n" + "".join(f"- {w}\n" for w in summary["warnings"])
-    statuses = [s for s in STATUSES]
-    text += "\nGrader verdicts per benchmark:\n\n| benchmark | " + " | ".join(s.replace("_", " ") for s in statuses)
-    text += " |\n|" + "---|" * (len(statuses) + 1) + "\n"
+    text += "\nGrader verdicts per benchmark:\n\n| benchmark | " + " | ".join(s.replace("_", " ") for s in STATUSES)
+    text += " |\n|" + "---|" * (len(STATUSES) + 1) + "\n"
     for b, m in summary["benchmarks"].items():
-        text += f"| {b} | " + " | ".join(str(m.get("grader", {}).get(s, 0)) for s in statuses) + " |\n"
+        text += f"| {b} | " + " | ".join(str(m.get("grader", {}).get(s, 0)) for s in STATUSES) + " |\n"
     return text
 
 
