@@ -97,7 +97,13 @@ def _unwrap(answer: str) -> str:
 
 @lru_cache(maxsize=1)
 def _configs():
+    import math_verify.parser as mvp
     from math_verify import ExprExtractionConfig, LatexExtractionConfig
+
+    # math-verify caches its LaTeX -> sympy parses, 20 of them; a benchmark's samples repeat
+    # a few answers many times, and that parse is most of the grading time: keep 4,096
+    if getattr(mvp.parse_latex_cached, "cache_info", None) and mvp.parse_latex_cached.cache_info().maxsize < 4096:
+        mvp.parse_latex_cached = lru_cache(maxsize=4096)(mvp.parse_latex_cached.__wrapped__)
 
     # a gold given as text (a reference solution) is read box first; a completion with
     # math-verify's defaults, where a box and a "final answer is" statement share a rank
@@ -106,10 +112,18 @@ def _configs():
     return gold, pred
 
 
-def _parse(text: str, config, timeout: int) -> list:
-    from math_verify import parse
+@lru_cache(maxsize=1)
+def _mv():
+    """math-verify's parse, verify and TimeoutException (imported once, on first use: it
+    brings sympy, which takes a second to import)."""
+    from math_verify import parse, verify
+    from math_verify.errors import TimeoutException
 
-    return parse(text, config, parsing_timeout=timeout, raise_on_error=True)
+    return parse, verify, TimeoutException
+
+
+def _parse(text: str, config, timeout: int) -> list:
+    return _mv()[0](text, config, parsing_timeout=timeout, raise_on_error=True)
 
 
 @lru_cache(maxsize=4096)
@@ -135,12 +149,27 @@ def _shown(parsed: list) -> str:
     return parsed[-1] if len(parsed) > 1 and isinstance(parsed[-1], str) else str(parsed[0])
 
 
+_VERIFIED: dict = {}  # (gold, pred, timeout) -> _verify's result: answers repeat across samples
+
+
 def _verify(gold: tuple, pred: list, timeout: int) -> tuple[bool, str]:
     """Any (gold, pred) pair equal? And, if none was, the failure: '' when the answer was
     judged, "timeout"/"memory" if any pair ran out, "parse_error" if every pair raised."""
-    from math_verify import verify
-    from math_verify.errors import TimeoutException
+    key = (gold, tuple(pred), timeout)
+    try:
+        return _VERIFIED[key]
+    except TypeError:  # an unhashable object (a mutable matrix): no caching
+        return _verify_pairs(gold, pred, timeout)
+    except KeyError:
+        pass
+    if len(_VERIFIED) > 8192:
+        _VERIFIED.clear()
+    _VERIFIED[key] = result = _verify_pairs(gold, pred, timeout)
+    return result
 
+
+def _verify_pairs(gold: tuple, pred: list, timeout: int) -> tuple[bool, str]:
+    _, verify, TimeoutException = _mv()
     failure, errors, pairs = "", 0, 0
     for g in gold:
         for p in pred:
@@ -279,8 +308,7 @@ def grade_one(completion: str, golds: list[str], timeout: int = 5, strip_think: 
 
     In-process; call it from a main thread (math-verify's timeouts use SIGALRM).
     """
-    from math_verify.errors import TimeoutException
-
+    TimeoutException = _mv()[2]
     if not isinstance(completion, str):
         return Verdict(False, "no_answer", None, "not a string", "none")
     golds = [golds] if isinstance(golds, str) else [str(g) for g in golds]
@@ -322,6 +350,6 @@ def grade_batch(items, *, workers: int = 0, timeout: int = 5, hard_timeout: floa
     where = {item: i for i, item in enumerate(unique)}
     done = run_tasks("dftune.eval.grade:_grade_task", [(c, list(g), strip_think) for c, g in unique],
                      fallback="dftune.eval.grade:_grade_failed", workers=workers, timeout=timeout,
-                     hard_timeout=hard_timeout, memory_mb=memory_mb, progress=progress)
+                     hard_timeout=hard_timeout, memory_mb=memory_mb, groups=[g for _, g in unique], progress=progress)
     results = [Verdict(**d) for d in done]
     return [results[where[item]] for item in items]

@@ -69,6 +69,7 @@ class _Worker:
         self.born = time.monotonic()
         self.task = None  # (idx, started_at) while busy
         self.ready = False
+        self.group = None  # the group of tasks it is working through
 
     def stop(self) -> None:
         try:
@@ -105,13 +106,39 @@ def close_pools() -> None:
 atexit.register(close_pools)
 
 
+class _Queue:
+    """Pending task indices by group; a worker keeps taking from its group while it lasts
+    (the samples of one problem go to one worker, whose caches then hold its gold and
+    answers), then takes the next group no other worker is on."""
+
+    def __init__(self, groups: list):
+        self.pending: dict = {}
+        for i, g in enumerate(groups):
+            self.pending.setdefault(g, []).append(i)
+        for idx in self.pending.values():
+            idx.reverse()
+
+    def __bool__(self) -> bool:
+        return bool(self.pending)
+
+    def take(self, w, busy_groups: set) -> int:
+        if w.group not in self.pending:
+            w.group = next((g for g in self.pending if g not in busy_groups), next(iter(self.pending)))
+        idx = self.pending[w.group]
+        i = idx.pop()
+        if not idx:
+            del self.pending[w.group]
+        return i
+
+
 def run_tasks(fn: str, payloads: list, *, fallback: str, workers: int = 0, timeout: int = 5,
-              hard_timeout: float = 0, memory_mb: int = 4096, progress=None) -> list:
+              hard_timeout: float = 0, memory_mb: int = 4096, groups: list | None = None, progress=None) -> list:
     """``fn(payload, timeout)`` for every payload in worker processes; results in order.
 
     workers: processes (0: the CPU count, at most one per payload); hard_timeout: seconds
     per task before its worker is killed (0: 4 x timeout + 5); memory_mb: each worker's
-    address-space limit (0: none); progress: called with 1 after each finished task.
+    address-space limit (0: none); groups: a key per payload, tasks of one group going to
+    one worker where possible; progress: called with 1 after each finished task.
     """
     if not payloads:
         return []
@@ -123,7 +150,7 @@ def run_tasks(fn: str, payloads: list, *, fallback: str, workers: int = 0, timeo
     pool, spare = idle[:n], idle[n:]
     pool += [_Worker(memory_mb, timeout) for _ in range(n - len(pool))]
     results: list = [None] * len(payloads)
-    todo = list(range(len(payloads)))[::-1]
+    todo = _Queue(groups if groups is not None else list(range(len(payloads))))
     done = 0
 
     def finish(idx, value):
@@ -137,7 +164,7 @@ def run_tasks(fn: str, payloads: list, *, fallback: str, workers: int = 0, timeo
         while done < len(payloads):
             for w in pool:
                 if w.ready and w.task is None and todo:
-                    i = todo.pop()
+                    i = todo.take(w, {v.group for v in pool if v is not w})
                     w.conn.send((i, fn, payloads[i]))
                     w.task = (i, time.monotonic())
             for conn in wait([w.conn for w in pool], timeout=0.05):

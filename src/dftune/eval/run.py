@@ -277,6 +277,8 @@ def markdown_table(summary: dict) -> str:
             + [f"maj@{n}", "first sample", "mean tokens", "truncated", "repetitive", "grader failures"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for b, m in summary["benchmarks"].items():
+        if f"avg@{n}" not in m:  # a benchmark with no problems
+            continue
         ci = m.get("ci95", [0.0, 0.0])
         g = m.get("grader", {})
         cells = [b, str(m["problems"]), _pct(m[f"avg@{n}"]), f"{_pct(ci[0])}-{_pct(ci[1])}", _pct(m["std"])]
