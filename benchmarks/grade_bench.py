@@ -74,7 +74,7 @@ def main():
             items += [(c, p.golds) for c in completions(p, sol, args.copies, rng)]
     items = [(c + tag(i), g) for i, (c, g) in enumerate(items)]
     rng.shuffle(items)
-    assert len(set((c, tuple(g)) for c, g in items)) == len(items)
+    assert len({(c, tuple(g)) for c, g in items}) == len(items)
     t = time.perf_counter()
     batch = grade_batch(items, workers=args.workers)
     t_batch = time.perf_counter() - t

@@ -6,7 +6,14 @@ import pytest
 
 from dftune.data import gsm8k_boxed
 from dftune.eval import benchmarks
-from dftune.eval.benchmarks import BENCHMARKS, BenchmarkError, build_prompt, load_benchmark, problems_hash, to_problem
+from dftune.eval.benchmarks import (
+    BENCHMARKS,
+    BenchmarkError,
+    build_prompt,
+    load_benchmark,
+    problems_hash,
+    to_problem,
+)
 from dftune.eval.grade import grade_batch
 
 # Minimum verification rates, and what is graded: each record's own reference solution
