@@ -79,6 +79,14 @@ def test_missing_file_is_a_clear_error(tmp_path):
         load_benchmark("nope", tmp_path)
 
 
+def test_duplicate_ids_are_a_clear_error(tmp_path):
+    (tmp_path / "toy").mkdir()
+    (tmp_path / "toy" / "test.jsonl").write_text('{"id": "a", "question": "q", "answer": "1"}\n'
+                                                 '{"id": "a", "question": "r", "answer": "2"}\n')
+    with pytest.raises(BenchmarkError, match="test.jsonl:2: id 'a' is already used by .*test.jsonl:1"):
+        load_benchmark("toy", tmp_path)
+
+
 def test_custom_benchmark_folder(tmp_path):
     (tmp_path / "toy").mkdir()
     (tmp_path / "toy" / "test.jsonl").write_text('{"id": "a", "question": "1+1?", "answer": "2"}\n'

@@ -153,7 +153,13 @@ def load_benchmark(name: str, directory: str | Path | None = None, limit: int | 
         repo, config, split = HUB[name]
         ds = datasets.load_dataset(repo, config or None, split=split)
         rows = [(f"{repo} ({split}), row {i}", dict(r)) for i, r in enumerate(ds, 1)]
-    problems = [to_problem(name, rec, i, where) for i, (where, rec) in enumerate(rows)]
+    problems, seen = [], {}
+    for i, (where, rec) in enumerate(rows):
+        p = to_problem(name, rec, i, where)
+        if p.id in seen:  # results are stored and resumed by (benchmark, id)
+            raise BenchmarkError(f"{where}: id {p.id!r} is already used by {seen[p.id]}")
+        seen[p.id] = where
+        problems.append(p)
     return problems[:limit] if limit else problems
 
 
