@@ -191,7 +191,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     from dftune.files import write_json
     from dftune.vocab import end_of_turn_ids, token_classes
     from dftune.data import build_dataset
-    from dftune.eval.generate import SamplingConfig
+    from dftune.eval.generate import EngineConfig, SamplingConfig
     from dftune.eval.run import EvalConfig, evaluate
     from dftune.model import load_tokenizer
     from dftune.train import train
@@ -221,7 +221,7 @@ def run_demo(cfg: DemoConfig) -> Path:
 
     def evaluate_model(model: Path, name: str):
         evaluate(EvalConfig(model=str(model), benchmarks=splits, backend="hf", prompt="chat", data_dir=str(files["benchmarks"]),
-                            sampling=sampling, engine={"batch_size": 256}), root / name / "eval", progress=False)
+                            sampling=sampling, engine=EngineConfig(batch_size=256)), root / name / "eval", progress=False)
 
     for prior in priors:
         if prior == "real":
