@@ -25,7 +25,6 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
-
 # ---- the commands -----------------------------------------------------------------------------
 
 
@@ -51,9 +50,22 @@ def cmd_eval(cfg) -> None:
     """
     from dftune.eval.run import evaluate, markdown_table
 
-    summary = evaluate(cfg, cfg.out)
+    summary = evaluate(cfg)
     print(markdown_table(summary))
     print(f"per-sample results: {cfg.out}/samples.jsonl; summary: {cfg.out}/summary.json")
+
+
+def cmd_compare(cfg) -> None:
+    """Paired comparison of two evaluations of the same problems: the per-benchmark difference
+    A - B with a 95% bootstrap interval and a sign test ("DFT - SFT = +x [lo, hi]").
+
+    example: dftune compare evals/dft evals/nll --out evals/dft-vs-nll
+    """
+    from dftune.eval.compare import compare_markdown, run_compare
+
+    print(compare_markdown(run_compare(cfg)))
+    if cfg.out:
+        print(f"wrote {cfg.out}/compare.json and compare.md")
 
 
 def cmd_eval_general(cfg) -> None:
@@ -206,7 +218,11 @@ BASELINE_DOC = """DPO or GRPO baselines on TRL, PPO on verl, with configs mirror
 
 COMMANDS: dict[str, Command] = {
     "train": Command(_cfg("dftune.config", "Config"), cmd_train, cmd_train.__doc__),
-    "eval": Command(_cfg("dftune.eval.run", "EvalConfig"), cmd_eval, cmd_eval.__doc__),
+    "eval": Command(_cfg("dftune.eval.run", "EvalConfig"), cmd_eval, cmd_eval.__doc__,
+                    flags={"--tensor-parallel": "tensor_parallel_size", "--data-parallel": "data_parallel_size",
+                           "--no-end-of-turn-stop": "stop_at_end_of_turn=false"}),
+    "compare": Command(_cfg("dftune.eval.compare", "CompareConfig"), cmd_compare, cmd_compare.__doc__,
+                       positional="evals"),
     "eval-general": Command(_cfg("dftune.eval.general", "GeneralEvalConfig"), cmd_eval_general, cmd_eval_general.__doc__),
     "probe": Command(_cfg("dftune.analysis.run", "ProbeConfig"), cmd_probe, cmd_probe.__doc__),
     "analyze": Command(_cfg("dftune.analysis.run", "AnalyzeConfig"), cmd_analyze, cmd_analyze.__doc__),
@@ -245,6 +261,15 @@ def _field_type(cls, key: str):
     return typ
 
 
+def _is_bool(cls, key: str) -> bool:
+    from dftune.config import ConfigError
+
+    try:
+        return _field_type(cls, key) is bool
+    except ConfigError:
+        return False
+
+
 def parse_argv(cls, argv: list[str], cmd: Command) -> Parsed:
     """``[CONFIG.yaml] [key=value] [--key value] [--flag] [ARG]`` -> YAML path and overrides."""
     import typing
@@ -262,6 +287,12 @@ def parse_argv(cls, argv: list[str], cmd: Command) -> Parsed:
         elif tok.startswith("-") and len(tok) > 1 and not tok[1:2].isdigit():
             name, eq, value = tok.partition("=")
             key = cmd.flags.get(name) or name.lstrip("-").replace("-", "_")
+            if "=" in key:  # a flag that stands for a whole setting
+                out.overrides.append(key)
+                continue
+            if key.startswith("no_") and not eq and _is_bool(cls, key[3:]):  # --no-strip-think
+                out.overrides.append(f"{key[3:]}=false")
+                continue
             typ = _field_type(cls, key)
             if typ is bool and not eq:
                 out.overrides.append(f"{key}=true")

@@ -102,6 +102,8 @@ def resolve_parallel(mode: str, world: int) -> str:
         return "ddp" if world > 1 else "none"
     if mode == "ddp" and world == 1:
         return "none"
+    if mode == "fsdp" and world == 1 and "RANK" not in os.environ:
+        return "none"  # one process not launched by torchrun: nothing to shard over
     return mode
 
 
@@ -295,7 +297,10 @@ def load_checkpoint(rt: Runtime, module: nn.Module, opt, folder: Path) -> dict:
 
 def full_state_dict(rt: Runtime, module: nn.Module) -> dict | None:
     """The whole model's state on CPU, on the main process (gathered from FSDP shards)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return sd if rt.is_main else None

@@ -35,9 +35,7 @@ import torch
 from torch import Tensor
 
 from dftune.errors import UserError
-
 from dftune.vocab import CLASS_IDS, CLASS_NAMES
-
 
 
 class ObjectiveError(UserError, ValueError):

@@ -18,7 +18,15 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dftune.config import Config, ConfigError, config_diff, load_config, parse_scalar, read_yaml, resolve_key
+from dftune.config import (
+    Config,
+    ConfigError,
+    config_diff,
+    load_config,
+    parse_scalar,
+    read_yaml,
+    resolve_key,
+)
 from dftune.eval.run import EvalConfig
 
 

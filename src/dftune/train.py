@@ -32,11 +32,18 @@ import torch
 
 from dftune import dist
 from dftune.config import Config, ConfigError, config_diff, save_config
-from dftune.errors import UserError
 from dftune.data import DataError, build_dataset, collate, count_targets, plan_epoch
+from dftune.errors import UserError
 from dftune.files import read_jsonl, write_json, write_text
 from dftune.loss import normalize_gradients_
-from dftune.model import CausalLMLoss, load_model, load_tokenizer, reference_kind, resolve_precision, stored_dtype
+from dftune.model import (
+    CausalLMLoss,
+    load_model,
+    load_tokenizer,
+    reference_kind,
+    resolve_precision,
+    stored_dtype,
+)
 from dftune.schedule import objective_schedule
 
 

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import yaml
 
-from dftune.errors import UserError
 from dftune.analysis import plots
+from dftune.errors import UserError
 from dftune.eval.general import is_summary as is_general
+
 
 @dataclass
 class ReportConfig:
@@ -156,7 +157,13 @@ def eval_section(runs: list[Run]) -> str:
 def general_section(runs: list[Run]) -> str:
     """General capability (forgetting): the first run with a general-suite result is the reference
     (list the base model first); every other is shown beside it with the difference."""
-    from dftune.eval.general import compare_general, fmt, headline, is_fraction, metric_label
+    from dftune.eval.general import (
+        compare_general,
+        fmt,
+        headline,
+        is_fraction,
+        metric_label,
+    )
 
     with_general = [r for r in runs if r.general]
     if not with_general:

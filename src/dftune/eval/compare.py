@@ -23,15 +23,33 @@ Accuracies and differences are fractions (0.315, not 31.5).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from dftune.errors import UserError
 from dftune.eval.metrics import interval
 from dftune.files import read_json, read_jsonl, write_json, write_text
 
 
-class CompareError(ValueError):
+@dataclass
+class CompareConfig:
+    """Settings of `dftune compare` (a paired comparison of two evaluations of the same problems).
+
+    evals: the two evaluation folders, A then B (the difference is A - B).
+    out: write compare.json and compare.md here; empty: print only.
+    reps: paired-bootstrap resamples over problems.
+    seed: the bootstrap's seed.
+    """
+
+    evals: list[str] = field(default_factory=list, metadata={"split": False})
+    out: str = ""
+    reps: int = 10_000
+    seed: int = 0
+
+
+class CompareError(UserError, ValueError):
     """The two evaluations cannot be compared problem by problem."""
 
 
@@ -143,3 +161,13 @@ def write_compare(a: str | Path, b: str | Path, out: str | Path, **kw) -> dict:
     write_json(Path(out) / "compare.json", result)
     write_text(Path(out) / "compare.md", compare_markdown(result))
     return result
+
+
+def run_compare(cfg: CompareConfig) -> dict:
+    """`dftune compare`: compare(A, B), printed as a table and written when ``out`` is set."""
+    if len(cfg.evals) != 2:
+        raise CompareError(f"compare needs exactly two evaluation folders (A B); got {len(cfg.evals)}")
+    a, b = cfg.evals
+    if cfg.out:
+        return write_compare(a, b, cfg.out, reps=cfg.reps, seed=cfg.seed)
+    return compare(a, b, reps=cfg.reps, seed=cfg.seed)

@@ -23,10 +23,12 @@ import os
 import time
 from multiprocessing.connection import wait
 
+from dftune.errors import UserError
+
 START_TIMEOUT = 120.0
 
 
-class GraderStartError(RuntimeError):
+class GraderStartError(UserError, RuntimeError):
     """The grader's worker processes could not start."""
 
 

@@ -19,6 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from dftune.errors import UserError
 from dftune.eval.benchmarks import (
     PAPER_FIVE,
     build_prompt,
@@ -53,11 +54,18 @@ from dftune.files import (
 log = logging.getLogger("dftune.eval")
 
 
+class EvalError(UserError, ValueError):
+    """Settings or stored results that cannot be used (another evaluation in the folder, a
+    changed benchmark file, a model retrained in place)."""
+
+
 @dataclass
 class EvalConfig:
     """What to evaluate and how (defaults: the paper's protocol).
 
     model: model folder or Hub id.
+    out: the results folder (samples.jsonl, summary.json, results.md); re-running with the
+        same folder resumes, and refuses other settings.
     benchmarks: benchmark names: math500, minerva_math, olympiadbench, aime24, amc23,
         gsm8k, aime25, or NAME for a NAME/test.jsonl under data_dir.
     backend: vllm (what real evaluations run) or hf (transformers, for CPU and small runs).
@@ -78,6 +86,7 @@ class EvalConfig:
     """
 
     model: str = ""
+    out: str = ""
     benchmarks: list[str] = field(default_factory=lambda: list(PAPER_FIVE))
     backend: str = "vllm"
     prompt: str = "qwen-boxed"
@@ -137,11 +146,11 @@ def _check_settings(out: Path, settings: dict) -> dict:
         if old.get(key) != settings[key]:
             what = "the model's weights changed (retrained in place?)" if key == "model_weights" else \
                 f"{key}: stored {old.get(key)!r}, now {settings[key]!r}"
-            raise ValueError(f"{out} holds an evaluation with other settings ({what}; see {path}); use another --out")
+            raise EvalError(f"{out} holds an evaluation with other settings ({what}; see {path}); use another --out")
     stored = old.get("benchmarks") if isinstance(old.get("benchmarks"), dict) else {}
     for b, h in settings["benchmarks"].items():
         if b in stored and stored[b] != h:
-            raise ValueError(f"{out}: benchmark {b!r} has changed since its samples were stored (content hash "
+            raise EvalError(f"{out}: benchmark {b!r} has changed since its samples were stored (content hash "
                              f"{stored[b]} -> {h}); use another --out")
     return {**settings, "benchmarks": {**stored, **settings["benchmarks"]}}
 
@@ -155,7 +164,7 @@ def _stored_rows(path: Path, problems: dict) -> dict[tuple, dict[int, dict]]:
         if p is None:
             continue  # a problem no longer asked for (a smaller limit, another benchmark list)
         if r.get("gold") != p.golds:
-            raise ValueError(f"{path}, row {i}: field 'gold' {r.get('gold')!r} of {key[0]}:{key[1]} differs from the "
+            raise EvalError(f"{path}, row {i}: field 'gold' {r.get('gold')!r} of {key[0]}:{key[1]} differs from the "
                              f"benchmark's {p.golds!r}; the benchmark changed since it was sampled: use another --out")
         done.setdefault(key, {})[r["sample"]] = r
     return done
@@ -201,9 +210,14 @@ def _generate(cfg: EvalConfig, todo, out_samples: Path, done: dict, backend, pro
         bar.close()
 
 
-def evaluate(cfg: EvalConfig, out_dir: str | Path, backend=None, progress: bool = True) -> dict:
-    """Run the evaluation; return the summary (also written to out_dir/summary.json)."""
-    out = Path(out_dir)
+def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None, backend=None, progress: bool = True) -> dict:
+    """Run the evaluation into ``out_dir`` (default ``cfg.out``); return the summary (also
+    written to summary.json there)."""
+    if not cfg.model:
+        raise EvalError("model is empty: give a model folder or Hub id")
+    if not (out_dir or cfg.out):
+        raise EvalError("out is empty: give the results folder")
+    out = Path(out_dir or cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     # every benchmark is loaded (and its fields checked) before the model is
     problems, hashes = {}, {}

@@ -25,10 +25,23 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from dftune.config import ConfigError
-from dftune.data import DataError, detect_format, read_records, select_rows, set_chat_template
+from dftune.data import (
+    DataError,
+    detect_format,
+    read_records,
+    select_rows,
+    set_chat_template,
+)
 from dftune.eval.generate import SamplingConfig
 from dftune.eval.grade import boxed_contents, grade_batch
-from dftune.files import append_jsonl, read_json, read_jsonl, repair_tail, write_json, write_text
+from dftune.files import (
+    append_jsonl,
+    read_json,
+    read_jsonl,
+    repair_tail,
+    write_json,
+    write_text,
+)
 
 PROMPT_FIELD = {"problem_solution": "problem", "question_answer": "question", "prompt_completion": "prompt"}
 
@@ -141,7 +154,7 @@ def check_settings(out: Path, settings: dict) -> None:
 
 
 def sample(model: str, data: str, out: str | Path, *, k: int = 4, backend: str = "vllm", select: str = "all",
-           suffix: str = "", sampling: SamplingConfig | None = None, chunk: int = 64, engine: dict | None = None,
+           suffix: str = "", sampling: SamplingConfig | None = None, chunk: int = 64, engine=None,
            chat_template: str = "auto", backend_obj=None, grade_workers: int | None = None) -> dict:
     """Sample, grade, and write samples/rft/dpo/stats; resumes from ``out/samples.jsonl``.
 
@@ -175,7 +188,7 @@ def sample(model: str, data: str, out: str | Path, *, k: int = 4, backend: str =
 
         from dftune.eval.generate import make_backend
 
-        be = backend_obj or make_backend(backend, model, **(engine or {}))
+        be = backend_obj or make_backend(backend, model, engine=engine, seed=sc.seed)
         with tqdm(total=len(todo) * k, desc="sample", unit="response") as bar:
             for s in range(0, len(todo), chunk):
                 part = todo[s:s + chunk]
@@ -267,8 +280,9 @@ def run_sample(cfg: SampleConfig) -> dict:
             raise ConfigError(f"sample: {key} is empty")
     if cfg.backend not in ("vllm", "hf"):
         raise ConfigError(f"sample: backend must be vllm or hf; got {cfg.backend!r}")
-    engine = ({"batch_size": cfg.batch_size} if cfg.backend == "hf"
-              else {"seed": cfg.seed, "tensor_parallel_size": cfg.tensor_parallel_size})
+    from dftune.eval.generate import EngineConfig
+
+    engine = EngineConfig(batch_size=cfg.batch_size, tensor_parallel_size=cfg.tensor_parallel_size)
     sc = SamplingConfig(n=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                         seed=cfg.seed)
     return sample(cfg.model, cfg.data, cfg.out, k=cfg.k, backend=cfg.backend, select=cfg.select,

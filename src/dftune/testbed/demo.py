@@ -188,13 +188,13 @@ def run_demo(cfg: DemoConfig) -> Path:
 
     from dftune.analysis.report import write_report
     from dftune.analysis.tokens import analyze, load_for_analysis, probe, token_stats
-    from dftune.files import write_json
-    from dftune.vocab import end_of_turn_ids, token_classes
     from dftune.data import build_dataset
     from dftune.eval.generate import EngineConfig, SamplingConfig
     from dftune.eval.run import EvalConfig, evaluate
+    from dftune.files import write_json
     from dftune.model import load_tokenizer
     from dftune.train import train
+    from dftune.vocab import end_of_turn_ids, token_classes
 
     t0 = time.time()
     root = Path(cfg.out)
