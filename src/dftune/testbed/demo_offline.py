@@ -1,0 +1,190 @@
+"""`dftune demo offline`: the paper's offline-RL table in miniature, on a CPU.
+
+From the testbed's strong base (cached; the same one the continuum demo uses):
+1. sample k responses per training question at temperature 1.0 and grade them
+   (``dftune.offline.sample``): the correct ones are the RFT data, (correct, incorrect)
+   pairs of a question the DPO data;
+2. train from the same base, for every seed: RFT (NLL on the correct samples, the
+   continuum demo's SFT recipe), DFT on the same file, DPO and GRPO (TRL, with our grader
+   as GRPO's reward). PPO is wired on verl, which needs a GPU: not run here;
+3. evaluate base and every model like the continuum demo; tables with seeds and intervals
+   (differences paired to RFT), results.md, tables.json, report.html.
+
+The paper's relative settings (PAPER.md) with every learning rate scaled by the same
+factor as the demo's SFT one (finetune_lr / 5e-5): DPO and GRPO at 1/50 of the SFT rate,
+DPO's batch half of SFT's with warm-up 0.05, GRPO group size 4 (= k) with warm-up 0.1.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from dftune.config import ConfigError, DataConfig
+from dftune.testbed import bases, tables, tasks
+from dftune.testbed.bases import PROMPT
+from dftune.testbed.demo import (
+    DemoConfig,
+    base_for,
+    elapsed,
+    evaluate_model,
+    finetune,
+    folder_name,
+    prepare,
+    splits_of,
+    write_sweep,
+)
+
+OBJECTIVES = ("rft", "dft_on_rft", "dpo", "grpo")
+PAPER_SFT_LR = 5e-5
+
+
+def _objectives(cfg: DemoConfig) -> list[str]:
+    objs = [o.strip() for o in cfg.offline.objectives.split(",") if o.strip()]
+    bad = [o for o in objs if o not in OBJECTIVES]
+    if bad or "rft" not in objs:
+        raise ConfigError(f"offline.objectives: choose from {', '.join(OBJECTIVES)} (rft, the baseline, included); "
+                          f"got {cfg.offline.objectives!r}" + ("; PPO runs on verl and needs a GPU" if "ppo" in bad else ""))
+    return objs
+
+
+def write_questions(cfg: DemoConfig, root: Path) -> Path:
+    """Training questions from the demonstrations' distribution (other problems than theirs)."""
+    rows = tasks.generate(tasks.SPLITS["train_narrow"], cfg.offline.questions, seed=3, prefix="q")
+    return bases._write_jsonl(root / "data" / "questions.jsonl",
+                              [{"id": r["id"], "problem": r["problem"], "solution": r["solution"], "answer": r["answer"]}
+                               for r in rows])
+
+
+def run_offline(cfg: DemoConfig) -> Path:
+    from dftune.analysis.report import write_report
+    from dftune.eval.generate import EngineConfig, SamplingConfig
+    from dftune.files import write_json, write_text
+    from dftune.offline.baselines import BaselineConfig, run_dpo, run_grpo
+    from dftune.offline.sample import sample
+
+    t0 = time.time()
+    o = cfg.offline
+    objectives = _objectives(cfg)
+    splits_of(cfg)
+    root, cache, files = prepare(cfg)
+    base = base_for(cfg, "real" if cfg.real_base else "strong", cache)
+    timings = {"base": time.time() - t0}
+    questions = write_questions(cfg, root)
+
+    # 1. k samples per question from the base, graded: rft.jsonl and dpo.jsonl
+    t = time.time()
+    sampled = root / "sampled"
+    stats = sample(str(base), str(questions), sampled, k=o.k, backend="hf", suffix=bases.SUFFIX,
+                   sampling=SamplingConfig(n=o.k, temperature=1.0, max_new_tokens=o.sample_tokens, seed=0),
+                   engine=EngineConfig(batch_size=cfg.eval_batch))
+    timings["sample"] = time.time() - t
+    print(f"sampled: {stats['correct']} correct of {stats['responses']} ({stats['yield']:.0%}), "
+          f"{stats['dpo_pairs']} DPO pairs")
+    if stats["correct"] < cfg.finetune_batch or ("dpo" in objectives and stats["dpo_pairs"] < o.dpo_batch):
+        raise ConfigError(f"the base's samples gave {stats['correct']} correct responses and {stats['dpo_pairs']} pairs: "
+                          f"too few for a batch ({cfg.finetune_batch} / {o.dpo_batch}); raise offline.questions")
+
+    # 2. train every objective and seed from the base; 3. evaluate
+    points = [{"name": folder_name({"setting": "offline", "objective": "base", "seed": 0}),
+               "values": {"setting": "offline", "objective": "base", "seed": 0}}]
+    evaluate_model(cfg, base, root / points[0]["name"] / "eval", files["benchmarks"], PROMPT)
+    rft = DataConfig(path=str(sampled / "rft.jsonl"), max_length=bases.MAX_LENGTH)
+    scale = cfg.finetune_lr / PAPER_SFT_LR
+    for obj in objectives:
+        t = time.time()
+        for seed in range(cfg.seeds):
+            values = {"setting": "offline", "objective": obj, "seed": seed}
+            out = root / folder_name(values)
+            if obj in ("rft", "dft_on_rft"):
+                final = finetune(base, rft, out, objective="nll" if obj == "rft" else "dft", lr=cfg.finetune_lr,
+                                 batch=cfg.finetune_batch, steps=cfg.finetune_steps, seed=seed)
+            elif not (out / "final" / "config.json").is_file():
+                common = dict(model=str(base), seed=seed, out_dir=str(out), max_length=bases.MAX_LENGTH, logging_steps=1)
+                if obj == "dpo":
+                    final = run_dpo(BaselineConfig(data=str(sampled / "dpo.jsonl"), lr=o.dpo_lr, warmup_ratio=0.05,
+                                                   global_batch=o.dpo_batch, micro_batch=o.dpo_batch,
+                                                   max_steps=o.dpo_steps, beta=o.dpo_beta, **common))
+                else:
+                    final = run_grpo(BaselineConfig(data=str(questions), instruction_suffix=bases.SUFFIX, lr=o.grpo_lr,
+                                                    warmup_ratio=0.1, global_batch=o.grpo_questions * o.k,
+                                                    micro_batch=o.grpo_questions * o.k, num_generations=o.k,
+                                                    max_steps=o.grpo_steps, max_completion_length=o.sample_tokens,
+                                                    temperature=1.0, beta=o.grpo_beta, **common))
+            else:
+                final = out / "final"
+            if not (out / "eval" / "summary.json").is_file():
+                evaluate_model(cfg, final, out / "eval", files["benchmarks"], PROMPT)
+            points.append({"name": out.name, "values": values})
+        timings[obj] = time.time() - t
+        print(f"{obj}: {cfg.seeds} seed(s) trained and evaluated ({elapsed(t0)})")
+
+    write_sweep(root, cfg, ["setting", "objective", "seed"], "rft", points)
+    splits = splits_of(cfg)
+    accuracy, diffs = tables.accuracy_tables(root, points, splits, "setting", "rft")
+    result = {"schema": tables.TABLES_SCHEMA, "kind": "offline", "metric": f"avg@{cfg.eval_n}", "n": cfg.eval_n,
+              "problems_per_split": cfg.eval_problems, "seeds": cfg.seeds, "splits": splits + ["mean"],
+              "group": "setting", "baseline": "rft",
+              "intervals": {"cell": tables.CELL_INTERVAL, "diff": tables.DIFF_INTERVAL},
+              "sampling": stats, "settings": offline_settings(cfg, scale),
+              "accuracy": accuracy, "vs_baseline": diffs,
+              "eos": [{"setting": "offline", "objective": obj, "seeds": len(s),
+                       **tables.generation_summary([root / s[k] / "eval" for k in sorted(s)])}
+                      for (_, obj), s in tables._groups(points, "setting").items()],
+              "timing": {"total_s": time.time() - t0, **{k: round(v, 1) for k, v in timings.items()}}}
+    write_json(root / "tables.json", result)
+    text = offline_markdown(result)
+    write_text(root / "results.md", text)
+    print(text)
+    report = write_report([root], root / "report.html", title="dftune demo offline: RFT, DFT-on-RFT, DPO, GRPO")
+    print(f"report: {report}  ({elapsed(t0)})")
+    return report
+
+
+def offline_settings(cfg: DemoConfig, scale: float) -> dict:
+    """What each method ran with, and the paper's value it was scaled from."""
+    o = cfg.offline
+    return {"lr_scale": scale, "k": o.k, "questions": o.questions, "temperature": 1.0,
+            "rft": {"lr": cfg.finetune_lr, "batch": cfg.finetune_batch, "steps": cfg.finetune_steps, "warmup": 0.1,
+                    "paper": {"lr": PAPER_SFT_LR, "batch": 256, "warmup": 0.1}},
+            "dpo": {"lr": o.dpo_lr, "batch": o.dpo_batch, "steps": o.dpo_steps or "1 epoch", "warmup": 0.05,
+                    "beta": o.dpo_beta, "paper": {"lr": 1e-6, "batch": 128, "warmup": 0.05}},
+            "grpo": {"lr": o.grpo_lr, "questions_per_step": o.grpo_questions, "group": o.k, "steps": o.grpo_steps,
+                     "warmup": 0.1, "beta": o.grpo_beta, "paper": {"lr": 1e-6, "batch": 256, "group": 4, "warmup": 0.1}},
+            "ppo": "not run: PPO is wired on verl, which needs a GPU (dftune baseline ppo)"}
+
+
+def offline_markdown(t: dict) -> str:
+    s, st = t["settings"], t["sampling"]
+    splits = t["splits"]
+    cells = {(r["objective"], r["split"]): r for r in t["accuracy"]}
+    objs = list(dict.fromkeys(r["objective"] for r in t["accuracy"]))
+    diffs = {(r["objective"], r["split"]): r for r in t["vs_baseline"]}
+    dobjs = list(dict.fromkeys(r["objective"] for r in t["vs_baseline"]))
+    eos = {r["objective"]: r for r in t["eos"]}
+    out = ["# dftune demo offline: the paper's offline-RL table in miniature\n",
+           f"From the strong base: {st['questions']} questions x k = {st['k']} samples (temperature 1.0): "
+           f"{st['correct']} correct ({100 * st['yield']:.1f}%) form the RFT data, {st['dpo_pairs']} (correct, "
+           f"incorrect) pairs the DPO data.\n",
+           f"{t['metric']} in % on {t['problems_per_split']} problems per split, {t['seeds']} seeds per method (the "
+           f"base: one evaluation). Cells: mean ± 95% t-interval half-width over seeds; differences to RFT: paired "
+           f"bootstrap over seeds and problems, diff [95% interval] (seeds better/seeds).\n",
+           tables.markdown(["method", "seeds"] + splits + ["stop %", "mean tokens"],
+                           [[o, cells[(o, splits[0])]["seeds"]] + [tables.fmt_cell(cells[(o, b)]) for b in splits]
+                            + [tables._pct(eos[o]["stop"]), f"{eos[o]['mean_tokens']:.0f}"] for o in objs]),
+           "\n## Paired difference to RFT (percent points)\n",
+           tables.markdown(["method - rft"] + splits, [[o] + [tables.fmt_diff(diffs[(o, b)]) for b in splits]
+                                                        for o in dobjs]),
+           "\n## Settings (the paper's relative settings; learning rates x "
+           f"{s['lr_scale']:g}, the demo's SFT lr over the paper's)\n",
+           tables.markdown(["method", "lr", "batch", "steps", "warm-up", "paper"],
+                           [["RFT / DFT-on-RFT", f"{s['rft']['lr']:g}", f"{s['rft']['batch']} sequences", s["rft"]["steps"],
+                             s["rft"]["warmup"], "lr 5e-5, batch 256, warm-up 0.1"],
+                            ["DPO", f"{s['dpo']['lr']:g}", f"{s['dpo']['batch']} pairs", s["dpo"]["steps"],
+                             s["dpo"]["warmup"], "lr 1e-6, batch 128, warm-up 0.05"],
+                            ["GRPO", f"{s['grpo']['lr']:g}",
+                             f"{s['grpo']['questions_per_step']} questions x {s['grpo']['group']}", s["grpo"]["steps"],
+                             s["grpo"]["warmup"], "lr 1e-6, batch 256, group 4, warm-up 0.1"],
+                            ["PPO", "", "", "", "", s["ppo"]]]),
+           f"\nWall time: {t['timing']['total_s'] / 60:.1f} min.\n"]
+    return "\n".join(out)
