@@ -17,6 +17,7 @@ from dftune.analysis.tokens import ENTROPY_EDGES, P_EDGES
 from dftune.eval.metrics import summarize
 
 XSS = "<script>alert(1)</script>"
+OOD = "ood<img src=x onerror=alert(1)>"  # a benchmark name is untrusted text too
 
 
 def write_eval(folder: Path, correct: dict[str, dict[str, list[bool]]], *, model="m", truncated=0.05,
@@ -39,7 +40,7 @@ def write_eval(folder: Path, correct: dict[str, dict[str, list[bool]]], *, model
     return s
 
 
-def verdicts(rng, p: float, benches=("id", "ood"), problems=30, n=4) -> dict:
+def verdicts(rng, p: float, benches=("id", OOD), problems=30, n=4) -> dict:
     return {b: {f"{b}-{i}": [bool(x) for x in rng.random(n) < p] for i in range(problems)} for b in benches}
 
 
@@ -175,9 +176,9 @@ def test_interval_resamples_seeds_as_well_as_problems():
     zero-width interval; DFT's two seeds score 0.5 and 1.0, NLL's both 0.5: the replicates of
     the difference are 0, 0.25, 0.5 with probability 1/4, 1/2, 1/4 -> the interval is [0, 0.5]."""
     probs = lambda a: {"b": {str(i): a for i in range(20)}}
-    obs, boot, benches, problems = S.bootstrap({"dft": [probs(0.5), probs(1.0)], "nll": [probs(0.5), probs(0.5)]},
-                                               reps=4000)
-    assert obs == {"dft": 0.75, "nll": 0.5} and benches == ["b"] and problems == 20
+    scores, boot, benches, problems = S.bootstrap({"dft": [probs(0.5), probs(1.0)], "nll": [probs(0.5), probs(0.5)]},
+                                                  reps=4000)
+    assert scores == {"dft": [0.5, 1.0], "nll": [0.5, 0.5]} and benches == ["b"] and problems == 20
     d = boot["dft"] - boot["nll"]
     assert set(np.round(d, 9)) == {0.0, 0.25, 0.5}
     assert np.mean(d == 0.25) == pytest.approx(0.5, abs=0.03)
@@ -337,3 +338,44 @@ def test_summary_block_is_in_the_first_screen(demo, tmp_path):
     tint = np.all(np.abs(img - np.array([0xEE, 0xF4, 0xFB])) <= 2, axis=-1)  # #eef4fb
     inside = tint[int(top):int(bottom), int(left):int(right)].mean()
     assert inside > 0.3 and tint.mean() < 0.9 * (bottom - top) * (right - left) / (SCREEN[0] * SCREEN[1]) + 0.01
+
+
+def test_a_sweep_without_roles_groups_by_its_other_axes(tmp_path):
+    """`dftune sweep` writes no roles: objective is compared, seed replicates, nll is the
+    baseline, and every other axis (here the learning rate) makes a group."""
+    rng = np.random.default_rng(1)
+    points = []
+    for lr in (1e-3, 1e-2):
+        for obj in ("dft", "nll"):
+            for seed in (0, 1):
+                values = {"train.objective": obj, "train.lr": lr, "train.seed": seed}
+                name = f"objective={obj}_lr={lr}_seed={seed}"
+                points.append({"name": name, "values": values})
+                write_eval(tmp_path / "sw" / name / "eval", verdicts(rng, 0.5, problems=10))
+    (tmp_path / "sw" / "sweep.json").write_text(json.dumps({"config": "x.yaml", "axes": list(values), "points": points}))
+    page = build_report([tmp_path / "sw"], base=tmp_path / "sw")
+    for lr in ("0.001", "0.01"):
+        rows = rows_of(page, f"lr={lr}")
+        assert set(rows) == {"dft", "nll"} and "diff" in rows["dft"] and "diff" not in rows["nll"]
+    assert "<h2>Sweep</h2>" in page
+
+
+@pytest.mark.parametrize("text, answer, want", [
+    ("12 + 0 = 12. The answer is \\boxed{2}.", "2", "12 + 0 = 12. The answer is \\boxed{<mark>2</mark>}."),
+    ("so 7 <b>", "7", "so <mark>7</mark> &lt;b&gt;"),
+    ("no answer <i>", None, "no answer &lt;i&gt;"),
+    ("x = 3", "<s>", "x = 3"),
+])
+def test_completion_highlights_the_extracted_answer(text, answer, want):
+    from dftune.analysis.evidence import _marked
+
+    assert _marked(text, answer) == want
+
+
+def test_tables_json_is_rendered_generically():
+    from dftune.analysis.sections import tables_section
+
+    page = tables_section([{"title": "EOS", "columns": ["objective", "p(EOS)"], "rows": [["nll", 0.91234567]]},
+                           "not a table", {"title": "empty"}], "demo")
+    assert "<h3>EOS</h3>" in page and "<td>0.9123</td>" in page and "<h3>empty</h3>" in page
+    assert tables_section({"tables": []}, "demo") == "" and tables_section("junk", "demo") == ""

@@ -199,10 +199,12 @@ def general_section(runs: list) -> str:
 
 
 def _marked(text: str, answer) -> str:
-    """The completion, escaped, with the last occurrence of the extracted answer highlighted."""
+    """The completion, escaped, with the extracted answer highlighted: inside the last \\boxed{}
+    holding it, else its last occurrence."""
     text = str(text or "")
     a = str(answer) if answer not in (None, "") else ""
-    i = text.rfind(a) if a else -1
+    i = text.rfind("\\boxed{" + a) if a else -1
+    i = i + len("\\boxed{") if i >= 0 else text.rfind(a) if a else -1
     if i < 0:
         return esc(text)
     return esc(text[:i]) + "<mark>" + esc(a) + "</mark>" + esc(text[i + len(a):])

@@ -70,47 +70,59 @@ def _aligned(seeds: list[list[tuple[float, float]]]):
     return steps, np.array([[m[s] for s in steps] for m in maps], dtype=float)
 
 
+def _draw(ax, objs: dict, cmap: dict, per_seed: bool, handles: dict) -> None:
+    for obj, seeds in objs.items():
+        c = cmap.get(obj, BASE_COLOR)
+        al = None if per_seed else _aligned(seeds)
+        if al is None:
+            for pts in seeds:
+                xs, ys = zip(*pts)
+                (line,) = ax.plot(xs, ys, color=c, lw=1.0, alpha=0.8)
+                handles.setdefault(obj, line)
+            continue
+        steps, v = al
+        (line,) = ax.plot(steps, v.mean(0), color=c, lw=1.8)
+        if len(v) > 1:
+            ax.fill_between(steps, v.min(0), v.max(0), color=c, alpha=0.18, lw=0)
+        handles.setdefault(obj, line)
+
+
 def curve_grid(rows: list[tuple[str, bool, dict]], cmap: dict[str, str], per_seed: bool = False) -> bytes | None:
-    """Learning curves: one row per quantity (label, log y, panels), one column per group;
-    panels[group][objective] = one [(step, value), ...] per seed. The mean over seeds as a line
-    with the min-max band over seeds; ``per_seed``: every seed as a thin line instead. Rows
-    share their y axis, so groups compare at a glance."""
+    """Learning curves: one row per quantity (label, log y, panels), one column per group,
+    each row sharing its y axis so groups compare at a glance (one group: the quantities two
+    by two); panels[group][objective] = one [(step, value), ...] per seed. The mean over seeds
+    as a line with the min-max band over seeds; ``per_seed``: every seed as a thin line."""
     rows = [r for r in rows if r[2]]
     if not rows:
         return None
     groups = list(dict.fromkeys(g for _, _, panels in rows for g in panels))
-    width, row_h, top, bottom = min(5.6 * len(groups), 11.5), 2.3, 0.75, 0.5
-    h = row_h * len(rows) + top + bottom
-    fig, axes = plt.subplots(len(rows), len(groups), figsize=(width, h), sharex="col", sharey="row", squeeze=False)
-    fig.subplots_adjust(left=0.95 / width, right=1 - 0.15 / width, top=1 - top / h, bottom=bottom / h, wspace=0.08,
-                        hspace=0.12)
-    handles = {}
+    single = len(groups) == 1 and len(rows) > 1
+    nr, nc = ((len(rows) + 1) // 2, 2) if single else (len(rows), len(groups))
+    width, row_h, top, bottom = min(5.6 * nc, 11.5), 2.3 + 0.25 * single, 0.75, 0.5
+    h = row_h * nr + top + bottom
+    fig, axes = plt.subplots(nr, nc, figsize=(width, h), sharex=True if single else "col",
+                             sharey=False if single else "row", squeeze=False)
+    fig.subplots_adjust(left=0.95 / width, right=1 - 0.15 / width, top=1 - top / h, bottom=bottom / h,
+                        wspace=0.25 if single else 0.08, hspace=0.3 if single else 0.12)
+    handles: dict = {}
     for i, (label, logy, panels) in enumerate(rows):
         for j, g in enumerate(groups):
-            ax = axes[i][j]
-            for obj, seeds in panels.get(g, {}).items():
-                c = cmap.get(obj, BASE_COLOR)
-                al = None if per_seed else _aligned(seeds)
-                if al is None:
-                    for pts in seeds:
-                        xs, ys = zip(*pts)
-                        (line,) = ax.plot(xs, ys, color=c, lw=1.0, alpha=0.8)
-                        handles.setdefault(obj, line)
-                    continue
-                steps, v = al
-                (line,) = ax.plot(steps, v.mean(0), color=c, lw=1.8)
-                if len(v) > 1:
-                    ax.fill_between(steps, v.min(0), v.max(0), color=c, alpha=0.18, lw=0)
-                handles.setdefault(obj, line)
+            ax = axes[i // 2][i % 2] if single else axes[i][j]
+            _draw(ax, panels.get(g, {}), cmap, per_seed, handles)
             if logy:
                 ax.set_yscale("log")
             ax.tick_params(labelsize=FONT - 1)
-            if i == 0:
+            if single:
+                ax.set_title(f"{label} ({g})", fontsize=FONT)
+            elif i == 0:
                 ax.set_title(g, fontsize=FONT)
-            if j == 0:
+            if j == 0 and not single:
                 ax.set_ylabel(label, fontsize=FONT)
-            if i == len(rows) - 1:
-                ax.set_xlabel("step", fontsize=FONT)
+    for ax in axes[-1]:
+        ax.set_xlabel("step", fontsize=FONT)
+    if single and len(rows) % 2:
+        axes[-1][1].set_visible(False)
+        axes[-2][1].xaxis.set_tick_params(labelbottom=True)
     _legend(fig, handles)
     return _png(fig)
 

@@ -98,29 +98,29 @@ def per_problem(rows, summary: dict) -> dict[str, dict[str, float]]:
 
 
 def bootstrap(arms: dict[str, list[dict]], reps: int = BOOTSTRAP_REPS, seed: int = 0):
-    """arms[name] = per-seed {benchmark: {id: accuracy}}. Returns (observed, replicates,
-    benchmarks, problems): per arm its score and (reps,) two-level bootstrap replicates, over
-    the benchmarks and problems every run of every arm holds."""
+    """arms[name] = per-seed {benchmark: {id: accuracy}}. Returns (seed_scores, replicates,
+    benchmarks, problems): per arm each seed's score and (reps,) two-level bootstrap replicates
+    of the seed-averaged score, over the benchmarks and problems every run of every arm holds."""
     runs = [acc for seeds in arms.values() for acc in seeds]
     benches = [b for b in runs[0] if all(b in acc for acc in runs)]
     ids = {b: sorted(set.intersection(*(set(acc[b]) for acc in runs))) for b in benches}
     benches = [b for b in benches if ids[b]]
     rng = np.random.default_rng(seed)
     draws = {b: rng.integers(0, len(ids[b]), size=(reps, len(ids[b]))) for b in benches}  # (reps, P): shared
-    observed, boot = {}, {}
+    scores, boot = {}, {}
     for name, seeds in arms.items():
         k = len(seeds)
         counts = np.stack([np.bincount(row, minlength=k) for row in rng.integers(0, k, size=(reps, k))])  # (reps, k)
         weights = counts / k
-        total, obs = np.zeros(reps), 0.0
+        total, per_seed = np.zeros(reps), np.zeros(k)
         for b in benches:
             m = np.array([[acc[b][i] for i in ids[b]] for acc in seeds], dtype=np.float64)  # (k, P)
             per = weights @ m  # (reps, P): seed-averaged accuracy per problem
             total += np.take_along_axis(per, draws[b], axis=1).mean(axis=1)
-            obs += m.mean()
-        observed[name] = obs / max(len(benches), 1)
+            per_seed += m.mean(axis=1)
+        scores[name] = [float(x) for x in per_seed / max(len(benches), 1)]
         boot[name] = total / max(len(benches), 1)
-    return observed, boot, benches, sum(len(ids[b]) for b in benches)
+    return scores, boot, benches, sum(len(ids[b]) for b in benches)
 
 
 def score_group(group: Group, reps: int = BOOTSTRAP_REPS, seed: int = 0) -> Group:
@@ -141,12 +141,10 @@ def score_group(group: Group, reps: int = BOOTSTRAP_REPS, seed: int = 0) -> Grou
         elif arm.seed_scores:
             arm.score = statistics.mean(arm.seed_scores)  # no samples.jsonl: the summaries' numbers, no interval
     if full:
-        observed, group.boot, group.benchmarks, group.problems = bootstrap(full, reps, seed)
-        for name, obs in observed.items():
+        per_seed, group.boot, group.benchmarks, group.problems = bootstrap(full, reps, seed)
+        for name, scores in per_seed.items():
             arm = group.arms[name]
-            arm.score, arm.ci95 = obs, interval(group.boot[name])
-            arm.seed_scores = [statistics.mean(statistics.mean(acc[b][i] for i in acc[b]) for b in group.benchmarks)
-                               for acc in full[name]] if group.benchmarks else arm.seed_scores
+            arm.seed_scores, arm.score, arm.ci95 = scores, statistics.mean(scores), interval(group.boot[name])
     base = group.arms.get(group.baseline) if group.baseline else None
     if base is None or base.score is None:
         return group
