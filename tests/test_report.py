@@ -211,10 +211,13 @@ def test_with_one_seed_the_interval_agrees_with_dftune_compare(tmp_path):
 
 def test_findings_are_computed_from_the_data(demo):
     _, _, page, _ = demo
-    findings = re.search(r"<ul class='findings'>(.*?)</ul>", page, re.DOTALL).group(1)
-    lines = [re.sub(r"</?b>", "", x) for x in re.findall(r"<li>(.*?)</li>", findings)]
+    lines = []  # each group's findings sit under its table, without the group's name
+    for group, items in re.findall(r"<div class='group' data-group='([^']*)'>.*?<ul class='findings'>(.*?)</ul>", page,
+                                   re.DOTALL):
+        lines += [f"{group}: {x}" for x in re.findall(r"<li>(.*?)</li>", items)]
     text = "\n".join(lines)
     # at the strong prior, each finding the data supports
+    assert len(lines) == 9
     assert re.search(r"prior=strong: dft beats nll by \+\d+\.\d points \(95% CI \+\d+\.\d to \+\d+\.\d", text)
     assert "prior=strong: dft polarises token probabilities: p &lt; 0.1 18% → 23%, p &gt; 0.9 40% → 60%, " \
            "entropy -54%" in text

@@ -91,8 +91,8 @@ th{background:#f0f0f0;cursor:pointer}td small{color:#666}img{max-width:100%;marg
 .grid img{width:49%}.sw{display:inline-block;width:.8em;height:.8em;border-radius:2px;margin-right:.35em;vertical-align:-1px}
 #summary{background:#eef4fb;border:1px solid #c8d9ee;border-radius:6px;padding:.5em 1em .7em;margin:.4em 0 1em}
 #summary h2{margin:.2em 0 .3em;border:0}#summary table{background:#fff;margin:.2em 0}
-.groups{display:flex;flex-wrap:wrap;gap:0 1.5em}.note{color:#555;font-size:12.5px;margin:.3em 0}
-.findings{margin:.4em 0 0;padding-left:1.3em}.findings li{margin:.1em 0}
+.groups{display:flex;flex-wrap:wrap;gap:0 1.5em}.group{flex:1 1 460px;max-width:700px}.note{color:#555;font-size:12.5px;margin:.3em 0}
+.findings{margin:.3em 0 .5em;padding-left:1.2em;font-size:14px}.findings li{margin:.15em 0}
 .better{color:#1a7f37;font-weight:600}.worse{color:#c62828;font-weight:600}
 details{margin:.5em 0}summary{cursor:pointer;color:#1f4e8c}.box{border:1px solid #ddd;border-radius:5px;padding:.4em .8em;
 margin:.3em 0;flex:1 1 420px;font-size:13.5px}.ex{border-left:4px solid #bbb;padding:.2em .7em;margin:.6em 0}

@@ -26,42 +26,47 @@ def _signed(x) -> str:
     return f"{100 * x:+.1f}"
 
 
-def group_table(g: Group, colors: dict) -> str:
+def group_table(g: Group, colors: dict, found: list[Finding]) -> str:
+    """A group's ranking (score with its interval and every seed's score; Δ to the baseline
+    with its interval and p) and, under it, the group's findings."""
     rows, attrs = [], []
     for arm in g.ranking:
         seeds = len([r for r in arm.runs if r.summary])
-        per = " · ".join(pct(s) for s in arm.seed_scores) if seeds > 1 else ""
-        score = f"<b>{pct(arm.score)}</b>{_interval(arm.ci95)}" + (f"<br><small>seeds: {per}</small>" if per else "")
+        per = f": {' · '.join(pct(s) for s in arm.seed_scores)}" if seeds > 1 else ""
+        score = f"<b>{pct(arm.score)}</b>{_interval(arm.ci95)}<br><small>{seeds} seed{'s' if seeds != 1 else ''}{per}</small>"
         if arm.name == g.baseline:
-            diff, p = "<small>baseline</small>", ""
+            diff = "<small>baseline</small>"
         elif arm.diff is None:
-            diff, p = "", ""
+            diff = ""
         else:
             lo_hi = f" <small>[{_signed(arm.diff_ci95[0])}, {_signed(arm.diff_ci95[1])}]</small>" if arm.diff_ci95 else ""
             diff = f"<span class='{arm.verdict}'>{_signed(arm.diff)}</span>{lo_hi}"
-            p = _p(arm.p) if arm.p is not None else ""
-        rows.append([swatch(arm.name, colors), score, str(seeds), diff, p])
+            diff += f"<br><small>p {_p(arm.p)}</small>" if arm.p is not None else ""
+        rows.append([swatch(arm.name, colors), score, diff])
         data = {"arm": arm.name, "score": arm.score, "diff": arm.diff, "lo": (arm.diff_ci95 or [None])[0],
                 "hi": (arm.diff_ci95 or [None, None])[1], "p": arm.p}
         attrs.append("".join(f' data-{k}="{esc(v)}"' for k, v in data.items() if v is not None))
-    head = ["objective", f"{g.metric or 'accuracy'}, %", "seeds", f"Δ vs {g.baseline}" if g.baseline else "Δ", "p"]
+    head = ["objective", f"{g.metric or 'accuracy'}, %", f"Δ vs {g.baseline}, points" if g.baseline else "Δ"]
     label = f"<h3>{esc(g.label)}</h3>" if g.label else ""
-    return f"<div class='group' data-group='{esc(g.label)}'>{label}{table(head, rows, cls='rank', row_attrs=attrs)}</div>"
+    items = "".join(f"<li>{_finding(f, g.label)}</li>" for f in found)
+    return (f"<div class='group' data-group='{esc(g.label)}'>{label}{table(head, rows, cls='rank', row_attrs=attrs)}"
+            + (f"<ul class='findings'>{items}</ul>" if items else "") + "</div>")
 
 
-def _finding(f: Finding) -> str:
-    """The text with its group label in bold."""
+def _finding(f: Finding, within: str | None = None) -> str:
+    """The text; its group label dropped inside that group's column, else in bold."""
     if f.group and f.text.startswith(f"{f.group}: "):
-        return f"<b>{esc(f.group)}</b>: {esc(f.text[len(f.group) + 2:])}"
+        rest = esc(f.text[len(f.group) + 2:])
+        return rest if f.group == within else f"<b>{esc(f.group)}</b>: {rest}"
     return esc(f.text)
 
 
 def _p(p: float) -> str:
-    return "&lt;0.001" if p < 0.001 else f"{p:.2g}"
+    return "&lt; 0.001" if p < 0.001 else f"= {p:.2g}"
 
 
 def summary_section(ctx: Context, found: list[Finding]) -> str:
-    """Did it help here, and why: per group the ranking, then the findings."""
+    """Did it help here, and why: per group the ranking and the findings under it."""
     groups = [g for g in ctx.groups if g.ranking]
     if not groups and not found and not ctx.groups:
         return ""
@@ -73,13 +78,14 @@ def summary_section(ctx: Context, found: list[Finding]) -> str:
         what = (f"<p class='note'>Ranked by {esc(g0.metric)} ({esc(scope)}), in %: the mean over seeds"
                 + (f"; Δ: the paired difference to {esc(g0.baseline)} on the same problems, in points, coloured when "
                    f"its interval excludes 0" if g0.baseline else "") + f". {INTERVAL_NOTE}</p>")
-    items = "".join(f"<li>{_finding(f)}</li>" for f in found)
-    if not groups:
+    else:
         what = ("<p class='note'>No evaluation results among the inputs: evaluate each run's final model "
                 "(<code>dftune eval model=RUN/final out=RUN/eval</code>) to rank the objectives.</p>")
+    labels = {g.label for g in groups}
+    rest = "".join(f"<li>{_finding(f)}</li>" for f in found if f.group not in labels)
     return ("<section id='summary'><h2>Summary</h2><div class='groups'>"
-            + "".join(group_table(g, ctx.colors) for g in groups) + "</div>"
-            + (f"<ul class='findings'>{items}</ul>" if items else "") + what + "</section>")
+            + "".join(group_table(g, ctx.colors, [f for f in found if f.group == g.label]) for g in groups) + "</div>"
+            + (f"<ul class='findings'>{rest}</ul>" if rest else "") + what + "</section>")
 
 
 def tables_section(tables, name: str) -> str:

@@ -177,6 +177,10 @@ def _pct(x: float) -> str:
     return f"{100 * x:.0f}%"
 
 
+def _pval(p: float) -> str:
+    return "p < 0.001" if p < 0.001 else f"p = {p:.2g}"
+
+
 def _prefix(label: str) -> str:
     return f"{label}: " if label else ""
 
@@ -191,7 +195,7 @@ def accuracy_findings(g: Group) -> list[Finding]:
         lo, hi = arm.diff_ci95
         word = "beats" if arm.verdict == "better" else "trails"
         out.append(Finding("accuracy", g.label, f"{_prefix(g.label)}{arm.name} {word} {g.baseline} by {_pts(arm.diff)} "
-                                                f"points (95% CI {_pts(lo)} to {_pts(hi)}, p = {arm.p:.2g})"))
+                                                f"points (95% CI {_pts(lo)} to {_pts(hi)}, {_pval(arm.p)})"))
     tuned = [a for a in g.arms.values() if a.name not in BASE_NAMES and a.name != g.baseline and a.diff_ci95]
     if tuned and not out:
         out.append(Finding("no_difference", g.label, f"{_prefix(g.label)}no objective's accuracy differs clearly from "
