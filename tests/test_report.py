@@ -50,11 +50,11 @@ def log_rows(loss0, loss1, nll0, nll1, steps=20) -> list[dict]:
              "mean_prob": 0.5, "entropy": 1.0, "lr": 1e-3, "grad_norm": 1.0} for k, x in enumerate(t)]
 
 
-def analysis(tails: dict[str, tuple], eot: dict[str, float] | None = None) -> dict:
+def analysis(tails: dict[str, tuple], eot: dict[str, float] | None = None, tokens: int = 5000) -> dict:
     """token_probs.json with the given (frac_below_0.1, frac_above_0.9, mean_entropy) per model."""
     bins = len(P_EDGES) - 1
     out = {"p_edges": P_EDGES, "entropy_edges": ENTROPY_EDGES, "base": "base", "models": list(tails),
-           "summary": {m: {"tokens": 500, "mean_prob": 0.5, "median_prob": 0.5, "frac_below_0.1": lo,
+           "summary": {m: {"tokens": tokens, "mean_prob": 0.5, "median_prob": 0.5, "frac_below_0.1": lo,
                            "frac_above_0.9": hi, "mean_entropy": ent, "nll": 1.0} for m, (lo, hi, ent) in tails.items()},
            "hist": {m: [1 / bins] * bins for m in tails}, "entropy_hist": {m: [1 / 12] * 12 for m in tails},
            "shift_vs_base": {m: [0.0] * bins for m in tails if m != "base"},
@@ -233,14 +233,16 @@ def test_findings_are_computed_from_the_data(demo):
     assert not any("NLL rises under nll" in x or "base" in x.split(":")[1][:6] for x in lines)
 
 
-@pytest.mark.parametrize("before, after, kind", [
-    ((0.18, 0.40), (0.23, 0.55), "polarises"),
-    ((0.18, 0.40), (0.10, 0.55), "raises"),
-    ((0.18, 0.40), (0.185, 0.55), None),  # the low tail grew by under a point
-    ((0.18, 0.40), (0.25, 0.35), None),  # only the low tail grew: not polarised
+@pytest.mark.parametrize("before, after, tokens, kind", [
+    ((0.18, 0.40), (0.23, 0.55), 5000, "polarises"),
+    ((0.18, 0.40), (0.10, 0.55), 5000, "raises"),
+    ((0.011, 0.892), (0.0187, 0.934), 2720, "polarises"),  # the demo's strong prior: +0.8 point is 2.3 SE
+    ((0.011, 0.892), (0.0187, 0.934), 500, None),  # the same shares over fewer tokens: within the noise
+    ((0.18, 0.40), (0.184, 0.55), 10**6, None),  # the low tail grew by under half a point
+    ((0.18, 0.40), (0.25, 0.35), 5000, None),  # only the low tail grew: not polarised
 ])
-def test_token_finding_thresholds(before, after, kind):
-    a = analysis({"base": (*before, 1.0), "dft": (*after, 0.5)})
+def test_token_finding_thresholds(before, after, tokens, kind):
+    a = analysis({"base": (*before, 1.0), "dft": (*after, 0.5)}, tokens=tokens)
     found = S.token_findings(a, "g")
     assert [f.kind for f in found] == ([kind] if kind else [])
 

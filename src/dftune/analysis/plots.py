@@ -88,10 +88,11 @@ def _draw(ax, objs: dict, cmap: dict, per_seed: bool, handles: dict) -> None:
 
 
 def curve_grid(rows: list[tuple[str, bool, dict]], cmap: dict[str, str], per_seed: bool = False) -> bytes | None:
-    """Learning curves: one row per quantity (label, log y, panels), one column per group,
-    each row sharing its y axis so groups compare at a glance (one group: the quantities two
-    by two); panels[group][objective] = one [(step, value), ...] per seed. The mean over seeds
-    as a line with the min-max band over seeds; ``per_seed``: every seed as a thin line."""
+    """Learning curves: one row per quantity (label, log y, panels), one column per group (one
+    group: the quantities two by two); panels[group][objective] = one [(step, value), ...] per
+    seed. Each panel has its own y range: the objectives within a group are what is compared
+    (groups can differ by an order of magnitude). The mean over seeds as a line with the
+    min-max band over seeds; ``per_seed``: every seed as a thin line."""
     rows = [r for r in rows if r[2]]
     if not rows:
         return None
@@ -100,10 +101,9 @@ def curve_grid(rows: list[tuple[str, bool, dict]], cmap: dict[str, str], per_see
     nr, nc = ((len(rows) + 1) // 2, 2) if single else (len(rows), len(groups))
     width, row_h, top, bottom = min(5.6 * nc, 11.5), 2.3 + 0.25 * single, 0.75, 0.5
     h = row_h * nr + top + bottom
-    fig, axes = plt.subplots(nr, nc, figsize=(width, h), sharex=True if single else "col",
-                             sharey=False if single else "row", squeeze=False)
+    fig, axes = plt.subplots(nr, nc, figsize=(width, h), sharex=True if single else "col", squeeze=False)
     fig.subplots_adjust(left=0.95 / width, right=1 - 0.15 / width, top=1 - top / h, bottom=bottom / h,
-                        wspace=0.25 if single else 0.08, hspace=0.3 if single else 0.12)
+                        wspace=0.25, hspace=0.3 if single else 0.12)
     handles: dict = {}
     for i, (label, logy, panels) in enumerate(rows):
         for j, g in enumerate(groups):
@@ -154,6 +154,10 @@ def hist_panels(panels: dict[str, dict], cmap: dict[str, str], kind: str = "p") 
         ax.tick_params(axis="y", labelsize=FONT - 1)
         ax.set_title(label, fontsize=FONT)
         ax.set_xlabel(xlabel, fontsize=FONT - 1)
+    values = [v for a in panels.values() for h in a[key].values() for v in h if v > 0]
+    if kind != "shift" and values and max(values) / min(values) > 100:  # tails of a percent beside a peak of 90%
+        axes[0].set_yscale("log")
+        ylabel += " (log scale)"
     axes[0].set_ylabel(ylabel, fontsize=FONT)
     _legend(fig, handles)
     return _png(fig)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dftune.analysis import plots
 from dftune.analysis.page import Context, details, esc, fmt, img, pct, swatch, table
-from dftune.analysis.summary import TAIL_MIN, Finding, Group
+from dftune.analysis.summary import TAIL_MIN, TAIL_SE, Finding, Group
 
 INTERVAL_NOTE = ("95% intervals: a two-level bootstrap, each objective's seeds resampled (independently) and each "
                  "benchmark's problems resampled (the same draw for every objective, so Δ is paired): they cover both "
@@ -172,8 +172,9 @@ def analysis_section(ctx: Context, found: list[Finding]) -> str:
                         f"fallers {fs}.</p>")
     return ("<h2>Token probabilities</h2><p class='note'>Fraction of the training data's response tokens per "
             "probability bin under each model, one panel per group on the same axes (the paper: SFT raises "
-            f"probabilities uniformly, DFT polarises them; a tail \"grew\" when its share rose by ≥ {100 * TAIL_MIN:.0f} "
-            "point).</p>" + img(plots.hist_panels(panels, ctx.colors, "p"), "token-probability histograms")
+            f"probabilities uniformly, DFT polarises them; a tail \"grew\" when its share rose by ≥ {100 * TAIL_MIN:.1f} "
+            f"point and by more than {TAIL_SE:.0f} binomial standard errors).</p>"
+            + img(plots.hist_panels(panels, ctx.colors, "p"), "token-probability histograms")
             + f"<div class='groups'>{boxes}</div>" + table(head, rows)
             + details("Shift against the base model, entropy, which tokens fill each bin, risers and fallers",
                       "".join(more)))

@@ -15,6 +15,7 @@ With one seed per objective this is exactly `dftune compare`'s paired bootstrap 
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass, field
 
@@ -23,7 +24,8 @@ import numpy as np
 from dftune.eval.metrics import BOOTSTRAP_REPS, interval
 
 # finding thresholds (documented in docs/design.md, shown in the page's notes)
-TAIL_MIN = 0.01  # a tail (p < 0.1, p > 0.9) "grew" when its share rose by at least 1 point
+TAIL_MIN = 0.005  # a tail's share (p < 0.1, p > 0.9) "moved" by at least half a point ...
+TAIL_SE = 2.0  # ... and by more than twice the binomial standard error of the difference
 CURVE_WINDOW = 0.2  # the first and last fifth of the logged steps are compared
 CURVE_MIN = 0.02  # loss "falls" / NLL "rises" by at least 2% of its first-window value
 TRUNC_MIN = 0.10  # 10 points more samples hitting the token budget than the baseline
@@ -208,6 +210,19 @@ def accuracy_findings(g: Group) -> list[Finding]:
     return out
 
 
+def moved(p0: float, p1: float, n0: float, n1: float) -> int:
+    """+1 / -1 when a share went from p0 (of n0 tokens) to p1 (of n1) up / down by at least
+    TAIL_MIN and by more than TAIL_SE binomial standard errors (the two treated as independent;
+    they are the same tokens, so this errs on the side of "not moved"); else 0."""
+    se = math.sqrt(p0 * (1 - p0) / n0 + p1 * (1 - p1) / n1) if n0 and n1 else 0.0
+    d = p1 - p0
+    return 0 if abs(d) < TAIL_MIN or abs(d) <= TAIL_SE * se else (1 if d > 0 else -1)
+
+
+def _share(x: float) -> str:
+    return f"{100 * x:.1f}%" if x < 0.1 else f"{100 * x:.0f}%"
+
+
 def token_findings(analysis: dict, label: str) -> list[Finding]:
     """Polarisation and end-of-turn learning of each model against the analysis' base model."""
     out = []
@@ -224,10 +239,12 @@ def token_findings(analysis: dict, label: str) -> list[Finding]:
         ent = ""
         if b.get("mean_entropy") and s.get("mean_entropy") is not None:
             ent = f", entropy {100 * (s['mean_entropy'] / b['mean_entropy'] - 1):+.0f}%"
-        tails = f"p < 0.1 {_pct(lo0)} → {_pct(lo1)}, p > 0.9 {_pct(hi0)} → {_pct(hi1)}{ent} (against {base})"
-        if lo1 - lo0 >= TAIL_MIN and hi1 - hi0 >= TAIL_MIN:
+        tails = f"p < 0.1 {_share(lo0)} → {_share(lo1)}, p > 0.9 {_share(hi0)} → {_share(hi1)}{ent} (against {base})"
+        n0, n1 = b.get("tokens") or 0, s.get("tokens") or 0
+        low, high = moved(lo0, lo1, n0, n1), moved(hi0, hi1, n0, n1)
+        if low > 0 and high > 0:
             out.append(Finding("polarises", label, f"{_prefix(label)}{m} polarises token probabilities: {tails}"))
-        elif lo0 - lo1 >= TAIL_MIN and hi1 - hi0 >= TAIL_MIN:
+        elif low < 0 and high > 0:
             out.append(Finding("raises", label, f"{_prefix(label)}{m} raises token probabilities across the board: {tails}"))
     eot = analysis.get("end_of_turn") or {}
     learned = [m for m, e in eot.items() if m != base and (e.get("mean_prob") or 0) >= STOP_LOW]
