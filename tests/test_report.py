@@ -384,3 +384,16 @@ def test_tables_json_is_rendered_generically():
                            "not a table", {"title": "empty"}], "demo")
     assert "<h3>EOS</h3>" in page and "<td>0.9123</td>" in page and "<h3>empty</h3>" in page
     assert tables_section({"tables": []}, "demo") == "" and tables_section("junk", "demo") == ""
+
+
+def test_an_evaluation_without_samples_is_ranked_by_its_summary(tmp_path):
+    rng = np.random.default_rng(2)
+    a = write_eval(tmp_path / "nll", verdicts(rng, 0.3))
+    b = write_eval(tmp_path / "dft", verdicts(rng, 0.6))
+    (tmp_path / "dft" / "samples.jsonl").unlink()  # an old evaluation: summary.json only
+    page = build_report([tmp_path / "nll", tmp_path / "dft"], base=tmp_path)
+    rows = rows_of(page, "")
+    assert rows["dft"]["score"] == pytest.approx(b["mean"]["avg@4"]) and rows["nll"]["score"] == pytest.approx(
+        a["mean"]["avg@4"])
+    assert rows["dft"]["diff"] == pytest.approx(b["mean"]["avg@4"] - a["mean"]["avg@4"]) and "lo" not in rows["dft"]
+    assert "<h2>Paired comparison</h2>" not in page  # compare needs both samples.jsonl
