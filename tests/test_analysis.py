@@ -1,6 +1,7 @@
 """Token-probability analysis, the probe and the report, on tiny real models."""
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -253,9 +254,12 @@ def report_inputs(tiny_dir, problems_file, tmp_path_factory):
 
 def test_report_contains_every_section(report_inputs, tmp_path):
     page = build_report(report_inputs)
-    for section in ("Learning curves", "Token probabilities", "Pre-flight probe", "Config differences"):
+    for section in ("Summary", "Learning curves", "Token probabilities", "Pre-flight probe", "Config differences"):
         assert f"<h2>{section}</h2>" in page
-    assert "train.objective" in page and page.count("data:image/png;base64,") >= 8
+    assert "train.objective" in page and page.count("data:image/png;base64,") >= 6
+    assert "No evaluation results among the inputs" in page  # runs without eval/: the summary says what is missing
+    # the runs' curves are drawn per objective, with the analysis' models in the same colours
+    assert re.search(r'<span class="sw" style="background:#1f77b4"></span>nll', page)
     assert "http://" not in page and "https://" not in page.replace("https://arxiv", "")  # self-contained
     with pytest.raises(ValueError, match="nothing to report"):
         build_report([tmp_path])
@@ -269,7 +273,7 @@ def render(page: Path, shot: Path, tmp: Path) -> str:
     """Screenshot a page in headless Chromium; return its log (console messages included)."""
     cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
            "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp / 'profile'}", "--enable-logging=stderr",
-           "--v=0", "--window-size=1200,1600", f"--screenshot={shot}", page.as_uri()]
+           "--v=0", "--window-size=1280,1600", f"--screenshot={shot}", page.as_uri()]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     return r.stderr
 

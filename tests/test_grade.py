@@ -181,19 +181,20 @@ def test_boxed_brace_matching():
 
 
 def test_extraction_is_linear_in_the_text():
-    # 20,000 unbalanced \boxed{ took 3 s with the old scanner (quadratic)
+    # 20,000 unbalanced \boxed{ took 3 s with the old scanner (quadratic). CPU time of this
+    # process, not wall time: other processes on the machine do not count.
     for piece in ("\\boxed{", "}\\boxed{", "\\[", "\\(", "1 "):
         small, big = piece * 10_000, piece * 40_000
-        t = time.perf_counter()
+        t = time.process_time()
         boxed_contents(small), defuse(small)
-        t_small = time.perf_counter() - t
-        t = time.perf_counter()
+        t_small = time.process_time() - t
+        t = time.process_time()
         boxed_contents(big), defuse(big)
-        t_big = time.perf_counter() - t
-        assert t_big < 0.5 and t_big < 12 * t_small + 0.02, piece  # 4x the text: about 4x the time
-    t = time.perf_counter()
+        t_big = time.process_time() - t
+        assert t_big < 1.0 and t_big < 12 * t_small + 0.05, piece  # 4x the text: about 4x the time, not 16x
+    t = time.process_time()
     v = grade_one("\\boxed{" * 20_000, ["4"])
-    assert time.perf_counter() - t < 1.0 and v.status == "no_answer"
+    assert time.process_time() - t < 1.0 and v.status == "no_answer"
 
 
 def test_defuse_leaves_ordinary_text_alone():
