@@ -313,10 +313,8 @@ def test_a_point_from_another_base_is_redone(tmp_path):
 
 
 def test_demo_settings_are_checked_before_any_work(tmp_path):
-    from dftune.testbed.demo import OfflineSettings
-
     from dftune.errors import UserError
-    from dftune.testbed.demo import DemoConfig, run_demo
+    from dftune.testbed.demo import DemoConfig, OfflineSettings, run_demo
 
     for bad, match in [({"weak_objectives": "dft"}, "must include nll"), ({"strong_objectives": "nll,bogus"}, "bogus"),
                        ({"splits": "id,train_narrow"}, "splits"), ({"priors": "medium"}, "priors"),

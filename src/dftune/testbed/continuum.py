@@ -18,6 +18,7 @@ from dftune.testbed.demo import (
     evaluate_model,
     finetune,
     folder_name,
+    load_average,
     objectives_for,
     prepare,
     run_jobs,
@@ -133,7 +134,7 @@ def run_continuum(cfg: DemoConfig) -> Path:
     from dftune.analysis.report import write_report
     from dftune.files import write_json, write_text
 
-    t0 = time.time()
+    t0, load_start = time.time(), load_average()
     priors = _check(cfg)
     root, cache, files = prepare(cfg)
     base_of = build_bases(cfg, priors, cache)
@@ -171,6 +172,7 @@ def run_continuum(cfg: DemoConfig) -> Path:
     write_sweep(root, cfg, ["prior", "objective", "seed"], "nll", points)
     result = continuum_tables(root, cfg, points, priors, eot_p, own_form)
     result["timing"] = {"total_s": round(time.time() - t0, 1), "workers": worker_count(cfg.workers),
+                        "load_average_start": load_start, "load_average_end": load_average(),
                         **{k: round(v, 1) for k, v in timings.items()}}
     result["tables"] = report_tables(result)
     write_json(root / "tables.json", result)

@@ -372,5 +372,16 @@ def write_sweep(root: Path, cfg: DemoConfig, axes: list[str], baseline: str, poi
                                      "points": points})
 
 
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15-minute load averages (None where the OS has none): wall times on a
+    shared machine mean little without them."""
+    import os
+
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def elapsed(t0: float) -> str:
     return f"{(time.time() - t0) / 60:.1f} min"

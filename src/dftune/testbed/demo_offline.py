@@ -30,6 +30,7 @@ from dftune.testbed.demo import (
     evaluate_model,
     finetune,
     folder_name,
+    load_average,
     prepare,
     run_jobs,
     splits_of,
@@ -102,7 +103,7 @@ def run_offline(cfg: DemoConfig) -> Path:
     from dftune.analysis.report import write_report
     from dftune.files import write_json, write_text
 
-    t0 = time.time()
+    t0, load_start = time.time(), load_average()
     o = cfg.offline
     objectives = _objectives(cfg)
     splits_of(cfg)
@@ -145,6 +146,7 @@ def run_offline(cfg: DemoConfig) -> Path:
                        **tables.generation_summary([root / s[k] / "eval" for k in sorted(s)])}
                       for (_, obj), s in tables._groups(points, "setting").items()],
               "timing": {"total_s": round(time.time() - t0, 1), "workers": worker_count(cfg.workers),
+                        "load_average_start": load_start, "load_average_end": load_average(),
                          **{k: round(v, 1) for k, v in timings.items()}}}
     result["tables"] = offline_report_tables(result)
     write_json(root / "tables.json", result)

@@ -149,7 +149,9 @@ def markdown_document(title: str, result: dict) -> str:
         out += [f"## {tab['title']}\n", markdown(tab["columns"], tab["rows"]), tab["note"] + "\n"]
     timing = result.get("timing") or {}
     if timing:
-        out.append(f"Wall time: {timing['total_s'] / 60:.1f} min with {timing['workers']} worker process(es).\n")
+        load = timing.get("load_average_end")
+        out.append(f"Wall time: {timing['total_s'] / 60:.1f} min with {timing['workers']} worker process(es)"
+                   + (f"; load average (1, 5, 15 min) at the end: {', '.join(map(str, load))}" if load else "") + ".\n")
     return "\n".join(out)
 
 
