@@ -390,3 +390,16 @@ def test_the_offline_demo_end_to_end(answering_base, tmp_path):
     assert "| rft | 1 |" in md and "verl" in md
     for title in shown:
         assert f"## {title}" in md and html.escape(title) in page
+
+
+def test_the_command_line_takes_the_mode_as_a_word():
+    from dftune.cli import COMMANDS, build_config, parse_argv
+    from dftune.config import ConfigError
+    from dftune.testbed.demo import DemoConfig
+
+    cmd = COMMANDS["demo"]
+    cfg = build_config(DemoConfig, parse_argv(DemoConfig, ["offline", "--full", "seeds=2", "offline.k=8"], cmd))
+    assert (cfg.mode, cfg.full, cfg.seeds, cfg.offline.k) == ("offline", True, 2, 8)
+    assert build_config(DemoConfig, parse_argv(DemoConfig, [], cmd)).mode == "continuum"
+    with pytest.raises(ConfigError):
+        parse_argv(DemoConfig, ["offline", "continuum"], cmd)  # one mode

@@ -216,8 +216,8 @@ def continuum_tables(root: Path, cfg: DemoConfig, points: list[dict], priors: li
             "problems_per_split": cfg.eval_problems, "seeds": cfg.seeds, "splits": splits + ["mean"], "group": "prior",
             "baseline": "nll", "intervals": {"cell": tables.CELL_INTERVAL, "diff": tables.DIFF_INTERVAL},
             "settings": {k: getattr(cfg, k) for k in ("pretrain_steps", "finetune_steps", "finetune_batch", "finetune_lr",
-                                                        "finetune_examples", "max_new_tokens", "curve_every",
-                                                        "curve_problems", "curve_n")},
+                                                        "finetune_examples", "wrong_demos", "max_new_tokens",
+                                                        "curve_every", "curve_problems", "curve_n")},
             "probe": probes, "accuracy": accuracy, "vs_baseline": diffs, "eos": eos, "curves": curves,
             "steps_to_reach": tables.steps_to_reach(curves, "prior", "nll")}
 

@@ -1,10 +1,11 @@
 """`dftune demo`: the capability continuum and DFT's failure modes on a CPU in minutes.
 
-    dftune demo                      # the continuum: weak and strong prior, ~10 min on 2 cores
+    dftune demo                      # the continuum: weak and strong prior, 5.6 min on 2 cores
     dftune demo offline              # the paper's offline-RL table in miniature (demo_offline.py)
-    dftune demo --full               # firmer numbers: more seeds, problems and steps
+    dftune demo --full               # firmer numbers: more seeds and problems
 
-1. Task data (``tasks.py``): a narrow demonstration set and in/out-of-distribution test splits.
+1. Task data (``tasks.py``): the demonstrations (a share with a wrong last step, as real
+   SFT sets hold wrong solutions) and in/out-of-distribution test splits.
 2. Two tiny bases pretrained on the same arithmetic (``bases.py``): ``weak`` in another
    surface form (plain-text notes, no box, never an EOS), ``strong`` in the demonstrations'
    own format. Cached on disk under a hash of their recipe.
@@ -16,6 +17,8 @@
 6. Token analysis (with the end-of-turn token's probability) per model, then the tables
    (``results.md``, ``tables.json``: accuracy with intervals, paired differences to NLL,
    how samples end, learning curves) and report.html.
+
+Steps 2, 4-5 and 6 are jobs run ``workers`` at a time, in processes of one thread each.
 
 Nothing is special-cased for the toy: every step is the code a real run uses.
 """
@@ -69,8 +72,9 @@ class DemoConfig:
 
     mode: continuum (weak and strong prior: accuracy, EOS failure, learning curves) or
         offline (the offline-RL table); `dftune demo offline` is mode=offline.
-    full: firmer numbers (about 4x the time): 5 seeds, 100 problems per split, curves at
-        both priors; settings you give explicitly win (unless equal to the default).
+    full: firmer numbers: 5 seeds, 100 problems per split, curves at both priors (13 min
+        on 2 cores with the bases cached); settings you give explicitly win (unless equal
+        to the default).
     out: the demo's folder (data, runs, evaluations, analysis, tables, report.html);
         empty: out/demo (continuum) or out/demo-offline.
     cache_dir: where pretrained bases are kept between runs (default: ~/.cache/dftune/testbed).
