@@ -67,6 +67,14 @@ class DataConfig:
         "User:/Assistant:" template for base models), or a path to a .jinja file.
     boxed_answers: rewrite GSM8K's final "#### 72" line as "\\boxed{72}".
     on_bad_row: error (stop, naming file, row and field) or skip (drop and count).
+    packing: pack each step's examples into rows of max_length tokens (position_ids restart
+        per example, so attention and loss never cross one); train.micro_batch then counts
+        rows. The step keeps the same examples, so the gradient is the unpadded one. Needs
+        an attention that honours position_ids (sdpa, eager, flex, flash-attention).
+    cache: keep the tokenised data on disk, keyed by a hash of the data files, tokenizer,
+        template and these settings; a restarted run and every process of a run reuse it.
+    cache_dir: where; empty: $DFTUNE_CACHE_DIR, else ~/.cache/dftune/data.
+    workers: processes that tokenise; 0 picks (several from 30,000 rows, else one).
     """
 
     path: str = ""
@@ -82,6 +90,10 @@ class DataConfig:
     chat_template: str = "auto"
     boxed_answers: bool = True
     on_bad_row: str = "error"
+    packing: bool = False
+    cache: bool = True
+    cache_dir: str = ""
+    workers: int = 0
 
 
 @dataclass

@@ -32,7 +32,7 @@ import torch
 
 from dftune import dist
 from dftune.config import Config, config_diff, save_config
-from dftune.data import build_dataset, collate, count_targets, plan_epoch
+from dftune.data import build_dataset, epoch_steps, step_batches
 from dftune.files import read_jsonl, write_json, write_text
 from dftune.model import CausalLMLoss, load_model, load_tokenizer, reference_kind, resolve_precision, stored_dtype
 from dftune.objectives import get_objective
@@ -49,7 +49,7 @@ class RunFolderError(ValueError):
 # Settings a resumed run may change: they alter logging, saving or speed, not the run.
 RESUMABLE_CHANGES = ("train.resume", "train.overwrite", "train.log_every", "train.tensorboard", "train.save_every",
                      "train.keep_checkpoints", "train.loss_backend", "train.chunk_size", "train.eval_",
-                     "model.attn_implementation", "model.gradient_checkpointing")
+                     "model.attn_implementation", "model.gradient_checkpointing", "data.cache", "data.workers")
 RUN_FILES = ("config.yaml", "log.jsonl", "eval_curve.jsonl", "data_summary.json", "checkpoints", "final", "final.tmp", "tb")
 
 
@@ -212,7 +212,6 @@ def _train(cfg: Config, rt: dist.Runtime, on_step) -> Path:
         write_json(out / "data_summary.json", summary.__dict__)
     if len(examples) < t.global_batch:
         raise ValueError(f"{len(examples)} usable examples is fewer than one global batch ({t.global_batch})")
-    lengths = [len(e.input_ids) for e in examples]
     steps_per_epoch = len(examples) // t.global_batch
     total = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
     warmup = int(t.warmup_ratio * total)
@@ -250,17 +249,15 @@ def _train(cfg: Config, rt: dist.Runtime, on_step) -> Path:
         for step in range(start, total):
             epoch, index = divmod(step, steps_per_epoch)
             if epoch not in plan:
-                plan = {epoch: plan_epoch(len(examples), t.global_batch, rt.world, t.micro_batch, t.seed, epoch, lengths)}
-            micro = [[examples[i] for i in mb] for mb in plan[epoch][index][rt.rank]]
-
-            # the step's divisor: valid target tokens over every micro-batch and process
-            count = torch.tensor([float(count_targets(sum(micro, [])))], device=rt.device)
-            global_count = float(rt.all_sum(count).item())
+                plan = {epoch: epoch_steps(examples, t.global_batch, rt.world, t.micro_batch, t.seed, epoch, cfg.data)}
+            # this process's micro-batches (padded, or packed rows with position_ids), and the
+            # step's divisor: valid target tokens over every micro-batch and process
+            micro, global_count = step_batches(examples, plan[epoch][index], rt.rank, tokenizer.pad_token_id)
 
             # forward and backward, micro-batch by micro-batch; gradients sync on the last
             stats = StepStats(rt.device)
-            for i, exs in enumerate(micro):
-                batch = {k: v.to(rt.device) for k, v in collate(exs, tokenizer.pad_token_id).items()}
+            for i, batch in enumerate(micro):
+                batch = {k: v.to(rt.device) for k, v in batch.items()}
                 with dist.grad_sync(module, i == len(micro) - 1):
                     with autocast:
                         res = module(**batch, num_items=global_count / rt.world)
