@@ -348,5 +348,6 @@ def test_hub_datasets_are_read_in_batches_from_arrow(tok, tmp_path):
     ds = datasets.load_dataset(str(tmp_path / "hub"), split="train", cache_dir=str(tmp_path / "hf"))
     got = list(dataset_rows(ds, batch_size=1000))
     assert got[0] == (1, rows[0]) and got[-1] == (2500, rows[-1]) and len(got) == 2500
-    data, summary = _build(DataConfig(path="org/name", select="first:1200"), tok, 0, Source(["org/name[train]"], hub=ds), None)
+    data, summary = _build(DataConfig(path="org/name", select="first:1200"), tok, 0, Source(["org/name[train]"], hub=ds),
+                           tmp_path / "built")
     assert summary.kept == 1200 and data.source(1199) == "org/name[train]:1200"

@@ -167,7 +167,7 @@ def test_decoder_with_its_own_mask_is_refused(setup):
             return super().forward(input_ids=input_ids, position_ids=position_ids,
                                    attention_mask=torch.ones_like(input_ids), **kw)
 
-    tok, data = setup
+    tok, _ = setup
     model = _model(tok, "llama", "sdpa")
     own = OwnMask(model.config).double()
     own.load_state_dict(model.model.state_dict())

@@ -13,21 +13,21 @@ Record formats (``format=auto`` detects them from the first row's keys):
 For the single-turn formats the paper's layout is used: prompt = the chat template's
 user turn with the generation prompt, response = the text + EOS, loss on the response.
 
-Scale: rows are streamed (JSONL line by line, Parquet in record batches, Hub datasets
-memory-mapped through ``datasets``), tokenised in chunks of rows with one call into the
-Rust tokenizer per chunk (several processes when the data is large, ``data.workers``),
-and stored as flat arrays (``dftune.tokenized``), cached on disk by a hash of the data,
-tokenizer, template and settings. Batching and packing: ``dftune.batching``.
+Scale: rows are streamed (``dftune.records``: reading, selection, record checks),
+tokenised in chunks of rows with one call into the Rust tokenizer per chunk (several
+processes when the data is large, ``data.workers``), and stored as flat arrays
+(``dftune.tokenized``), cached on disk by a hash of the data, tokenizer, template and
+settings. Batching and packing: ``dftune.batching``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import os
-import random
 import shutil
+import sys
+import tempfile
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,18 +39,14 @@ from dftune.batching import (  # noqa: F401  (re-exported: the batching API live
 )
 from dftune.config import DataConfig
 from dftune.files import read_json
+from dftune.records import (  # noqa: F401  (re-exported)
+    FORMATS, DataError, Source, count_rows, dataset_rows, detect_format, gsm8k_boxed, iter_rows, open_source,
+    parse_select, read_records, select_rows, selected_rows, to_messages,
+)
 from dftune.tokenized import (  # noqa: F401
     Builder, Example, TokenizedData, cache_key, default_cache_dir, file_digest, load, locked, publish, tokenizer_digest,
 )
 
-FORMATS = {
-    "messages": ("messages",),
-    "prompt_completion": ("prompt", "completion"),
-    "problem_solution": ("problem", "solution"),
-    "question_answer": ("question", "answer"),
-    "tokenized": ("input_ids", "completion_mask"),
-}
-SUFFIXES = (".jsonl", ".json", ".parquet")
 CHUNK_ROWS = 512  # rows per tokenizer call (and per task for a worker process)
 AUTO_WORKERS_ROWS = 30_000  # below this many rows, worker processes cost more than they save
 SHOW_DROPPED = 5  # dropped rows named in the summary, per reason
@@ -66,10 +62,6 @@ PLAIN_TEMPLATE = (
     "{% else %}Assistant: {{ m['content'] }}{{ eos_token }}\n\n{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}Assistant:{% endif %}"
 )
-
-
-class DataError(ValueError):
-    """A data problem, naming the file, row and field."""
 
 
 @dataclass
@@ -96,244 +88,6 @@ class DataSummary:
             f"tokens per example min {ln.get('min')} mean {ln.get('mean', 0):.0f} median {ln.get('median')} "
             f"max {ln.get('max')}; {self.response_tokens} response tokens" + (f"; cache {self.cache}" if self.cache else "")
         )
-
-
-# ---- reading -------------------------------------------------------------------------
-# Rows are (file index, row number, record); a row that cannot be read (bad JSON or UTF-8)
-# carries its DataError as the record, so that on_bad_row decides, as for any bad row.
-
-
-@dataclass
-class Source:
-    """Where rows come from: local files (``paths``) or a memory-mapped Hub dataset."""
-
-    names: list[str]  # per file: what its rows' sources start with
-    paths: list[Path] = field(default_factory=list)
-    hub: object = None  # datasets.Dataset
-
-
-def _looks_local(path: str) -> bool:
-    """A path meant as a file: a data suffix, ./ ../ / ~, not owner/name, or a folder that exists."""
-    head = path.split("/", 1)[0]
-    return (not path or path.endswith(SUFFIXES) or path.startswith((".", "/", "~")) or path.count("/") != 1
-            or Path(head).is_dir())
-
-
-def open_source(path: str, split: str = "train") -> Source:
-    p = Path(path).expanduser()
-    if p.is_file():
-        return Source([str(p)], [p])
-    if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.suffix in SUFFIXES)
-        if not files:
-            raise DataError(f"{p}: no .jsonl, .json or .parquet files in this folder")
-        return Source([str(f) for f in files], files)
-    if _looks_local(path):
-        raise DataError(f"data file not found: {path!r} (relative paths are read from {os.getcwd()})")
-    try:
-        import datasets
-    except ImportError as e:
-        raise DataError(f"{path!r} is not a local file; for a Hub dataset install 'dftune[hub]'") from e
-    # memory-mapped Arrow: rows are read in batches, never all at once as dicts
-    return Source([f"{path}[{split}]"], hub=datasets.load_dataset(path, split=split))
-
-
-def _jsonl_rows(path: Path):
-    with path.open("rb") as f:
-        for i, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                yield i, json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                yield i, DataError(f"{path}, row {i}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
-            except json.JSONDecodeError as e:
-                yield i, DataError(f"{path}, row {i}: not valid JSON ({e.msg})")
-
-
-def _json_rows(path: Path):
-    raw = path.read_bytes()
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 (byte 0x{raw[e.start]:02x} on line {raw[:e.start].count(10) + 1})") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
-    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
-        data = next(iter(data.values()))
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a list of records")
-    yield from enumerate(data, 1)
-
-
-def _parquet_rows(path: Path):
-    import pyarrow.parquet as pq
-
-    i = 0
-    try:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=CHUNK_ROWS):
-            for rec in batch.to_pylist():
-                i += 1
-                yield i, rec
-    except Exception as e:  # noqa: BLE001  (pyarrow raises many types for a damaged file)
-        raise DataError(f"{path}, after row {i}: cannot read the Parquet file ({type(e).__name__}: {e})") from None
-
-
-def dataset_rows(ds, batch_size: int = 1000):
-    """(row number, dict) from a ``datasets.Dataset``, batch by batch (memory-mapped)."""
-    i = 0
-    for batch in ds.iter(batch_size=batch_size):
-        keys = list(batch)
-        for values in zip(*(batch[k] for k in keys)):
-            i += 1
-            yield i, dict(zip(keys, values))
-
-
-def iter_rows(src: Source):
-    """(file index, row number, record) for every row, lazily."""
-    if src.hub is not None:
-        for row, rec in dataset_rows(src.hub):
-            yield 0, row, rec
-        return
-    for fi, p in enumerate(src.paths):
-        reader = {".jsonl": _jsonl_rows, ".json": _json_rows, ".parquet": _parquet_rows}.get(p.suffix)
-        if reader is None:
-            raise DataError(f"{p}: unsupported file type (use .jsonl, .json or .parquet)")
-        for row, rec in reader(p):
-            yield fi, row, rec
-
-
-def count_rows(src: Source) -> int:
-    """The number of rows ``iter_rows`` yields (JSONL: non-blank lines; not parsed)."""
-    if src.hub is not None:
-        return len(src.hub)
-    total = 0
-    for p in src.paths:
-        if p.suffix == ".jsonl":
-            with p.open("rb") as f:
-                total += sum(1 for line in f if line.strip())
-        elif p.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            total += pq.ParquetFile(p).metadata.num_rows
-        else:
-            total += sum(1 for _ in _json_rows(p))
-    return total
-
-
-def _parse_select(select: str) -> tuple[str, int]:
-    kind, _, n = select.partition(":")
-    if kind == "all" and not n:
-        return "all", 0
-    if kind not in ("first", "random") or not n.isdigit():
-        raise DataError(f"data.select must be all, first:N or random:N; got {select!r}")
-    return kind, int(n)
-
-
-def selected_rows(src: Source, select: str, seed: int):
-    """The rows ``select`` keeps (all | first:N | random:N seeded, file order kept), lazily."""
-    kind, n = _parse_select(select)
-    rows = iter_rows(src)
-    if kind == "all":
-        return rows
-    if kind == "first":
-        return itertools.islice(rows, n)
-    total = count_rows(src)
-    keep = set(random.Random(seed).sample(range(total), min(n, total)))
-    return (r for i, r in enumerate(rows) if i in keep)
-
-
-def read_records(path: str, split: str = "train") -> list[tuple[str, dict]]:
-    """(source, record) pairs from a file, a folder of files, or a Hub dataset id (all in memory:
-    for small files; training streams them instead). A row that cannot be read raises."""
-    src = open_source(path, split)
-    out = []
-    for fi, row, rec in iter_rows(src):
-        if isinstance(rec, DataError):
-            raise rec
-        out.append((f"{src.names[fi]}:{row}", rec))
-    return out
-
-
-def select_rows(rows: list, select: str, seed: int) -> list:
-    """all | first:N | random:N (seeded, order kept), on a list."""
-    kind, n = _parse_select(select)
-    if kind == "all":
-        return rows
-    if kind == "first":
-        return rows[:n]
-    keep = sorted(random.Random(seed).sample(range(len(rows)), min(n, len(rows))))
-    return [rows[i] for i in keep]
-
-
-# ---- records to chat messages --------------------------------------------------------
-
-
-def detect_format(record, source: str) -> str:
-    if not isinstance(record, dict):
-        raise DataError(f"{source}: expected a JSON object (a record with fields), got {type(record).__name__}")
-    for name, fields in FORMATS.items():
-        if all(f in record for f in fields):
-            return name
-    raise DataError(
-        f"{source}: cannot detect the record format from fields {sorted(record)}; expected one of "
-        + "; ".join(f"{k} ({'/'.join(v)})" for k, v in FORMATS.items())
-        + " (or set data.format and the field names)"
-    )
-
-
-def gsm8k_boxed(answer: str) -> str:
-    """'... #### 72' -> '...\\nThe answer is \\boxed{72}.' (GSM8K's final-answer line)."""
-    body, sep, final = answer.rpartition("####")
-    if not sep:
-        return answer
-    return f"{body.rstrip()}\nThe answer is $\\boxed{{{final.strip().replace(',', '')}}}$."
-
-
-def _unicode(value: str, source: str, where: str) -> str:
-    """Lone surrogates (JSON "\\ud800" escapes) are not text: the tokenizer cannot encode them."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise DataError(f"{source}: field {where} holds a lone surrogate (\\u{ord(value[e.start]):04x} at character "
-                        f"{e.start}), which is not valid Unicode text") from None
-    return value
-
-
-def _text(record: dict, key: str, source: str) -> str:
-    if key not in record:
-        raise DataError(f"{source}: missing field {key!r}")
-    value = record[key]
-    if not isinstance(value, str) or not value.strip():
-        raise DataError(f"{source}: field {key!r} must be a non-empty string, got {type(value).__name__} {str(value)[:40]!r}")
-    return _unicode(value, source, repr(key))
-
-
-def to_messages(record: dict, fmt: str, cfg: DataConfig, source: str) -> list[dict]:
-    """The record as chat messages; the last (or every) assistant turn is the target."""
-    if fmt == "messages":
-        key = cfg.messages_field or "messages"
-        msgs = record.get(key)
-        if not isinstance(msgs, list) or not msgs:
-            raise DataError(f"{source}: field {key!r} must be a non-empty list of messages")
-        for j, m in enumerate(msgs):
-            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
-                raise DataError(f"{source}: field {key!r}[{j}] must be {{role: system|user|assistant, content: str}}")
-            _unicode(m["content"], source, f"{key!r}[{j}]")
-            if m["role"] == "assistant" and not m["content"].strip():
-                raise DataError(f"{source}: field {key!r}[{j}] is an empty assistant turn (nothing to learn)")
-        if not any(m["role"] == "assistant" for m in msgs):
-            raise DataError(f"{source}: field {key!r} has no assistant turn to learn from")
-        return msgs
-    if fmt not in FORMATS:
-        raise DataError(f"data.format must be auto or one of {sorted(FORMATS)}; got {fmt!r}")
-    pkey = cfg.prompt_field or FORMATS[fmt][0]
-    rkey = cfg.response_field or FORMATS[fmt][1]
-    prompt, response = _text(record, pkey, source), _text(record, rkey, source)
-    if fmt == "question_answer" and cfg.boxed_answers:
-        response = gsm8k_boxed(response)
-    msgs = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
-    return msgs + [{"role": "user", "content": prompt + cfg.instruction_suffix}, {"role": "assistant", "content": response}]
 
 
 # ---- tokenisation ----------------------------------------------------------------------
@@ -417,11 +171,13 @@ def _pretokenized(record: dict, source: str, vocab: int) -> tuple[list[int], lis
 
 @dataclass
 class _Chunk:
-    """A chunk of rows, tokenised: the kept examples' arrays, and what happened to the rest."""
+    """A chunk of rows, tokenised: the kept examples' tokens, and what happened to the rest."""
 
-    ids: list = field(default_factory=list)  # per kept example
-    mask: list = field(default_factory=list)
-    kept: list = field(default_factory=list)  # (file index, row, truncated)
+    ids: np.ndarray = None  # (N,) int32: the kept examples, one after the other
+    mask: np.ndarray = None  # (N,) uint8: 1 = loss
+    lengths: list = field(default_factory=list)  # per kept example
+    kept: list = field(default_factory=list)  # (file index, row) per kept example
+    truncated: int = 0
     dropped: list = field(default_factory=list)  # (reason, source)
     bad: list = field(default_factory=list)  # (source, DataError message), in row order
 
@@ -452,6 +208,7 @@ def encode_rows(rows, fmt: str, cfg: DataConfig, tokenizer, names: list[str]) ->
             per_row.append((fi, row, str(e), source))
     encoded = _encode(tokenizer, texts) if texts else []
     eos = tokenizer.eos_token_id
+    ids_kept, mask_kept = [], []
     for fi, row, ids, mask in per_row:
         if isinstance(ids, str):
             out.bad.append((mask, ids))
@@ -463,10 +220,16 @@ def encode_rows(rows, fmt: str, cfg: DataConfig, tokenizer, names: list[str]) ->
         if first_target >= cfg.max_length:
             out.dropped.append(("prompt_overflow", f"{names[fi]}:{row}"))
             continue
-        cut = len(ids) > cfg.max_length
-        out.ids.append(ids[: cfg.max_length])
-        out.mask.append(mask[: cfg.max_length])
-        out.kept.append((fi, row, cut))
+        if len(ids) > cfg.max_length:
+            ids, mask = ids[: cfg.max_length], mask[: cfg.max_length]
+            out.truncated += 1
+        ids_kept.append(ids)
+        mask_kept.append(mask)
+        out.lengths.append(len(ids))
+        out.kept.append((fi, row))
+    n = sum(out.lengths)
+    out.ids = np.fromiter(itertools.chain.from_iterable(ids_kept), dtype=np.int32, count=n)
+    out.mask = np.fromiter(itertools.chain.from_iterable(mask_kept), dtype=np.uint8, count=n)
     return out
 
 
@@ -474,7 +237,6 @@ _WORKER: dict = {}
 
 
 def _worker_init(args) -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
     _WORKER["args"] = args
 
 
@@ -490,23 +252,33 @@ def _chunks(rows, size: int):
 
 
 def _encoded_chunks(rows, fmt, cfg: DataConfig, tokenizer, names, workers: int):
-    """Chunks in row order: here, or in ``workers`` spawned processes with a bounded queue
-    (rows are read only as fast as they are tokenised)."""
+    """Chunks in row order: here, or in ``workers`` processes with a bounded queue (rows are
+    read only as fast as they are tokenised)."""
     if workers <= 1:
         for chunk in _chunks(rows, CHUNK_ROWS):
             yield encode_rows(chunk, fmt, cfg, tokenizer, names)
         return
     import multiprocessing
 
-    ctx = multiprocessing.get_context("spawn")  # not fork: the parent may hold threads (torch, tokenizers)
-    with ctx.Pool(workers, initializer=_worker_init, initargs=((fmt, cfg, tokenizer, names),)) as pool:
-        pending: deque = deque()
-        for chunk in _chunks(rows, CHUNK_ROWS):
-            pending.append(pool.apply_async(_worker_encode, (chunk,)))
-            if len(pending) >= 2 * workers:
+    # fork on Linux (as datasets.map and torch's DataLoader do): no re-import, the tokenizer and
+    # the parent's pages are shared, no __main__ guard needed; spawn elsewhere
+    ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # inherited: the workers are the parallelism
+    try:
+        with ctx.Pool(workers, initializer=_worker_init, initargs=((fmt, cfg, tokenizer, names),)) as pool:
+            pending: deque = deque()
+            for chunk in _chunks(rows, CHUNK_ROWS):
+                pending.append(pool.apply_async(_worker_encode, (chunk,)))
+                if len(pending) >= 2 * workers:
+                    yield pending.popleft().get()
+            while pending:
                 yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+    finally:
+        if before is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
 
 
 def _workers(cfg: DataConfig, src: Source) -> int:
@@ -514,14 +286,14 @@ def _workers(cfg: DataConfig, src: Source) -> int:
         raise DataError(f"data.workers must be >= 0 (0: automatic); got {cfg.workers}")
     if cfg.workers:
         return cfg.workers
-    kind, n = _parse_select(cfg.select)
+    kind, n = parse_select(cfg.select)
     if kind != "all" and n < AUTO_WORKERS_ROWS:
         return 1
     rows = count_rows(src)
     return min(os.cpu_count() or 1, 8) if min(rows, n or rows) >= AUTO_WORKERS_ROWS else 1
 
 
-def _build(cfg: DataConfig, tokenizer, seed: int, src: Source, folder: Path | None) -> tuple[TokenizedData, DataSummary]:
+def _build(cfg: DataConfig, tokenizer, seed: int, src: Source, folder: Path) -> tuple[TokenizedData, DataSummary]:
     rows = selected_rows(src, cfg.select, seed)
     first = next(rows, None)
     if first is None:
@@ -542,9 +314,8 @@ def _build(cfg: DataConfig, tokenizer, seed: int, src: Source, folder: Path | No
                 named = summary.dropped_rows.setdefault(reason, [])
                 if len(named) < SHOW_DROPPED:
                     named.append(source)
-            for ids, mask, (f, r, cut) in zip(chunk.ids, chunk.mask, chunk.kept):
-                builder.add(ids, mask, f, r)
-                summary.truncated += cut
+            builder.add(chunk.ids, chunk.mask, chunk.lengths, chunk.kept)
+            summary.truncated += chunk.truncated
         data = builder.finish(src.names)
     except BaseException:
         builder.abort()
@@ -556,6 +327,16 @@ def _build(cfg: DataConfig, tokenizer, seed: int, src: Source, folder: Path | No
     summary.length = {"min": int(s[0]), "mean": float(s.mean()), "median": int(s[len(s) // 2]), "max": int(s[-1])}
     summary.response_tokens = int(data.mask.sum(dtype=np.int64))
     return data, summary
+
+
+def _build_uncached(cfg: DataConfig, tokenizer, seed: int, src: Source) -> tuple[TokenizedData, DataSummary]:
+    """Built into a temporary folder that is deleted at once: the arrays stay mapped (POSIX
+    keeps a deleted file's pages while they are mapped), so memory never holds them twice."""
+    tmp = Path(tempfile.mkdtemp(prefix="dftune-data-"))
+    try:
+        return _build(cfg, tokenizer, seed, src, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # where a mapped file cannot be deleted, the OS cleans its temp
 
 
 # Settings that do not change the tokenised data (kept out of the cache key)
@@ -579,16 +360,16 @@ def build_dataset(cfg: DataConfig, tokenizer, seed: int = 0) -> tuple[TokenizedD
     set_chat_template(tokenizer, cfg.chat_template)
     if cfg.on_bad_row not in ("error", "skip"):
         raise DataError(f"data.on_bad_row must be error or skip; got {cfg.on_bad_row!r}")
-    _parse_select(cfg.select)
+    parse_select(cfg.select)
     src = open_source(cfg.path, cfg.split)
-    if not cfg.cache:
-        return _build(cfg, tokenizer, seed, src, None)
     root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        print(f"data: cannot use the cache folder {root} ({e}); tokenising without a cache")
-        return _build(cfg, tokenizer, seed, src, None)
+    if cfg.cache:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            print(f"data: cannot use the cache folder {root} ({e}); tokenising without a cache")
+    if not cfg.cache or not root.is_dir():
+        return _build_uncached(cfg, tokenizer, seed, src)
     parts = _cache_parts(cfg, src, tokenizer, seed)
     key = cache_key(parts)
     entry = root / key

@@ -93,51 +93,34 @@ class TokenizedData(Sequence):
 
 
 class Builder:
-    """Appends examples; in memory, or written straight into a cache folder's files."""
+    """Appends chunks of examples to the flat files of ``folder`` (a cache entry being
+    written, or a temporary folder): memory holds one chunk at a time, never all tokens."""
 
-    FLUSH = 1 << 22  # tokens buffered before a write to disk
-
-    def __init__(self, folder: Path | None = None):
+    def __init__(self, folder: Path):
         self.folder = folder
-        self.ids, self.mask = array("i"), array("B")
+        folder.mkdir(parents=True, exist_ok=True)
         self.offsets, self.origin = array("q", [0]), array("q")
-        self.total = 0
-        self._files = None
-        if folder is not None:
-            folder.mkdir(parents=True, exist_ok=True)
-            self._files = (open(folder / "ids.bin", "wb"), open(folder / "mask.bin", "wb"))
+        self._files = (open(folder / "ids.bin", "wb"), open(folder / "mask.bin", "wb"))
 
-    def add(self, ids, mask, file_index: int, row: int) -> None:
-        self.ids.extend(ids)
-        self.mask.extend(mask)
-        self.total += len(ids)
-        self.offsets.append(self.total)
-        self.origin.extend((file_index, row))
-        if self._files is not None and len(self.ids) >= self.FLUSH:
-            self._flush()
-
-    def _flush(self) -> None:
-        self.ids.tofile(self._files[0])
-        self.mask.tofile(self._files[1])
-        self.ids, self.mask = array("i"), array("B")
+    def add(self, ids: np.ndarray, mask: np.ndarray, lengths, origin) -> None:
+        """ids (N,) int32 and mask (N,) uint8 of several examples; their lengths; (file, row) each."""
+        self._files[0].write(np.ascontiguousarray(ids, dtype=np.int32).tobytes())
+        self._files[1].write(np.ascontiguousarray(mask, dtype=np.uint8).tobytes())
+        total = self.offsets[-1]
+        for n, (f, row) in zip(lengths, origin):
+            total += n
+            self.offsets.append(total)
+            self.origin.extend((f, row))
 
     def finish(self, files: list[str]) -> TokenizedData:
-        offsets = np.frombuffer(self.offsets, dtype=np.int64)
-        origin = np.frombuffer(self.origin, dtype=np.int64).reshape(-1, 2)
-        if self._files is None:
-            ids, mask = np.frombuffer(self.ids, dtype=np.int32), np.frombuffer(self.mask, dtype=np.uint8)
-            return TokenizedData(ids, mask, offsets, origin, files)
-        self._flush()
-        for f in self._files:
-            f.close()
-        np.save(self.folder / "offsets.npy", offsets)
-        np.save(self.folder / "origin.npy", origin)
+        self.abort()
+        np.save(self.folder / "offsets.npy", np.frombuffer(self.offsets, dtype=np.int64))
+        np.save(self.folder / "origin.npy", np.frombuffer(self.origin, dtype=np.int64).reshape(-1, 2))
         return load(self.folder, files)
 
     def abort(self) -> None:
-        if self._files is not None:
-            for f in self._files:
-                f.close()
+        for f in self._files:
+            f.close()
 
 
 def load(folder: Path, files: list[str] | None = None) -> TokenizedData:
@@ -145,6 +128,7 @@ def load(folder: Path, files: list[str] | None = None) -> TokenizedData:
     meta = read_json(folder / "meta.json") or {}
     offsets = np.load(folder / "offsets.npy")
     n = int(offsets[-1])
+    # memory-mapped: the pages are the page cache's, shared by every process that maps them
     ids = np.memmap(folder / "ids.bin", dtype=np.int32, mode="r", shape=(n,)) if n else np.zeros(0, np.int32)
     mask = np.memmap(folder / "mask.bin", dtype=np.uint8, mode="r", shape=(n,)) if n else np.zeros(0, np.uint8)
     return TokenizedData(ids, mask, offsets, np.load(folder / "origin.npy"), files or meta.get("files", []))
