@@ -288,6 +288,14 @@ def test_cache_hits_misses_and_is_shared(tok, tmp_path):
     assert not list(cache.glob("*.tmp-*"))
 
 
+def test_unusable_cache_folder_falls_back_to_no_cache(tok, problems_file, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    data, summary = build_dataset(DataConfig(path=str(problems_file), cache_dir=str(blocker / "cache")), tok)
+    assert len(data) == 60 and summary.cache == ""
+    assert "cannot use the cache folder" in capsys.readouterr().out
+
+
 def test_failed_build_leaves_no_cache_entry(tok, tmp_path):
     f = write_jsonl(tmp_path / "g.jsonl", [{"problem": "a", "solution": "b"}] * 600 + [{"problem": "c"}])
     cache = tmp_path / "cache"

@@ -362,14 +362,17 @@ def build_dataset(cfg: DataConfig, tokenizer, seed: int = 0) -> tuple[TokenizedD
         raise DataError(f"data.on_bad_row must be error or skip; got {cfg.on_bad_row!r}")
     parse_select(cfg.select)
     src = open_source(cfg.path, cfg.split)
-    root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
     if cfg.cache:
+        root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
         try:
-            root.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
+            return _cached(cfg, tokenizer, seed, src, root)
+        except OSError as e:  # a read-only, foreign or impossible cache folder: still train
             print(f"data: cannot use the cache folder {root} ({e}); tokenising without a cache")
-    if not cfg.cache or not root.is_dir():
-        return _build_uncached(cfg, tokenizer, seed, src)
+    return _build_uncached(cfg, tokenizer, seed, src)
+
+
+def _cached(cfg: DataConfig, tokenizer, seed: int, src: Source, root: Path) -> tuple[TokenizedData, DataSummary]:
+    root.mkdir(parents=True, exist_ok=True)
     parts = _cache_parts(cfg, src, tokenizer, seed)
     key = cache_key(parts)
     entry = root / key
