@@ -12,6 +12,7 @@ Stages (each isolated: a failure is a row of the table, not the end of the run):
               tokens/s and MFU
   fsdp        dftune train with train.parallel=fsdp under torchrun on this one GPU
   eval        dftune eval on a tiny local benchmark (vLLM when installed, else the HF backend)
+  ppo         dftune baseline ppo on verl, 2 steps on a tiny model (when verl and vLLM are installed)
 Targets (issue "real precision, real scale"): loss memory <= 1.5 GB at 16K tokens, loss
 time <= 1.1x CCE, MFU >= 40%.
 """
@@ -196,7 +197,30 @@ def stage_eval(a) -> list:
              f"{n} problems x 4 samples in {time.perf_counter() - t:.0f} s", "runs", n == 16)]
 
 
-STAGES = {"gpu-tests": stage_gpu_tests, "loss": stage_loss, "train": stage_train, "fsdp": stage_fsdp, "eval": stage_eval}
+def stage_ppo(a) -> list:
+    """PPO on verl (the paper's online baseline): 2 steps on a tiny model, if verl and vLLM are installed."""
+    try:
+        import verl  # noqa: F401
+        import vllm  # noqa: F401
+    except ImportError:
+        return [("ppo", "dftune baseline ppo (verl)", "skipped: verl/vLLM not installed", "runs, saves", None)]
+    if a.device != "cuda":
+        return [("ppo", "dftune baseline ppo (verl)", "skipped: needs CUDA", "runs, saves", None)]
+    data = ROOT.parent / "shared" / "data" / "train" / "math_train.jsonl"
+    out = a.work / "ppo"
+    cmd = [sys.executable, "-m", "dftune.cli", "baseline", "ppo", "configs/paper/ppo.yaml", f"model={_tiny_model(a)}",
+           f"data={data}", "select=first:256", "global_batch=16", "mini_batch=16", "micro_batch=2", "gpus_per_node=1",
+           "max_steps=2", "save_every=2", "max_completion_length=64", "gpu_memory_utilization=0.3", "grade_workers=2",
+           f"out_dir={out}"]
+    t = time.perf_counter()
+    r = _run(cmd, 900)
+    ok = r.returncode == 0 and (out / "final" / "config.json").is_file() and (out / "log.jsonl").stat().st_size > 0
+    return [("ppo", "dftune baseline ppo (verl), 2 steps", f"{time.perf_counter() - t:.0f} s" if ok else
+             f"failed: {_tail(r)}", "runs, saves", ok)]
+
+
+STAGES = {"gpu-tests": stage_gpu_tests, "loss": stage_loss, "train": stage_train, "fsdp": stage_fsdp, "eval": stage_eval,
+          "ppo": stage_ppo}
 
 
 def main(argv=None) -> int:

@@ -5,15 +5,24 @@ import json
 import pytest
 
 from dftune.data import gsm8k_boxed
-from dftune.eval.benchmarks import BENCHMARKS, BenchmarkError, build_prompt, load_benchmark, to_problem
+from dftune.eval import benchmarks
+from dftune.eval.benchmarks import (
+    BENCHMARKS,
+    BenchmarkError,
+    build_prompt,
+    load_benchmark,
+    problems_hash,
+    to_problem,
+)
 from dftune.eval.grade import grade_batch
 
 # Minimum verification rates, and what is graded: each record's own reference solution
 # where one ends in a final answer; for OlympiadBench (proofs without a boxed answer)
 # and AMC23/AIME25 (no solutions), a completion that boxes the gold's own parts, which
 # checks our gold parsing and the multi-answer rule.
-EXPECTED = {"math500": 0.99, "minerva_math": 0.99, "aime24": 0.9, "gsm8k": 0.99,
-            "olympiadbench": 0.97, "amc23": 1.0, "aime25": 1.0}
+# (The grader before math-verify's extraction: the same, except aime24 at 29/30.)
+EXPECTED = {"math500": 1.0, "minerva_math": 1.0, "aime24": 1.0, "gsm8k": 1.0, "olympiadbench": 1.0, "amc23": 1.0,
+            "aime25": 1.0}
 
 
 def _reference_completions(name, rows, problems):
@@ -70,6 +79,14 @@ def test_missing_file_is_a_clear_error(tmp_path):
         load_benchmark("nope", tmp_path)
 
 
+def test_duplicate_ids_are_a_clear_error(tmp_path):
+    (tmp_path / "toy").mkdir()
+    (tmp_path / "toy" / "test.jsonl").write_text('{"id": "a", "question": "q", "answer": "1"}\n'
+                                                 '{"id": "a", "question": "r", "answer": "2"}\n')
+    with pytest.raises(BenchmarkError, match="test.jsonl:2: id 'a' is already used by .*test.jsonl:1"):
+        load_benchmark("toy", tmp_path)
+
+
 def test_custom_benchmark_folder(tmp_path):
     (tmp_path / "toy").mkdir()
     (tmp_path / "toy" / "test.jsonl").write_text('{"id": "a", "question": "1+1?", "answer": "2"}\n'
@@ -86,3 +103,49 @@ def test_prompts():
     assert build_prompt("Q", "plain").startswith("Question: Q\nPlease reason")
     with pytest.raises(BenchmarkError, match="chat template"):
         build_prompt("Q", "chat", None)
+
+
+# One record per Hub copy, in that copy's own layout (see benchmarks.HUB), and the problem
+# it must give.
+HUB_RECORDS = [
+    ("minerva_math", {"question": "How far?", "answer": "4.5 \\mathrm{~cm}"}, "How far?", ["4.5 \\mathrm{~cm}"]),
+    ("aime24", {"id": 60, "problem": "Aya walks.", "solution": "204", "url": "u"}, "Aya walks.", ["204"]),
+    ("aime24", {"id": 61, "problem": "Q", "solution": "\\boxed{025}", "url": "u"}, "Q", ["025"]),
+    ("amc23", {"id": 0, "question": "Cities?", "answer": 27.0, "url": "u"}, "Cities?", ["27"]),
+    ("aime25", {"id": "0", "problem": "Six points.", "answer": "468"}, "Six points.", ["468"]),
+    ("olympiadbench", {"id": 1606, "question": "Xenia?", "final_answer": ["$2$"], "is_multiple_answer": False,
+                       "context": None}, "Xenia?", ["2"]),
+    ("math500", {"problem": "Convert.", "solution": "s", "answer": "\\frac{1}{2}", "unique_id": "t/1.json"},
+     "Convert.", ["\\frac{1}{2}"]),
+    ("gsm8k", {"question": "Ducks?", "answer": "16 - 3 = 13\n#### 13"}, "Ducks?", ["13"]),
+]
+
+
+@pytest.mark.parametrize("name, rec, question, golds", HUB_RECORDS)
+def test_hub_layouts_map_to_problems(name, rec, question, golds, tmp_path):
+    p = to_problem(name, rec, 0, "hub:1")
+    assert (p.question, p.golds) == (question, golds)
+    (tmp_path / name).mkdir()  # the same record in a local file in the Hub layout
+    (tmp_path / name / "test.jsonl").write_text(json.dumps(rec) + "\n")
+    [q] = load_benchmark(name, tmp_path)
+    assert (q.question, q.golds) == (question, golds)
+
+
+def test_hub_code_path_reads_a_folder_in_the_hub_layout(tmp_path, monkeypatch):
+    pytest.importorskip("datasets", reason="the Hub path needs `datasets` (dftune[hub])")
+    repo = tmp_path / "math-ai" / "minervamath"  # what `datasets` finds for the Hub id, as a local folder
+    repo.mkdir(parents=True)
+    (repo / "test.jsonl").write_text("".join(json.dumps({"question": f"Q{i}?", "answer": str(i)}) + "\n"
+                                             for i in range(3)))
+    monkeypatch.delenv("DFTUNE_DATA_DIR", raising=False)
+    monkeypatch.setitem(benchmarks.HUB, "minerva_math", (str(repo), "", "test"))
+    ps = load_benchmark("minerva_math", limit=2)
+    assert [(p.question, p.golds) for p in ps] == [("Q0?", ["0"]), ("Q1?", ["1"])]
+    with pytest.raises(BenchmarkError, match="row 1: missing field 'solution' .* or 'answer'"):
+        to_problem("minerva_math", {"question": "Q"}, 0, f"{repo} (test), row 1")
+
+
+def test_problems_hash_follows_the_content():
+    a = [to_problem("aime25", {"question": "Q", "answer": "1"}, 0, "x")]
+    b = [to_problem("aime25", {"question": "Q", "answer": "2"}, 0, "x")]
+    assert problems_hash(a) == problems_hash(list(a)) != problems_hash(b)

@@ -26,7 +26,8 @@ def _run(backend, spec, hidden, weight, labels):
 
 
 @cuda
-@pytest.mark.parametrize("backend, specs", [("cce", ["nll", "dft", "prob_power:alpha=2", "talr", "focal"]),
+@pytest.mark.parametrize("backend, specs", [("cce", ["nll", "dft", "prob_power:alpha=2", "talr", "focal", "chord_phi",
+                                                     "dft:floor=0.1", "thresholded:pct=20"]),
                                              ("liger", ["nll", "dft"])])
 def test_gpu_backend_matches_chunked(backend, specs):
     pytest.importorskip({"cce": "cut_cross_entropy", "liger": "liger_kernel"}[backend])
@@ -72,3 +73,16 @@ def test_bf16_mixed_head_on_cuda_matches_float64():
     for got, want in ((w32.grad, w64.grad), (h.grad, h64.grad)):
         scale = want.abs().max()
         torch.testing.assert_close(got.double() / scale, want / scale, rtol=3e-2, atol=1e-2)
+
+
+@cuda
+def test_new_objectives_on_cuda_match_naive_with_weights():
+    """EAFT's top-K entropy, protect's token classes and the per-token weights on CUDA."""
+    hidden, weight, labels = _problem(torch.float32, n=300, v=5000)
+    classes = torch.randint(0, 4, (5000,), device="cuda")
+    for spec in ("eaft:k=20", "dft:floor=0.1,protect=special", "thresholded:pct=30,loss=p", "chord_phi:norm=weight"):
+        a = token_loss(hidden, weight, labels, spec, backend="chunked", chunk_size=64, token_class=classes)
+        b = token_loss(hidden, weight, labels, spec, backend="naive", token_class=classes)
+        torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.weight, b.weight, rtol=1e-4, atol=1e-6)
+        assert a.weight_sum.isfinite()

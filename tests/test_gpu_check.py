@@ -14,7 +14,7 @@ def test_gpu_check_runs_every_stage_at_smoke_sizes(tmp_path):
     table = [ln for ln in r.stdout.splitlines() if ln.startswith("| ") and not ln.startswith("| stage")]
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     stages = {ln.split("|")[1].strip() for ln in table}
-    assert stages == {"gpu-tests", "loss", "train", "fsdp", "eval"}
+    assert stages == {"gpu-tests", "loss", "train", "fsdp", "eval", "ppo"}
     rows = {ln.split("|")[1].strip() + ":" + ln.split("|")[2].strip(): ln for ln in table}
     assert "skipped: needs CUDA" in rows["gpu-tests:pytest -m gpu"]
     assert any("dftune N=" in k and "grad err" in v for k, v in rows.items())  # gradient agreement is measured

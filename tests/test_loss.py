@@ -8,8 +8,9 @@ import torch
 from dftune.loss import token_loss
 from dftune.objectives import OBJECTIVES, get_objective
 
-# Each spec, with the closed form of its per-token loss in float64. `lp` are the valid
-# tokens' target log-probs (with grad), `seq` their sequence ids, `ref` the reference's.
+# Each spec, with the closed form of its per-token loss in float64. `r.lp` are the valid
+# tokens' target log-probs (with grad), `r.seq` their sequence ids, `r.ref` the reference's
+# log-probs, `r.tk` the top-K entropy / ln K of the objective's K, `r.cls` the target's class.
 def _seq_mean(x, seq):
     out = torch.zeros_like(x)
     for s in seq.unique():
@@ -17,22 +18,47 @@ def _seq_mean(x, seq):
     return out
 
 
+def _p(r):
+    return r.lp.detach().exp()
+
+
+def _low_ranks(lp, pct):
+    """The floor(pct% of M) lowest-probability tokens, by a float64 argsort."""
+    n_low = math.floor(pct / 100 * lp.numel() + 1e-9)
+    low = torch.zeros(lp.numel(), dtype=torch.bool)
+    low[torch.argsort(lp.detach(), stable=True)[:n_low]] = True
+    return low
+
+
 REFERENCE = {
-    "nll": lambda lp, seq, ref: -lp,
-    "dft": lambda lp, seq, ref: -lp.detach().exp() * lp,
-    "prob_power:alpha=2": lambda lp, seq, ref: (1 - lp.exp() ** 2) / 2,
-    "prob_power:alpha=0.5": lambda lp, seq, ref: (1 - lp.exp() ** 0.5) / 0.5,
-    "thresholded:q=0.05": lambda lp, seq, ref: -lp * (lp.detach().exp() >= 0.05),
-    "thresholded:q=0.05,normalize=kept": lambda lp, seq, ref: -lp * (lp.detach().exp() >= 0.05)
-    * (lp.numel() / (lp.detach().exp() >= 0.05).sum().clamp_min(1)),
-    "dft_clip:tau=0.1": lambda lp, seq, ref: -torch.where(lp.detach().exp() < 0.1, lp.detach().exp(), 1.0) * lp,
-    "talr": lambda lp, seq, ref: -torch.clamp(
-        lp.detach().exp() ** (1 / torch.stack([(-lp.detach()[seq == s]).mean() for s in seq.unique()]).median()), min=0.01
-    ) * lp,
-    "focal:gamma=2": lambda lp, seq, ref: -(1 - lp.exp()) ** 2 * lp,
-    "iw_sft": lambda lp, seq, ref: -torch.clamp(_seq_mean(lp.detach() - ref, seq).exp(), 0, 16) * lp,
-    "iw_sft:level=token": lambda lp, seq, ref: -torch.clamp((lp.detach() - ref).exp(), 0.2, 1.8) * lp,
-    "asft:lam=0.3": lambda lp, seq, ref: -lp.detach().exp() * lp,  # + KL term, added below
+    "nll": lambda r: -r.lp,
+    "dft": lambda r: -_p(r) * r.lp,
+    "dft:norm=weight": lambda r: -_p(r) * r.lp,  # the value is DFT's; the loop rescales the gradient
+    "dft:floor=0.1": lambda r: -torch.clamp(_p(r), min=0.1) * r.lp,
+    "dft:protect=special": lambda r: torch.where(r.cls == 1, -r.lp, -_p(r) * r.lp),
+    "dft:floor=0.1,protect=special": lambda r: torch.where(r.cls == 1, -r.lp, -torch.clamp(_p(r), min=0.1) * r.lp),
+    "prob_power:alpha=1,protect=special+number": lambda r: torch.where((r.cls == 1) | (r.cls == 2), -r.lp, 1 - r.lp.exp()),
+    "prob_power:alpha=2": lambda r: (1 - r.lp.exp() ** 2) / 2,
+    "prob_power:alpha=0.5": lambda r: (1 - r.lp.exp() ** 0.5) / 0.5,
+    "thresholded:q=0.05": lambda r: -r.lp * (_p(r) >= 0.05),
+    "thresholded:q=0.05,normalize=kept": lambda r: -r.lp * (_p(r) >= 0.05) * (r.lp.numel() / (_p(r) >= 0.05).sum().clamp_min(1)),
+    "thresholded:q=0.05,keep=bottom": lambda r: -r.lp * (_p(r) <= 0.05),
+    "thresholded:q=0.05,loss=p": lambda r: (1 - r.lp.exp()) * (_p(r) >= 0.05),
+    "thresholded:pct=30": lambda r: -r.lp * ~_low_ranks(r.lp, 30),
+    "thresholded:pct=30,keep=bottom,loss=p,normalize=kept": lambda r: (1 - r.lp.exp()) * _low_ranks(r.lp, 30)
+    * (r.lp.numel() / _low_ranks(r.lp, 30).sum().clamp_min(1)),
+    "dft_clip:tau=0.1": lambda r: -torch.where(_p(r) < 0.1, _p(r), 1.0) * r.lp,
+    "talr": lambda r: -torch.clamp(
+        _p(r) ** (1 / torch.stack([(-r.lp.detach()[r.seq == s]).mean() for s in r.seq.unique()]).median()), min=0.01
+    ) * r.lp,
+    "focal:gamma=2": lambda r: -(1 - r.lp.exp()) ** 2 * r.lp,
+    "eaft:k=5": lambda r: -r.tk * r.lp,
+    "eaft:k=8,alpha=2": lambda r: -r.tk ** 2 * r.lp,
+    "chord_phi": lambda r: -(_p(r) * (1 - _p(r))) * r.lp,
+    "psft:eps=0.2": lambda r: -torch.minimum((r.lp - r.ref).exp(), (r.lp - r.ref).exp().clamp(0.8, 1.2)),
+    "iw_sft": lambda r: -torch.clamp(_seq_mean(r.lp.detach() - r.ref, r.seq).exp(), 0, 16) * r.lp,
+    "iw_sft:level=token": lambda r: -torch.clamp((r.lp.detach() - r.ref).exp(), 0.2, 1.8) * r.lp,
+    "asft:lam=0.3": lambda r: -_p(r) * r.lp,  # + KL term, added below
 }
 
 
@@ -54,22 +80,47 @@ def _problem(n, h, v, dtype, seed=0, bias=True):
     return hidden, weight, b, labels, seq, ref_h, ref_w
 
 
-def _reference(spec, hidden, weight, b, labels, seq, ref_h, ref_w):
-    """float64 loss and gradients, from the full logits and the closed form."""
-    h = hidden.double().requires_grad_(True)
-    w = weight.double().requires_grad_(True)
-    bb = None if b is None else b.double().requires_grad_(True)
+def _classes(v, seed=0):
+    """A (V,) class table: ids in 0..3 (content, special, number, punct)."""
+    return torch.randint(0, 4, (v,), generator=torch.Generator().manual_seed(seed + 100))
+
+
+def _topk_entropy64(logsm, k):
+    k = min(k, logsm.shape[-1])
+    top = logsm.topk(k, dim=-1).values
+    top = top - top.logsumexp(-1, keepdim=True)
+    return -(top.exp() * top).sum(-1) / math.log(k)
+
+
+class _Tokens:
+    def __init__(self, lp, seq, ref, tk, cls):
+        self.lp, self.seq, self.ref, self.tk, self.cls = lp, seq, ref, tk, cls
+
+
+def _reference(spec, hidden, weight, b, labels, seq, ref_h, ref_w, *, weights=False):
+    """float64 loss and gradients, from the full logits and the closed form (and, with
+    weights=True, the per-token weights -M * d loss / d logp)."""
+    h = hidden.detach().to(torch.float64, copy=True).requires_grad_(True)
+    w = weight.detach().to(torch.float64, copy=True).requires_grad_(True)
+    bb = None if b is None else b.detach().to(torch.float64, copy=True).requires_grad_(True)
     z = h @ w.T + (0 if bb is None else bb)
     logsm = z.log_softmax(-1)
     m = labels != -100
     lp = logsm[m].gather(1, labels[m][:, None]).squeeze(1)
+    if weights:
+        lp = lp.detach().requires_grad_(True)
     ref_logsm = (ref_h.double() @ ref_w.double().T + (0 if b is None else b.double())).log_softmax(-1)
     ref_lp = ref_logsm[m].gather(1, labels[m][:, None]).squeeze(1)
-    vals = REFERENCE[spec](lp, seq[m], ref_lp)
+    k = get_objective(spec).topk
+    tk = _topk_entropy64(logsm[m].detach(), k) if k else None
+    vals = REFERENCE[spec](_Tokens(lp, seq[m], ref_lp, tk, _classes(weight.shape[0])[labels[m]]))
     total = vals.sum()
     if spec.startswith("asft"):
         total = total + 0.3 * (ref_logsm[m].exp() * (ref_logsm[m] - logsm[m])).sum()
     loss = total / max(int(m.sum()), 1)
+    if weights:
+        (g,) = torch.autograd.grad(vals.sum(), lp)
+        return -g
     loss.backward()
     return loss.detach(), h.grad, w.grad, None if bb is None else bb.grad
 
@@ -80,7 +131,7 @@ def _ours(spec, backend, hidden, weight, b, labels, seq, ref_h, ref_w, chunk):
     bb = None if b is None else b.clone().requires_grad_(True)
     ref_b = None if b is None else b
     r = token_loss(h, w, labels, spec, bias=bb, backend=backend, chunk_size=chunk, seq_ids=seq,
-                   ref_hidden=ref_h, ref_weight=ref_w, ref_bias=ref_b)
+                   ref_hidden=ref_h, ref_weight=ref_w, ref_bias=ref_b, token_class=_classes(weight.shape[0]))
     r.loss.backward()
     return r, h.grad, w.grad, None if bb is None else bb.grad
 
@@ -228,7 +279,12 @@ def test_bad_input_gives_clear_errors(kwargs, match):
 @pytest.mark.parametrize(
     "spec, match",
     [("dtf", "unknown objective"), ("prob_power:beta=2", "no parameter"), ("prob_power:2", "key=value"),
-     ("thresholded:normalize=some", "normalize"), ("prob_power:alpha=-1", "alpha")],
+     ("thresholded:normalize=some", "normalize"), ("prob_power:alpha=-1", "alpha"),
+     ("dft:floor=2", "floor"), ("dft:protect=eos", "token classes are"), ("dft:protect=", "token classes are"),
+     ("dft:norm=weights", "norm must be"), ("dft:floor=0.1,floor=0.2", "given twice"),
+     ("prob_power:alpha=0->1", "ramp"), ("prob_power:alpha=0-", "ramp"), ("eaft:k=1", "k must be"),
+     ("thresholded:q=0.2,pct=10", "not both"), ("thresholded:pct=120", "pct"), ("thresholded:keep=middle", "keep"),
+     ("thresholded:loss=logp", "loss"), ("psft:eps=0", "eps"), ("chord_phi:alpha=1", "no parameter")],
 )
 def test_bad_objective_specs(spec, match):
     with pytest.raises(ValueError, match=match):
@@ -334,3 +390,205 @@ def test_backward_scales_in_place_for_any_grad_output():
         grads.append((h.grad, w.grad, bb.grad))
     for one, three in zip(*grads):
         torch.testing.assert_close(three, 3 * one)
+
+
+# ---- per-token weights and norm=weight ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", sorted(REFERENCE))
+@pytest.mark.parametrize("backend", ["chunked", "naive"])
+def test_per_token_weights_match_float64(spec, backend):
+    """LossResult.weight is -M * d loss / d logp: the factor on each token's NLL gradient."""
+    prob = _problem(41, 8, 37, torch.float32, seed=9)
+    r, *_ = _ours(spec, backend, *prob, 6)
+    want = _reference(spec, *prob, weights=True)
+    m = r.mask
+    torch.testing.assert_close(r.weight[m].double(), want, rtol=1e-4, atol=1e-6)
+    assert torch.all(r.weight[~m] == 0)
+    torch.testing.assert_close(r.weight_sum.double(), want.sum(), rtol=1e-4, atol=1e-5)
+    assert r.sums()["weight"] == pytest.approx(float(want.sum()), rel=1e-4)
+
+
+def test_weights_of_the_simple_objectives_are_their_formulas():
+    prob = _problem(30, 8, 25, torch.float64, seed=10)
+    r = {s: _ours(s, "chunked", *prob, 7)[0] for s in ("nll", "dft", "prob_power:alpha=2", "chord_phi")}
+    m = r["nll"].mask
+    p = r["nll"].logp[m].exp()
+    torch.testing.assert_close(r["nll"].weight[m], torch.ones_like(p))
+    torch.testing.assert_close(r["dft"].weight[m], p)
+    torch.testing.assert_close(r["prob_power:alpha=2"].weight[m], p ** 2)
+    torch.testing.assert_close(r["chord_phi"].weight[m], p * (1 - p))
+
+
+NORM_SPECS = ["dft:norm=weight", "prob_power:alpha=2,norm=weight", "chord_phi:norm=weight", "eaft:k=5,norm=weight",
+              "dft:floor=0.1,protect=special,norm=weight", "nll:norm=weight"]
+
+
+@pytest.mark.parametrize("spec", NORM_SPECS)
+def test_weight_normalisation_over_uneven_micro_batches_equals_float64(spec):
+    """Accumulate token_loss over uneven slices with the global num_items, then rescale by
+    N / sum(w): the gradient of sum_t w_t * NLL_t / sum_t w_t over one big batch."""
+    from dftune.loss import normalize_gradients_
+
+    obj = get_objective(spec)
+    assert obj.normalize == "weights" and obj.name.endswith("norm=weight")
+    hidden, weight, b, labels, seq, rh, rw = _problem(60, 8, 33, torch.float64, seed=11)
+    classes = _classes(33)
+    total = int((labels != -100).sum())
+    # float64 reference: detached weights (from the closed form), one batch
+    base = spec.replace(":norm=weight", "").replace(",norm=weight", "")
+    w_ref = _reference(base, hidden, weight, b, labels, seq, rh, rw, weights=True)
+    h64, w64 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    m = labels != -100
+    lp = (h64 @ w64.T + b).log_softmax(-1)[m].gather(1, labels[m][:, None]).squeeze(1)
+    ((w_ref * -lp).sum() / w_ref.sum()).backward()
+    # ours: uneven micro-batches, weights summed over them, one rescale
+    h_acc, w_acc = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    wsum = 0.0
+    for s in range(0, 60, 17):
+        r = token_loss(h_acc[s:s + 17], w_acc, labels[s:s + 17], spec, bias=b, num_items=total, chunk_size=5,
+                       token_class=classes)
+        r.loss.backward()
+        wsum += float(r.weight_sum)
+    factor = normalize_gradients_([h_acc, w_acc], total, wsum)
+    assert factor == pytest.approx(total / float(w_ref.sum()))
+    torch.testing.assert_close(w_acc.grad, w64.grad)
+    torch.testing.assert_close(h_acc.grad, h64.grad)
+
+
+def test_weight_normalizer_edge_cases():
+    from dftune.loss import normalize_gradients_, weight_normalizer
+
+    assert weight_normalizer(100, 25.0) == 4.0
+    assert weight_normalizer(100, 0.0) == 1.0  # nothing to rescale: the objective gave no gradient
+    with pytest.raises(ValueError, match="weights are unknown"):
+        weight_normalizer(100, float("nan"))
+    p = torch.nn.Parameter(torch.ones(3))
+    q = torch.nn.Parameter(torch.ones(2))  # no grad: left alone
+    p.grad = torch.full((3,), 2.0)
+    assert normalize_gradients_([p, q], 10, 5) == 2.0
+    assert torch.equal(p.grad, torch.full((3,), 4.0)) and q.grad is None
+
+
+# ---- the newer objectives' defining properties --------------------------------------------------
+
+
+def test_eaft_topk_entropy_weight_is_one_on_flat_and_zero_on_confident_predictions():
+    v, h = 40, 4
+    weight = torch.randn(v, h, dtype=torch.float64)
+    flat = torch.zeros(3, h, dtype=torch.float64)  # every logit 0: top-K uniform, H = ln K, weight 1
+    labels = torch.tensor([0, 1, 2])
+    for backend in ("chunked", "naive"):
+        r = token_loss(flat, weight, labels, "eaft:k=20", backend=backend)
+        torch.testing.assert_close(r.weight, torch.ones(3, dtype=torch.float32))
+    # a confident row: one logit far above the rest -> top-K entropy ~ 0 -> weight ~ 0
+    w_id = torch.eye(v, h, dtype=torch.float64)
+    confident = torch.zeros(2, h, dtype=torch.float64)
+    confident[:, 0] = 60.0
+    r = token_loss(confident, w_id, torch.tensor([1, 0]), "eaft", backend="chunked")
+    assert float(r.weight.max()) < 1e-6  # the conflicting token 1 (p ~ 0) gets no push either
+    # K above the vocabulary size is capped at V: uniform still gives weight 1
+    r = token_loss(flat, weight, labels, "eaft:k=1000", chunk_size=2)
+    torch.testing.assert_close(r.weight, torch.ones(3, dtype=torch.float32))
+
+
+def test_thresholded_percentile_is_by_rank_within_the_call():
+    # logits chosen so that the target probabilities are increasing with the token index
+    hidden = torch.linspace(-3, 3, 10, dtype=torch.float64)[:, None]
+    weight = torch.tensor([[1.0], [0.0], [0.0], [0.0], [0.0], [0.0]], dtype=torch.float64)
+    labels = torch.zeros(10, dtype=torch.long)
+    top = token_loss(hidden, weight, labels, "thresholded:pct=30")
+    bottom = token_loss(hidden, weight, labels, "thresholded:pct=30,keep=bottom")
+    assert torch.all(top.logp[:-1] < top.logp[1:])
+    assert top.weight.tolist() == [0.0] * 3 + [1.0] * 7  # the 3 lowest (floor(30% of 10)) dropped
+    assert bottom.weight.tolist() == [1.0] * 3 + [0.0] * 7
+    # loss=p on the kept tokens: weight p there
+    r = token_loss(hidden, weight, labels, "thresholded:pct=30,loss=p")
+    torch.testing.assert_close(r.weight[3:], r.logp[3:].exp())
+    assert get_objective("thresholded:pct=30").batch_level
+
+
+def test_psft_is_nll_when_the_old_policy_is_the_current_one_and_stops_above_the_clip():
+    hidden, weight, b, labels, *_ = _problem(30, 8, 25, torch.float64, seed=12)
+    g = {}
+    for spec in ("nll", "psft"):
+        h = hidden.clone().requires_grad_(True)
+        r = token_loss(h, weight, labels, spec, bias=b, ref_hidden=hidden, ref_weight=weight, ref_bias=b)
+        r.loss.backward()
+        g[spec] = h.grad
+    torch.testing.assert_close(g["psft"], g["nll"])  # r = 1 everywhere: PSFT's gradient is NLL's
+    # an old policy that gave the targets less probability: ratios above 1 + eps get no
+    # gradient, the others their ratio r
+    old_h = hidden - 0.05 * weight[labels.clamp_min(0)]
+    r = token_loss(hidden, weight, labels, "psft:eps=0.2", bias=b, ref_hidden=old_h, ref_weight=weight, ref_bias=b)
+    m = r.mask
+    ratio = (r.logp[m] - token_loss(old_h, weight, labels, "nll", bias=b).logp[m]).exp()
+    assert (ratio > 1.2).any() and (ratio <= 1.2).any()
+    torch.testing.assert_close(r.weight[m], torch.where(ratio > 1.2, 0.0, ratio))
+
+
+def test_protect_gives_exactly_nll_gradients_on_protected_tokens():
+    hidden, weight, b, labels, *_ = _problem(24, 8, 20, torch.float64, seed=13, bias=False)
+    labels = labels.clamp_min(0)
+    classes = torch.zeros(20, dtype=torch.long)
+    classes[labels[:5]] = 1  # the first five targets' ids are "special"
+    r = token_loss(hidden, weight, labels, "dft:protect=special", token_class=classes)
+    special = classes[labels] == 1
+    assert special.sum() >= 5
+    torch.testing.assert_close(r.weight[special], torch.ones(int(special.sum()), dtype=torch.float32))
+    torch.testing.assert_close(r.weight[~special], r.logp[~special].exp())
+    with pytest.raises(ValueError, match="token classes"):
+        token_loss(hidden, weight, labels, "dft:protect=special")
+    with pytest.raises(ValueError, match=r"token_class must be an integer table of shape \(20,\)"):
+        token_loss(hidden, weight, labels, "dft:protect=special", token_class=classes[labels])
+
+
+@pytest.mark.parametrize(
+    "spec, name",
+    [("dft", "dft"), ("dft:floor=0", "dft"), ("dft:floor=0.1", "dft:floor=0.1"),
+     ("dft:norm=weight,protect=special", "dft:protect=special,norm=weight"),
+     ("dft:protect=number+special", "dft:protect=special+number"),
+     ("thresholded:q=0.2", "thresholded:q=0.2,keep=top,loss=nll,normalize=all"),
+     ("eaft", "eaft:k=20,alpha=1"), ("chord_phi", "chord_phi"), ("psft", "psft:eps=0.2"),
+     ("nll:norm=tokens", "nll")],
+)
+def test_canonical_names(spec, name):
+    assert get_objective(spec).name == name
+    assert get_objective(name).name == name  # a name resolves to itself
+
+
+def test_objective_requirements():
+    assert get_objective("eaft:k=7").topk == 7 and not get_objective("dft").topk
+    assert get_objective("dft:protect=special").needs_classes
+    assert get_objective("psft").needs_ref and get_objective("thresholded:pct=10").batch_level
+    assert get_objective("dft").normalize == "tokens" and get_objective("talr:norm=weight").normalize == "weights"
+
+
+def test_describe_objectives_lists_every_objective_and_the_generic_parameters():
+    from dftune.objectives import describe_objectives
+
+    text = describe_objectives()
+    for name in set(OBJECTIVES) - {"sft"}:
+        assert f"\n  {name}" in text
+    assert "floor=0.0" in text and "arXiv 2601.02151" in text and "norm:" in text and "protect:" in text
+
+
+@pytest.mark.parametrize("spec", ["eaft:k=5", "dft:floor=0.1,protect=special", "chord_phi", "thresholded:pct=30"])
+def test_interop_loss_matches_token_loss_for_the_new_objectives(spec):
+    """compute_loss_func (TRL / HF Trainer) gives token_loss's value and gradient."""
+    from dftune.interop import compute_loss_func
+
+    hidden, weight, b, labels, *_ = _problem(3 * 11, 8, 29, torch.float64, seed=14)
+    classes = _classes(29)
+    lab = torch.cat([torch.full((3, 1), -100), labels.view(3, 11)], 1)  # (B, T+1): position t predicts t+1
+    h1 = hidden.clone().requires_grad_(True)
+    logits = torch.cat([(h1 @ weight.T + b).view(3, 11, 29), torch.zeros(3, 1, 29, dtype=torch.float64)], 1)
+    ours = compute_loss_func(spec, token_class=classes)({"logits": logits}, lab)
+    ours.backward()
+    h2 = hidden.clone().requires_grad_(True)
+    ref = token_loss(h2, weight, labels, spec, bias=b, token_class=classes)
+    ref.loss.backward()
+    torch.testing.assert_close(ours, ref.loss)
+    torch.testing.assert_close(h1.grad, h2.grad)
+    with pytest.raises(ValueError, match="norm=weight"):
+        compute_loss_func("dft:norm=weight")

@@ -25,27 +25,27 @@ QA = [{"question": "What is 1 plus 2?", "answer": "We add them.\n#### 3"},
 
 @pytest.fixture(scope="module")
 def sampler_model(tiny_dir, tmp_path_factory):
-    """A tiny model taught to answer the first question only: some samples right, some wrong."""
+    """A tiny model taught the first question with two answers, the right one (3) and a wrong
+    one (4), half the time each: its samples reliably mix correct and incorrect final answers
+    in the boxed format (which the grader reads as math-verify does, so garbage is no answer)."""
     root = tmp_path_factory.mktemp("offline")
-    data = write_jsonl(root / "teach.jsonl", [QA[0]] * 16)
+    wrong = {**QA[0], "answer": "We add them.\n#### 4"}
+    data = write_jsonl(root / "teach.jsonl", [QA[0]] * 8 + [wrong] * 8)
     cfg = Config(model=ModelConfig(name_or_path=str(tiny_dir)), data=DataConfig(path=str(data)),
-                 train=TrainConfig(objective="nll", lr=1e-2, global_batch=16, micro_batch=16, max_steps=12,
-                                   warmup_ratio=0.0, out_dir=str(root / "teach"), tensorboard=False))
+                 train=TrainConfig(objective="nll", lr=1e-2, min_lr_ratio=1.0, global_batch=16, micro_batch=16,
+                                   max_steps=30, warmup_ratio=0.0, out_dir=str(root / "teach"), tensorboard=False))
     return train(cfg), write_jsonl(root / "qa.jsonl", QA)
 
 
 class Counting:
     """The real HF backend, recording which question ids each generate call asked for."""
 
-    def __init__(self, model, records: bool = False):
-        self.backend, self.calls, self.records = HFBackend(str(model), batch_size=32), [], records
+    def __init__(self, model):
+        self.backend, self.calls = HFBackend(str(model), batch_size=32), []
 
-    def generate(self, prompts, keys, s):
+    def generate(self, prompts, keys, s, stop_token_ids=None):
         self.calls.append(list(keys))
-        outs = self.backend.generate(prompts, keys, s)
-        if self.records:  # the per-sample records the generation backends are moving to
-            return [[{"text": t, "num_tokens": len(t), "finish_reason": "stop"} for t in ts] for ts in outs]
-        return outs
+        return self.backend.generate(prompts, keys, s, stop_token_ids=stop_token_ids)
 
 
 SC = dict(temperature=1.0, max_new_tokens=24, seed=0)
@@ -171,13 +171,13 @@ def test_sample_skips_rows_without_gold_and_reads_sample_records(sampler_model, 
     model, _ = sampler_model
     data = write_jsonl(tmp_path / "mixed.jsonl", [{"problem": "What is 1 plus 2?", "solution": "so \\boxed{3}"},
                                                   {"problem": "Prove that 1 plus 2 is odd.", "solution": "proof"}])
-    backend = Counting(model, records=True)
+    backend = Counting(model)
     stats = sample(str(model), str(data), tmp_path / "o", k=2, backend="hf",
                    sampling=SamplingConfig(n=2, **SC), backend_obj=backend, grade_workers=1)
     assert stats["questions"] == 1 and stats["skipped_no_gold"] == 1 and stats["skipped_examples"] == [f"{data}:2"]
     rows = read_jsonl(tmp_path / "o" / "samples.jsonl")
     assert backend.calls == [["0"]] and len(rows) == 2
-    assert all(isinstance(r["response"], str) and r["finish_reason"] == "stop" for r in rows)
+    assert all(isinstance(r["response"], str) and r["finish_reason"] in ("stop", "length") for r in rows)
 
 
 # ---- the paper's RFT and DFT-on-RFT configs ------------------------------------------------------------------
@@ -252,7 +252,7 @@ def test_grpo_baseline_on_trl_with_our_grader_as_reward(sampler_model, tmp_path)
 
     model, qa = sampler_model
     cfg = load_baseline_config(None, [f"model={model}", f"data={qa}", "global_batch=8", "micro_batch=8",
-                                      "num_generations=4", "max_steps=2", "lr=1e-3", "max_completion_length=16",
+                                      "num_generations=4", "max_steps=2", "lr=1e-3", "max_completion_length=40",
                                       f"out_dir={tmp_path / 'grpo'}", "logging_steps=1", "beta=0.0",
                                       "lr_scheduler=constant"])
     final = run_grpo(cfg)

@@ -130,7 +130,7 @@ def test_every_config_field_reaches_the_command(name):
     (["rollout_tp=3"], "rollout_tp 3 does not divide the 8 GPU"),
     (["lr_scheduler=linear"], "lr_scheduler must be constant or cosine"),
     (["global_batch=0"], "global_batch must be >= 1"),
-    (["extra=[nokey]"], "extra: expected a list of key=value strings"),
+    (["extra=[nokey]"], "extra: expected key=value strings"),
     (["lrr=1"], "unknown key"),
 ])
 def test_config_errors_name_the_values(overrides, message):

@@ -361,3 +361,33 @@ def test_checkpoint_metadata_cannot_run_code(tiny_dir, problems_file, tmp_path):
     with pytest.raises(UnsafeCheckpointError, match="not checkpoint metadata"):
         train(_cfg(tiny_dir, problems_file, out, max_steps=2, save_every=1, resume=True))
     assert not marker.exists()
+
+
+def test_final_model_is_saved_in_the_base_checkpoints_dtype(tiny_dir, problems_file, tmp_path):
+    """A bf16 release fine-tuned with fp32 master weights ships as bf16 (config and tensors)."""
+    base = tmp_path / "bf16_base"
+    AutoModelForCausalLM.from_pretrained(tiny_dir).to(torch.bfloat16).save_pretrained(base)
+    AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(base)
+    final = train(_cfg(base, problems_file, tmp_path / "run", max_steps=1, precision="bf16-mixed"))
+    assert json.loads((final / "config.json").read_text())["dtype"] == "bfloat16"
+    assert all(v.dtype == torch.bfloat16 for v in _weights(final).values())
+
+
+def test_schedule_weight_normalisation_and_protect_in_the_loop(tiny_dir, problems_file, tmp_path):
+    """Objective schedules move per step; norm=weight rescales the step's gradient by N / sum(w)
+    over all micro-batches (accumulation 2 here); protect=special reaches token_loss."""
+    train(_cfg(tiny_dir, problems_file, tmp_path / "sched", objective_schedule="nll@0.5,dft"))
+    log = _log(tmp_path / "sched")
+    assert [r["schedule_objective"] for r in log] == ["nll", "nll", "dft", "dft"]
+    assert log[0]["weight_mean"] == pytest.approx(1.0) and log[2]["weight_mean"] < 1.0
+
+    train(_cfg(tiny_dir, problems_file, tmp_path / "dft", max_steps=1))
+    train(_cfg(tiny_dir, problems_file, tmp_path / "norm", max_steps=1, objective="dft:norm=weight"))
+    plain, normed = _log(tmp_path / "dft")[0], _log(tmp_path / "norm")[0]
+    assert normed["norm_factor"] == pytest.approx(1 / plain["weight_mean"], rel=1e-6)
+    assert normed["grad_norm"] == pytest.approx(plain["grad_norm"] * normed["norm_factor"], rel=1e-5)
+
+    train(_cfg(tiny_dir, problems_file, tmp_path / "prot", max_steps=1, objective="dft:protect=special"))
+    prot = _log(tmp_path / "prot")[0]
+    # EOS targets are trained with NLL: their weight is 1 instead of p, so the mean weight rises
+    assert prot["weight_mean"] > plain["weight_mean"] and prot["loss"] != pytest.approx(plain["loss"])

@@ -1,384 +1,423 @@
-"""The ``dftune`` command. Each command is a plain function; its help shows a runnable example."""
+"""The ``dftune`` command: a table of commands, each a plain function of one config dataclass.
+
+Every command reads its settings the same way (``dftune.config``):
+
+    dftune COMMAND [CONFIG.yaml] [key=value ...] [--key value ...] [--flag] [ARG ...]
+
+- ``CONFIG.yaml`` (optional) holds values only; ``key=value`` overrides it. Keys are the
+  dataclass fields (``train.lr``, or a bare ``lr`` when only one section has it); values are
+  read as YAML; lists as ``a,b,c``. Unknown keys and wrong types are errors naming the key.
+- ``--key value`` is the same as ``key=value`` (``--max-new-tokens 64``); a boolean key is a
+  bare flag (``--resume``). ``ARG``s without ``=`` fill the command's positional field
+  (the report's inputs, say).
+- ``--show`` lists every key with its default and meaning (the dataclass docstrings).
+- ``--help`` shows the command's description with a runnable example.
+
+Errors a user can cause print as one line (exit status 2); DFTUNE_DEBUG=1 shows tracebacks.
+"""
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
+import os
 import sys
-from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Callable
+
+# ---- the commands -----------------------------------------------------------------------------
 
 
-def cmd_train(args) -> None:
+def cmd_train(cfg) -> None:
     """Fine-tune a causal LM with an objective from the registry.
 
-    example: dftune train configs/tiny_cpu.yaml train.objective=dft train.max_steps=20
-    multi-GPU: accelerate launch --num_processes 8 -m dftune.cli train configs/paper/qwen2.5-math-1.5b.yaml
+    example:   dftune train configs/tiny_cpu.yaml train.objective=dft train.max_steps=20
+    no YAML:   dftune train model.name_or_path=out/tiny-base data.path=../shared/data/train/gsm8k_train.jsonl
+    continue:  dftune train configs/tiny_cpu.yaml --resume      (or --overwrite to start again)
+    8 GPUs:    torchrun --nproc_per_node 8 -m dftune.cli train configs/paper/qwen2.5-math-1.5b.yaml
     """
-    from dftune.config import describe, load_config
     from dftune.train import train
 
-    if args.show:
-        print(describe())
-        return
-    config, overrides = args.config, list(args.overrides)
-    if config and "=" in config:  # no YAML file: every argument is an override
-        config, overrides = None, [config, *overrides]
-    cfg = load_config(config, overrides)
-    if args.resume:
-        cfg.train.resume = True
-    final = train(cfg)
-    print(f"final model: {final}")
+    print(f"final model: {train(cfg)}")
 
 
-def cmd_tiny_model(args) -> None:
-    """Build a tiny random Llama and a BPE tokenizer (with a chat template) trained on a data file.
-
-    example: dftune tiny-model out/tiny-base --data ../shared/data/train/gsm8k_train.jsonl
-    """
-    from dftune.tiny import make_tiny, texts_from
-
-    path = make_tiny(args.out, texts_from(args.data, args.limit), vocab_size=args.vocab_size, seed=args.seed,
-                     hidden=args.hidden, layers=args.layers, heads=args.heads, intermediate=args.hidden * 2)
-    print(f"wrote {path}")
-
-
-def cmd_eval(args) -> None:
-    """Evaluate a model on the math benchmarks (the paper's protocol by default: avg@16, T=1.0).
+def cmd_eval(cfg) -> None:
+    """Evaluate a model on the math benchmarks (the paper's protocol by default: avg@16, T=1.0, vLLM).
 
     example: dftune eval --model runs/tiny-dft/final --benchmarks math500,gsm8k --limit 20 --n 4 \\
                  --max-new-tokens 256 --backend hf --data-dir ../shared/data/benchmarks --out evals/tiny
-    paper:   dftune eval --model Qwen/Qwen2.5-Math-1.5B --backend vllm --out evals/base
+    paper:   dftune eval --model Qwen/Qwen2.5-Math-1.5B --out evals/base
     """
-    from dftune.eval.generate import SamplingConfig
-    from dftune.eval.run import EvalConfig, evaluate
+    from dftune.eval.run import evaluate, markdown_table
 
-    engine = {}
-    if args.backend == "vllm":
-        engine = {"tensor_parallel_size": args.tensor_parallel, "data_parallel_size": args.data_parallel,
-                  "seed": args.seed}
-        if args.max_model_len:
-            engine["max_model_len"] = args.max_model_len
-    else:
-        engine = {"batch_size": args.batch_size}
-    cfg = EvalConfig(
-        model=args.model, benchmarks=[b.strip() for b in args.benchmarks.split(",") if b.strip()], backend=args.backend,
-        prompt=args.prompt, data_dir=args.data_dir, limit=args.limit,
-        sampling=SamplingConfig(n=args.n, temperature=args.temperature, top_p=args.top_p,
-                                max_new_tokens=args.max_new_tokens, seed=args.seed,
-                                stop=[s for s in args.stop.split("|") if s] if args.stop else []),
-        grade_workers=args.grade_workers, engine=engine,
-    )
-    from dftune.eval.run import markdown_table
-
-    summary = evaluate(cfg, args.out)
+    summary = evaluate(cfg)
     print(markdown_table(summary))
-    print(f"per-sample results: {args.out}/samples.jsonl; summary: {args.out}/summary.json")
+    print(f"per-sample results: {cfg.out}/samples.jsonl; summary: {cfg.out}/summary.json")
 
 
-def cmd_eval_general(args) -> None:
+def cmd_compare(cfg) -> None:
+    """Paired comparison of two evaluations of the same problems: the per-benchmark difference
+    A - B with a 95% bootstrap interval and a sign test ("DFT - SFT = +x [lo, hi]").
+
+    example: dftune compare evals/dft evals/nll --out evals/dft-vs-nll
+    """
+    from dftune.eval.compare import compare_markdown, run_compare
+
+    print(compare_markdown(run_compare(cfg)))
+    if cfg.out:
+        print(f"wrote {cfg.out}/compare.json and compare.md")
+
+
+def cmd_eval_general(cfg) -> None:
     """General capability (forgetting): lm-evaluation-harness tasks on one model; run it for the base and
     the fine-tuned model, then `dftune report` both folders for the side-by-side table.
 
     example: dftune eval-general model=out/base out=evals/base-general tasks=mmlu,arc_challenge limit=200
              dftune eval-general model=runs/dft/final out=evals/dft-general tasks=mmlu,arc_challenge limit=200
              dftune report evals/base-general evals/dft-general -o forgetting.html
-             dftune eval-general --show            # every setting with its meaning
     needs:   pip install 'dftune[general]'
     """
-    from dftune.config import from_dict, parse_overrides
-    from dftune.eval.general import GeneralEvalConfig, GeneralEvalError, describe, evaluate_general, markdown_table
+    from dftune.eval.general import evaluate_general, markdown_table
 
-    if args.show:
-        print(describe())
-        return
-    try:  # bad settings (ConfigError) are reported by main()
-        cfg = from_dict(GeneralEvalConfig, parse_overrides(args.overrides, nested=False), "eval-general")
-        summary = evaluate_general(cfg)
-    except GeneralEvalError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    summary = evaluate_general(cfg)
     print(markdown_table(summary, every=False))
     print(f"every task and metric: {cfg.out}/results.md; summary: {cfg.out}/summary.json")
 
 
-def _analysis_examples(model_path: str, data: str, limit: int, max_length: int, fmt: str, chat_template: str):
-    from dftune.config import DataConfig, ModelConfig
-    from dftune.data import build_dataset
-    from dftune.model import load_tokenizer
-
-    tok = load_tokenizer(ModelConfig(name_or_path=model_path))
-    exs, summary = build_dataset(DataConfig(path=data, select=f"first:{limit}", max_length=max_length, format=fmt,
-                                            chat_template=chat_template, on_bad_row="skip"), tok)
-    return tok, exs
-
-
-def cmd_analyze(args) -> None:
-    """Token-probability analysis of one or more models on a data sample (response tokens only).
-
-    example: dftune analyze token-probs --models base=out/tiny-base,dft=runs/tiny-dft/final --base base \\
-                 --data ../shared/data/train/gsm8k_train.jsonl --limit 64 --out analysis/tiny
-    """
-    import torch
-    from tqdm.auto import tqdm
-
-    from dftune.analysis.tokens import analyze, load_for_analysis, token_stats, write_json
-
-    models = dict(item.split("=", 1) if "=" in item else (Path(item).name, item) for item in args.models.split(","))
-    base = args.base or next(iter(models))
-    if base not in models:
-        raise SystemExit(f"--base {base!r} is not one of --models ({', '.join(models)})")
-    tok, exs = _analysis_examples(models[base], args.data, args.limit, args.max_length, args.format, args.chat_template)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    base_model = load_for_analysis(models[base], device)
-    stats = {}
-    for name, path in models.items():
-        model = base_model if name == base else load_for_analysis(path, device)
-        if model.get_output_embeddings().weight.shape[0] != base_model.get_output_embeddings().weight.shape[0]:
-            raise SystemExit(f"{path}: vocabulary differs from the base model's; token statistics need one tokenizer")
-        with tqdm(total=len(exs), desc=f"analyze {name}", unit="ex") as bar:
-            stats[name] = token_stats(model, exs, tok.pad_token_id, base=None if name == base else base_model,
-                                      batch_size=args.batch_size, progress=bar.update)
-    result = analyze(stats, lambda t: tok.decode([t]), base=base)
-    result["data"], result["examples"] = args.data, len(exs)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "token_probs.json", result)
-    for name, s in result["summary"].items():
-        print(f"{name}: " + ", ".join(f"{k}={v:.4g}" for k, v in s.items()))
-    print(f"wrote {out / 'token_probs.json'}")
-
-
-def cmd_probe(args) -> None:
+def cmd_probe(cfg) -> None:
     """Pre-flight probe: how strong is the base model's prior on this data, and which objective fits.
 
     example: dftune probe --model out/tiny-base --data ../shared/data/train/gsm8k_train.jsonl --limit 200
     """
-    import torch
+    from dftune.analysis.run import run_probe
+    from dftune.analysis.tokens import format_probe
 
-    from dftune.analysis.tokens import load_for_analysis, recommend, summary, token_stats, write_json
-
-    tok, exs = _analysis_examples(args.model, args.data, args.limit, args.max_length, args.format, args.chat_template)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    st = token_stats(load_for_analysis(args.model, device), exs, tok.pad_token_id, batch_size=args.batch_size)
-    s = summary(st)
-    rec = recommend(s)
-    print(f"model {args.model} on {len(exs)} examples ({s['tokens']} response tokens):")
-    print(f"  mean p {s['mean_prob']:.3f} | p<0.1 {s['frac_below_0.1']:.1%} | p>0.9 {s['frac_above_0.9']:.1%} | "
-          f"entropy {s['mean_entropy']:.2f} nats | NLL {s['nll']:.3f}")
-    print(f"recommended objective: {rec['objective']}\n  {rec['reasoning']}")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        write_json(Path(args.out), {"model": args.model, "data": args.data, "examples": len(exs), "stats": s,
-                                    "recommendation": rec})
+    print(format_probe(run_probe(cfg)))
+    if cfg.out:
+        print(f"wrote {cfg.out}")
 
 
-def cmd_report(args) -> None:
+def cmd_analyze(cfg) -> None:
+    """Token-probability analysis of one or more models on a data sample (response tokens only).
+
+    example: dftune analyze --models base=out/tiny-base,dft=runs/tiny-dft/final \\
+                 --data ../shared/data/train/gsm8k_train.jsonl --limit 64 --out analysis/tiny
+    """
+    from dftune.analysis.run import run_analyze
+
+    res = run_analyze(cfg)
+    for name, s in res["summary"].items():
+        print(f"{name}: " + ", ".join(f"{k}={v:.4g}" for k, v in s.items()))
+    print(f"wrote {cfg.out}/token_probs.json")
+
+
+def cmd_report(cfg) -> None:
     """One self-contained HTML report comparing runs, evaluations, analyses, probes and sweeps.
 
     example: dftune report runs/tiny-dft analysis/tiny -o report.html
     """
     from dftune.analysis.report import write_report
 
-    print(f"wrote {write_report(args.inputs, args.output, args.title)}")
+    print(f"wrote {write_report(cfg.inputs, cfg.output, cfg.title)}")
 
 
-def cmd_sweep(args) -> None:
+def cmd_sweep(cfg) -> None:
     """Train (and evaluate) every point of a grid; skip finished points; one report for all.
 
-    example: dftune sweep configs/tiny_cpu.yaml --grid train.objective=nll,dft train.lr=1e-4,1e-3 \\
-                 --out sweeps/tiny --eval-benchmarks gsm8k --eval-limit 20 --data-dir ../shared/data/benchmarks
+    example: dftune sweep configs/tiny_cpu.yaml --grid train.objective=nll,dft --grid train.lr=1e-4,1e-3 \\
+                 --out sweeps/tiny --eval.benchmarks gsm8k --eval.limit 20 --eval.data_dir ../shared/data/benchmarks
+    cluster: dftune sweep CONFIG --grid ... --out DIR --print-only     # the commands, one per line
     """
     from dftune.sweep import run_sweep
 
-    ev = None
-    if args.eval_benchmarks:
-        ev = {"benchmarks": args.eval_benchmarks.split(","), "n": args.eval_n, "limit": args.eval_limit,
-              "max_new_tokens": args.eval_max_new_tokens, "backend": args.eval_backend, "data_dir": args.data_dir}
-    run_sweep(args.config, args.grid, args.out, args.overrides or [], ev, args.print_only)
+    run_sweep(cfg)
 
 
-def cmd_demo(args) -> None:
+def cmd_demo(cfg) -> None:
     """The laptop-scale testbed: pretrain tiny bases (weak and strong prior, cached), fine-tune them with
-    NLL, DFT and prob_power, evaluate in and out of distribution, analyse, and write report.html.
+    several objectives and seeds, evaluate in and out of distribution, analyse, and write report.html.
 
     example: dftune demo                       # defaults: about 10 minutes on 2 CPU cores
-             dftune demo seeds=3 strong_steps=800 out=out/demo-long
-             dftune demo --show                # every setting with its meaning
+             dftune demo seeds=3 out=out/demo-long
     """
-    import dataclasses
+    from dftune.testbed.demo import run_demo
 
-    from dftune.config import from_dict, parse_overrides
-    from dftune.testbed.demo import DemoConfig, run_demo
-
-    if args.show:
-        print(DemoConfig.__doc__)
-        print("\n".join(f"    {f.name} = {f.default!r}" for f in dataclasses.fields(DemoConfig)))
-        return
-    run_demo(from_dict(DemoConfig, parse_overrides(args.overrides, nested=False), "demo"))
+    run_demo(cfg)
 
 
-def cmd_sample(args) -> None:
+def cmd_sample(cfg) -> None:
     """Rejection sampling: k responses per question, graded; writes rft.jsonl, dpo.jsonl, stats.json.
 
     example: dftune sample --model runs/tiny-dft/final --data ../shared/data/train/gsm8k_train.jsonl \\
                  --select first:32 --k 4 --backend hf --max-new-tokens 128 --out data/rft-tiny
+    paper:   dftune sample --model Qwen/Qwen2.5-Math-1.5B --data AI-MO/NuminaMath-CoT --select first:100000 \\
+                 --k 4 --out data/rft
     """
-    from dftune.eval.generate import SamplingConfig
-    from dftune.offline.sample import sample
+    from dftune.offline.sample import run_sample
 
-    engine = {"batch_size": args.batch_size} if args.backend == "hf" else {"seed": args.seed}
-    sc = SamplingConfig(n=args.k, temperature=args.temperature, top_p=1.0, max_new_tokens=args.max_new_tokens,
-                        seed=args.seed)
-    stats = sample(args.model, args.data, args.out, k=args.k, backend=args.backend, select=args.select,
-                   suffix=args.instruction_suffix, sampling=sc, engine=engine, chat_template=args.chat_template)
-    print(json.dumps(stats, indent=1))
+    print(json.dumps(run_sample(cfg), indent=1))
 
 
-def cmd_baseline(args) -> None:
-    """DPO or GRPO baselines on TRL, PPO on verl, with configs mirroring the paper.
+def cmd_baseline_trl(kind: str):
+    def run(cfg) -> None:
+        from dftune.offline.baselines import run_dpo, run_grpo
+
+        print(f"final model: {(run_dpo if kind == 'dpo' else run_grpo)(cfg)}")
+
+    return run
+
+
+def cmd_baseline_ppo(cfg) -> None:
+    from dftune.offline.ppo import check_extra, run_ppo
+
+    check_extra(cfg)
+    print(f"result: {run_ppo(cfg)}")
+
+
+def cmd_tiny_model(cfg) -> None:
+    """Build a tiny random Llama and a BPE tokenizer (with a chat template) trained on a data file.
+
+    example: dftune tiny-model out/tiny-base --data ../shared/data/train/gsm8k_train.jsonl
+    """
+    from dftune.tiny import make_tiny_from
+
+    print(f"wrote {make_tiny_from(cfg)}")
+
+
+# ---- the table --------------------------------------------------------------------------------
+
+
+@dataclass
+class Command:
+    """A command: its config dataclass, the function that runs it, and how bare arguments and
+    short flags map onto keys."""
+
+    config: Callable[[], type]  # returns the dataclass (imported lazily: --help stays fast)
+    run: Callable
+    doc: str = ""
+    positional: str = ""  # the field bare ARGs fill
+    flags: dict = field(default_factory=dict)  # short flag -> key
+    yaml_field: str = ""  # a CONFIG.yaml argument is this field's value, not settings (sweep's training config)
+
+
+def _cfg(module: str, name: str):
+    def get():
+        import importlib
+
+        return getattr(importlib.import_module(module), name)
+
+    return get
+
+
+BASELINE_DOC = """DPO or GRPO baselines on TRL, PPO on verl, with configs mirroring the paper.
 
     example: dftune baseline dpo configs/paper/dpo.yaml model=Qwen/Qwen2.5-Math-1.5B data=data/rft/dpo.jsonl
              dftune baseline grpo configs/paper/grpo.yaml model=Qwen/Qwen2.5-Math-1.5B data=data/math.jsonl
              dftune baseline ppo configs/paper/ppo.yaml launch=false   # write verl's data and command only
     """
-    if args.kind == "ppo":
-        from dftune.offline.ppo import load_ppo_config, run_ppo
 
-        print(f"result: {run_ppo(load_ppo_config(args.config, args.overrides))}")
-        return
-    from dftune.offline.baselines import load_baseline_config, run_dpo, run_grpo
-
-    cfg = load_baseline_config(args.config, args.overrides)
-    final = (run_dpo if args.kind == "dpo" else run_grpo)(cfg)
-    print(f"final model: {final}")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="dftune", description="Dynamic Fine-Tuning and its family of objectives.")
-    sub = ap.add_subparsers(dest="command", required=True)
-
-    def add(name, fn):
-        p = sub.add_parser(name, help=fn.__doc__.splitlines()[0], description=fn.__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.set_defaults(fn=fn)
-        return p
-
-    p = add("train", cmd_train)
-    p.add_argument("config", nargs="?", help="YAML config (values only)")
-    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-5")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
-    p.add_argument("--show", action="store_true", help="print every config key with its meaning and default")
-
-    p = add("eval", cmd_eval)
-    p.add_argument("--model", required=True, help="model folder or Hub id")
-    p.add_argument("--benchmarks", default="math500,minerva_math,olympiadbench,aime24,amc23",
-                   help="comma-separated: math500, minerva_math, olympiadbench, aime24, amc23, gsm8k, aime25")
-    p.add_argument("--out", required=True, help="results folder (re-running with the same folder resumes)")
-    p.add_argument("--backend", default="vllm", choices=["vllm", "hf"])
-    p.add_argument("--prompt", default="qwen-boxed", choices=["qwen-boxed", "chat", "plain"])
-    p.add_argument("--data-dir", default=None, help="folder with NAME/test.jsonl (else $DFTUNE_DATA_DIR, else the Hub)")
-    p.add_argument("--limit", type=int, default=None, help="first N problems of each benchmark")
-    p.add_argument("--n", type=int, default=16, help="samples per problem")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=4096)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stop", default="", help="stop strings separated by |")
-    p.add_argument("--tensor-parallel", type=int, default=1, help="vLLM tensor_parallel_size")
-    p.add_argument("--data-parallel", type=int, default=1, help="vLLM data_parallel_size")
-    p.add_argument("--max-model-len", type=int, default=None, help="vLLM max_model_len")
-    p.add_argument("--batch-size", type=int, default=16, help="hf backend: sequences per generate call")
-    p.add_argument("--grade-workers", type=int, default=None, help="grader processes (default: CPU count)")
-
-    p = add("eval-general", cmd_eval_general)
-    p.add_argument("overrides", nargs="*", help="key=value settings (dftune eval-general --show lists them)")
-    p.add_argument("--show", action="store_true")
-
-    p = add("analyze", cmd_analyze)
-    p.add_argument("what", choices=["token-probs"])
-    p.add_argument("--models", required=True, help="name=path,... (the first is the base unless --base)")
-    p.add_argument("--base", default=None)
-    data_args(p)
-    p.add_argument("--out", required=True)
-
-    p = add("probe", cmd_probe)
-    p.add_argument("--model", required=True)
-    data_args(p, limit=256)
-    p.add_argument("--out", default=None, help="also write the result as JSON (the report reads it)")
-
-    p = add("report", cmd_report)
-    p.add_argument("inputs", nargs="+", help="run, eval, analysis or sweep folders; probe.json files")
-    p.add_argument("-o", "--output", default="report.html")
-    p.add_argument("--title", default="dftune report")
-
-    p = add("sweep", cmd_sweep)
-    p.add_argument("config")
-    p.add_argument("--grid", nargs="+", required=True, help="key=v1,v2 ... (e.g. train.objective=nll,dft lr=1e-5,5e-5)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--set", dest="overrides", nargs="*", help="fixed section.key=value overrides for every point")
-    p.add_argument("--print-only", action="store_true", help="print the commands instead of running them")
-    p.add_argument("--eval-benchmarks", default="", help="evaluate each point on these (comma-separated)")
-    p.add_argument("--eval-n", type=int, default=4)
-    p.add_argument("--eval-limit", type=int, default=None)
-    p.add_argument("--eval-max-new-tokens", type=int, default=512)
-    p.add_argument("--eval-backend", default="hf", choices=["hf", "vllm"])
-    p.add_argument("--data-dir", default=None)
-
-    p = add("sample", cmd_sample)
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True, help="problem/solution or question/answer rows (gold from the data)")
-    p.add_argument("--out", required=True, help="output folder (re-running resumes)")
-    p.add_argument("--k", type=int, default=4, help="responses per question")
-    p.add_argument("--select", default="all", help="all, first:N or random:N")
-    p.add_argument("--backend", default="vllm", choices=["vllm", "hf"])
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=2048)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--instruction-suffix", default="")
-    p.add_argument("--chat-template", default="auto")
-    p.add_argument("--batch-size", type=int, default=64, help="hf backend: sequences per generate call")
-
-    p = add("baseline", cmd_baseline)
-    p.add_argument("kind", choices=["dpo", "grpo", "ppo"])
-    p.add_argument("config", nargs="?")
-    p.add_argument("overrides", nargs="*", help="key=value (see src/dftune/offline/baselines.py and ppo.py)")
-
-    p = add("demo", cmd_demo)
-    p.add_argument("overrides", nargs="*", help="key=value settings (dftune demo --show lists them)")
-    p.add_argument("--show", action="store_true")
-
-    p = add("tiny-model", cmd_tiny_model)
-    p.add_argument("out")
-    p.add_argument("--data", required=True, help="a data file whose text trains the tokenizer")
-    p.add_argument("--limit", type=int, default=2000, help="records used for the tokenizer")
-    p.add_argument("--vocab-size", type=int, default=512)
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    return ap
+COMMANDS: dict[str, Command] = {
+    "train": Command(_cfg("dftune.config", "Config"), cmd_train, cmd_train.__doc__),
+    "eval": Command(_cfg("dftune.eval.run", "EvalConfig"), cmd_eval, cmd_eval.__doc__,
+                    flags={"--tensor-parallel": "tensor_parallel_size", "--data-parallel": "data_parallel_size",
+                           "--no-end-of-turn-stop": "stop_at_end_of_turn=false"}),
+    "compare": Command(_cfg("dftune.eval.compare", "CompareConfig"), cmd_compare, cmd_compare.__doc__,
+                       positional="evals"),
+    "eval-general": Command(_cfg("dftune.eval.general", "GeneralEvalConfig"), cmd_eval_general, cmd_eval_general.__doc__),
+    "probe": Command(_cfg("dftune.analysis.run", "ProbeConfig"), cmd_probe, cmd_probe.__doc__),
+    "analyze": Command(_cfg("dftune.analysis.run", "AnalyzeConfig"), cmd_analyze, cmd_analyze.__doc__),
+    "report": Command(_cfg("dftune.analysis.report", "ReportConfig"), cmd_report, cmd_report.__doc__,
+                      positional="inputs", flags={"-o": "output"}),
+    "sweep": Command(_cfg("dftune.sweep", "SweepConfig"), cmd_sweep, cmd_sweep.__doc__, yaml_field="config"),
+    "demo": Command(_cfg("dftune.testbed.demo", "DemoConfig"), cmd_demo, cmd_demo.__doc__),
+    "sample": Command(_cfg("dftune.offline.sample", "SampleConfig"), cmd_sample, cmd_sample.__doc__),
+    "baseline dpo": Command(_cfg("dftune.offline.baselines", "BaselineConfig"), cmd_baseline_trl("dpo"), BASELINE_DOC),
+    "baseline grpo": Command(_cfg("dftune.offline.baselines", "BaselineConfig"), cmd_baseline_trl("grpo"), BASELINE_DOC),
+    "baseline ppo": Command(_cfg("dftune.offline.ppo", "PPOConfig"), cmd_baseline_ppo, BASELINE_DOC),
+    "tiny-model": Command(_cfg("dftune.tiny", "TinyConfig"), cmd_tiny_model, cmd_tiny_model.__doc__, positional="out"),
+}
 
 
-def data_args(p, limit: int = 128) -> None:
-    p.add_argument("--data", required=True, help="a training-format data file (jsonl/json/parquet/folder/Hub id)")
-    p.add_argument("--limit", type=int, default=limit, help="first N rows")
-    p.add_argument("--max-length", type=int, default=1024)
-    p.add_argument("--format", default="auto")
-    p.add_argument("--chat-template", default="auto", help="auto, plain, or a .jinja file")
-    p.add_argument("--batch-size", type=int, default=8)
+# ---- one argument grammar for every command ---------------------------------------------------
+
+
+@dataclass
+class Parsed:
+    yaml: str | None = None
+    overrides: list = field(default_factory=list)
+    show: bool = False
+    help: bool = False
+
+
+def _field_type(cls, key: str):
+    """The type of the field ``key`` resolves to (for flags: bool needs no value, lists collect)."""
+    import typing
+
+    from dftune.config import resolve_key
+
+    typ = cls
+    for part in resolve_key(cls, key):
+        typ = typing.get_type_hints(typ)[part]
+    return typ
+
+
+def _is_bool(cls, key: str) -> bool:
+    from dftune.config import ConfigError
+
+    try:
+        return _field_type(cls, key) is bool
+    except ConfigError:
+        return False
+
+
+def parse_argv(cls, argv: list[str], cmd: Command) -> Parsed:
+    """``[CONFIG.yaml] [key=value] [--key value] [--flag] [ARG]`` -> YAML path and overrides."""
+    import typing
+
+    from dftune.config import ConfigError
+
+    out, positional, i = Parsed(), [], 0
+    while i < len(argv):
+        tok = argv[i]
+        i += 1
+        if tok in ("-h", "--help"):
+            out.help = True
+        elif tok == "--show":
+            out.show = True
+        elif tok.startswith("-") and len(tok) > 1 and not tok[1:2].isdigit():
+            name, eq, value = tok.partition("=")
+            key = cmd.flags.get(name) or name.lstrip("-").replace("-", "_")
+            if "=" in key:  # a flag that stands for a whole setting
+                out.overrides.append(key)
+                continue
+            if key.startswith("no_") and not eq and _is_bool(cls, key[3:]):  # --no-strip-think
+                out.overrides.append(f"{key[3:]}=false")
+                continue
+            typ = _field_type(cls, key)
+            if typ is bool and not eq:
+                out.overrides.append(f"{key}=true")
+                continue
+            if typing.get_origin(typ) is list and not eq:  # --grid a=1,2 b=3 --next: every item up to the next flag
+                items = []
+                while i < len(argv) and not argv[i].startswith("--"):
+                    items.append(argv[i])
+                    i += 1
+                if not items:
+                    raise ConfigError(f"{name} needs a value")
+                out.overrides.append((key, items))
+                continue
+            if not eq:
+                if i >= len(argv):
+                    raise ConfigError(f"{name} needs a value")
+                value = argv[i]
+                i += 1
+            out.overrides.append(f"{key}={value}")
+        elif "=" in tok:
+            out.overrides.append(tok)
+        elif tok.endswith((".yaml", ".yml")) and cmd.yaml_field:
+            out.overrides.append(f"{cmd.yaml_field}={tok}")
+        elif tok.endswith((".yaml", ".yml")) and out.yaml is None and not positional and not out.overrides:
+            out.yaml = tok
+        else:
+            positional.append(tok)
+    if positional:
+        if not cmd.positional:
+            raise ConfigError(f"unexpected argument {positional[0]!r}; settings are key=value (see --show)")
+        typ = _field_type(cls, cmd.positional)
+        if typing.get_origin(typ) is list:
+            out.overrides.append((cmd.positional, positional))
+        elif len(positional) == 1:
+            out.overrides.append(f"{cmd.positional}={positional[0]}")
+        else:
+            raise ConfigError(f"one {cmd.positional} expected, got {positional}")
+    return out
+
+
+def build_config(cls, parsed: Parsed):
+    """YAML + overrides -> the dataclass; list items given as flags keep their commas."""
+    from dftune.config import apply_overrides, from_dict, read_yaml
+
+    data = read_yaml(parsed.yaml) if parsed.yaml else {}
+    for item in parsed.overrides:
+        if isinstance(item, tuple):  # (key, [items]) from a list flag or positionals
+            from dftune.config import resolve_key
+
+            node, path = data, resolve_key(cls, item[0])
+            for part in path[:-1]:
+                node = node.setdefault(part, {})
+            node.setdefault(path[-1], [])
+            if not isinstance(node[path[-1]], list):
+                node[path[-1]] = []
+            node[path[-1]] = [*node[path[-1]], *_split_items(cls, item[0], item[1])]
+        else:
+            apply_overrides(cls, data, [item])
+    return from_dict(cls, data)
+
+
+def _split_items(cls, key: str, items: list[str]) -> list[str]:
+    """Items of a list flag are split on commas unless the field keeps them (metadata split=False)."""
+    import typing
+
+    from dftune.config import resolve_key
+
+    typ, f = cls, None
+    for part in resolve_key(cls, key):
+        f = {x.name: x for x in dataclasses.fields(typ)}[part]
+        typ = typing.get_type_hints(typ)[part]
+    if f is not None and f.metadata.get("split", True) is False:
+        return list(items)
+    return [v.strip() for item in items for v in item.split(",") if v.strip()]
+
+
+def usage() -> str:
+    lines = ["usage: dftune COMMAND [CONFIG.yaml] [key=value ...] [--show] [--help]", "", "commands:"]
+    for name, cmd in COMMANDS.items():
+        first = (cmd.doc or "").strip().splitlines()[0] if cmd.doc else ""
+        lines.append(f"  {name:<15} {first}")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    from dftune.config import ConfigError
-    from dftune.data import DataError
-    from dftune.eval.benchmarks import BenchmarkError
+    from dftune.config import describe
+    from dftune.errors import UserError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    name = argv.pop(0)
+    if name == "baseline" and argv and not argv[0].startswith("-"):
+        name = f"baseline {argv.pop(0)}"
+    if name == "baseline":
+        print("error: baseline needs a kind: dftune baseline dpo|grpo|ppo CONFIG [key=value ...]", file=sys.stderr)
+        return 2
+    if name not in COMMANDS:
+        names = sorted({n.split()[0] for n in COMMANDS})
+        print(f"error: unknown command {name!r}; commands: {', '.join(names)} (dftune --help)", file=sys.stderr)
+        return 2
+    cmd = COMMANDS[name]
     try:
-        args.fn(args)
-    except (ConfigError, DataError, BenchmarkError) as e:
+        cls = cmd.config()
+        parsed = parse_argv(cls, argv, cmd)
+        if parsed.help:
+            print(f"dftune {name}: {cmd.doc}\nsettings: dftune {name} --show")
+            return 0
+        if parsed.show:
+            print(describe(cls))
+            if name == "train":
+                from dftune.objectives import describe_objectives
+
+                print("\n" + describe_objectives())
+            return 0
+        cmd.run(build_config(cls, parsed))
+    except UserError as e:
+        if os.environ.get("DFTUNE_DEBUG"):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import yaml
 
+from dftune.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config file or override that does not fit the dataclasses."""
 
 
@@ -100,8 +102,12 @@ class DataConfig:
 class TrainConfig:
     """The optimisation (defaults: the paper's recipe, PAPER.md).
 
-    objective: nll, dft, prob_power:alpha=2, thresholded:q=0.2, dft_clip:tau=0.7, talr,
-        focal:gamma=2, iw_sft, iw_sft:level=token, asft:lam=0.05.
+    objective: NAME or NAME:key=value,... e.g. nll, dft, dft:floor=0.1, dft:protect=special,
+        eaft:k=20, chord_phi, prob_power:alpha=2, thresholded:q=0.2, talr, iw_sft, asft:lam=0.05;
+        every objective also takes norm=weight (divide by the step's summed weights instead of
+        its token count) and protect=special (NLL on special tokens). The list is below.
+    objective_schedule: the objective changing over training, e.g. prob_power:alpha=0->1 or
+        nll@0.2,dft (NLL for the first 20% of steps); empty: objective throughout.
     precision: auto (bf16-mixed on CUDA, fp32 on CPU), bf16-mixed (fp32 master weights and
         optimizer state, bf16 compute: the paper's setting), fp32, or bf16-pure (bf16
         weights: small updates are lost; only when memory forces it). fp16 is refused.
@@ -131,6 +137,7 @@ class TrainConfig:
     """
 
     objective: str = "dft"
+    objective_schedule: str = ""
     precision: str = "auto"
     parallel: str = "auto"
     loss_backend: str = "chunked"
@@ -187,7 +194,21 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-def _coerce(value, typ, where: str):
+# ---- the configuration language: one for every command -----------------------------------
+
+
+def _is_list(typ) -> bool:
+    return typing.get_origin(typ) is list
+
+
+def _coerce(value, typ, where: str, split: bool = True):
+    if _is_list(typ):  # list[str]: a YAML list, or "a,b,c" from the command line
+        if isinstance(value, str):  # split=False (field metadata): items may hold commas
+            return [v.strip() for v in value.split(",") if v.strip()] if split else [value]
+        if isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float)) and not isinstance(v, bool)
+                                                    for v in value):
+            return [str(v) for v in value]
+        raise ConfigError(f"{where}: expected a list of strings (or a,b,c), got {type(value).__name__} {value!r}")
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if typ is float and isinstance(value, str):  # YAML 1.1 reads 3e-5 (no dot) as a string
@@ -202,77 +223,122 @@ def _coerce(value, typ, where: str):
     return value
 
 
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
 def from_dict(cls, data: dict, where: str = ""):
     """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and bad types."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
+    hints = _hints(cls)
+    fields_ = {f.name: f for f in dataclasses.fields(cls)}
+    names = list(fields_)
+    unknown = [k for k in data if k not in names]
     if unknown:
-        raise ConfigError(f"{where or 'config'}: unknown key(s) {sorted(unknown)}; known: {sorted(names)}")
+        raise ConfigError(f"{where or 'config'}: unknown key(s) {unknown}; known: {sorted(names)}")
     kwargs = {}
     for key, value in data.items():
         typ, path = hints[key], f"{where}.{key}" if where else key
         if dataclasses.is_dataclass(typ):
             kwargs[key] = from_dict(typ, value or {}, path)
         else:
-            kwargs[key] = _coerce(value, typ, path)
-    return cls(**kwargs)
+            kwargs[key] = _coerce(value, typ, path, fields_[key].metadata.get("split", True))
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field without a default
+        raise ConfigError(f"{where or cls.__name__}: {e}") from None
 
 
 def parse_scalar(raw: str):
     """A command-line value read as YAML, except that 1e-5 (a string in YAML 1.1) is a float."""
     if not raw.strip():
         return ""
-    value = yaml.safe_load(raw)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw  # e.g. "a: b" text: keep it as typed
     if isinstance(value, str):
         try:
             return float(value)
         except ValueError:
             pass
+    if isinstance(value, (dict, list)) or value is None:
+        return raw  # "[x]" or "null" typed on a command line is text, not structure
     return value
 
 
-def parse_overrides(items, nested: bool = True) -> dict:
-    """``["train.lr=1e-4", ...]`` -> ``{"train": {"lr": 1e-4}}`` (values read as YAML);
-    ``nested=False`` for flat configs: ``["lr=1e-4"]`` -> ``{"lr": 1e-4}``."""
-    data: dict = {}
+def resolve_key(cls, key: str) -> list[str]:
+    """The field path a ``key`` names: ``train.lr``, or a bare ``lr`` when exactly one
+    section has it. Unknown or ambiguous keys are errors naming them."""
+    parts = key.split(".")
+    path, typ = [], cls
+    for i, part in enumerate(parts):
+        hints = _hints(typ) if dataclasses.is_dataclass(typ) else {}
+        if part in hints:
+            path.append(part)
+            typ = hints[part]
+            continue
+        if i == 0 and len(parts) == 1:  # a bare key: look in the sections
+            found = [f"{sec}.{part}" for sec, t in hints.items() if dataclasses.is_dataclass(t) and part in _hints(t)]
+            if len(found) == 1:
+                return found[0].split(".")
+            if len(found) > 1:
+                raise ConfigError(f"key {key!r} is ambiguous: say {' or '.join(found)}")
+        import difflib
+
+        known = sorted(hints) if hints else []
+        close = difflib.get_close_matches(part, known, n=3, cutoff=0.5)
+        hint = f" (did you mean {' or '.join('.'.join(path + [c]) for c in close)}?)" if close else ""
+        raise ConfigError(f"unknown key {key!r}{hint}" + (f"; known here: {', '.join(known)}" if known else ""))
+    if dataclasses.is_dataclass(typ):
+        raise ConfigError(f"{key!r} is a section; set one of its keys ({key}.KEY=VALUE)")
+    return path
+
+
+def apply_overrides(cls, data: dict, items) -> dict:
+    """Set ``key=value`` items (values read as YAML) into the nested dict ``data``."""
     for item in items:
-        key, eq, raw = item.partition("=")
-        key = key.strip()
-        if not eq or not key or (nested and "." not in key):
-            raise ConfigError(f"override {item!r} must look like {'section.key' if nested else 'key'}=value")
-        value = parse_scalar(raw)
-        if nested:
-            section, _, name = key.partition(".")
-            data.setdefault(section, {})[name] = value
-        else:
-            data[key] = value
+        key, eq, raw = str(item).partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"override {item!r} must look like key=value")
+        node = data
+        path = resolve_key(cls, key.strip())
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[path[-1]] = parse_scalar(raw)
     return data
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read a YAML file (or start from defaults) and apply ``section.key=value`` overrides."""
-    data: dict = {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of sections")
-    for section, values in parse_overrides(overrides).items():
-        if not isinstance(data.setdefault(section, {}), dict):
-            raise ConfigError(f"override {section}.*: {section} is not a section")
-        data[section].update(values)
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
     try:
-        return from_dict(Config, data)
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of keys")
+    return data
+
+
+def load(cls, path: str | Path | None = None, overrides=()):
+    """A ``cls`` config from an optional YAML file plus ``key=value`` overrides; every key
+    and type is checked before anything else happens."""
+    data = read_yaml(path) if path else {}
+    apply_overrides(cls, data, overrides)
+    try:
+        return from_dict(cls, data)
     except ConfigError as e:
-        raise ConfigError(f"{path or 'overrides'}: {e}") from None
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+def load_config(path: str | Path | None, overrides=()) -> Config:
+    """The training run's config (YAML sections model/data/train, plus overrides)."""
+    return load(Config, path, overrides)
 
 
 def config_diff(saved: dict, cfg) -> list[tuple[str, object, object]]:
@@ -295,14 +361,49 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+def save_config(cfg, path: str | Path) -> None:
+    """The resolved config as YAML (atomically): what the run actually used."""
+    from dftune.files import write_text
+
+    write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def describe() -> str:
-    """Every section's docstring with its defaults: the help for ``dftune train``."""
-    out = []
-    for name, cls in (("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig)):
-        out.append(f"[{name}] {(cls.__doc__ or '').strip()}")
-        out += [f"    {name}.{f.name} = {f.default!r}" for f in dataclasses.fields(cls)]
+def field_docs(cls) -> dict[str, str]:
+    """``name: text`` lines of a dataclass docstring (continuation lines indented)."""
+    docs, current = {}, None
+    for line in (cls.__doc__ or "").splitlines():
+        stripped = line.strip()
+        head, sep, rest = stripped.partition(":")
+        names = [n.strip() for n in head.split(",")]
+        if sep and names and all(n in {f.name for f in dataclasses.fields(cls)} for n in names):
+            for n in names:
+                docs[n] = rest.strip()
+            current = names
+        elif current and stripped and line.startswith("        "):
+            for n in current:
+                docs[n] += " " + stripped
+        else:
+            current = None
+    return docs
+
+
+def describe(cls, prefix: str = "") -> str:
+    """Every key with its default and meaning: the ``--show`` of each command."""
+    hints, docs = _hints(cls), field_docs(cls)
+    summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else cls.__name__
+    out = [f"[{prefix.rstrip('.') or cls.__name__}] {summary}"]
+    sections = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            sections.append((f.name, hints[f.name]))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
+        line = f"  {prefix}{f.name} = {default!r}"
+        if f.name in docs:
+            line += f"\n      {docs[f.name]}"
+        out.append(line)
+    for name, sub in sections:
+        out.append("")
+        out.append(describe(sub, f"{prefix}{name}."))
     return "\n".join(out)

@@ -40,6 +40,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dftune.config import ConfigError
+from dftune.errors import UserError
+
 _QUIET = dict(action="ignore", message="torch.distributed is disabled")  # DCP in one process is intended
 
 PARALLEL = ("auto", "none", "ddp", "fsdp")
@@ -94,11 +97,13 @@ def init_runtime() -> Runtime:
 
 def resolve_parallel(mode: str, world: int) -> str:
     if mode not in PARALLEL:
-        raise ValueError(f"train.parallel must be one of {PARALLEL}; got {mode!r}")
+        raise ConfigError(f"train.parallel must be one of {PARALLEL}; got {mode!r}")
     if mode == "auto":
         return "ddp" if world > 1 else "none"
     if mode == "ddp" and world == 1:
         return "none"
+    if mode == "fsdp" and world == 1 and "RANK" not in os.environ:
+        return "none"  # one process not launched by torchrun: nothing to shard over
     return mode
 
 
@@ -113,7 +118,7 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     names = set(getattr(base, "_no_split_modules", None) or [])
     found = [m for m in base.modules() if type(m).__name__ in names]
     if not found:
-        raise ValueError(f"{type(base).__name__}: cannot find its decoder layers to shard with FSDP")
+        raise ConfigError(f"{type(base).__name__}: cannot find its decoder layers to shard with FSDP")
     return found
 
 
@@ -235,7 +240,7 @@ _METADATA_GLOBALS = {
 }
 
 
-class UnsafeCheckpointError(ValueError):
+class UnsafeCheckpointError(UserError, ValueError):
     """A checkpoint file asks to build something other than checkpoint metadata."""
 
 
@@ -274,7 +279,7 @@ def load_checkpoint(rt: Runtime, module: nn.Module, opt, folder: Path) -> dict:
 
     state = json.loads((folder / "state.json").read_text())
     if state.get("world", rt.world) != rt.world:
-        raise ValueError(f"{folder} was written by {state['world']} processes; resume it with the same number "
+        raise ConfigError(f"{folder} was written by {state['world']} processes; resume it with the same number "
                          f"(now {rt.world}): the data order per process depends on it")
     reader = _safe_reader(folder)
     reader.read_metadata()  # refuse a foreign .metadata here, with our error, before DCP wraps it
@@ -292,7 +297,10 @@ def load_checkpoint(rt: Runtime, module: nn.Module, opt, folder: Path) -> dict:
 
 def full_state_dict(rt: Runtime, module: nn.Module) -> dict | None:
     """The whole model's state on CPU, on the main process (gathered from FSDP shards)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return sd if rt.is_main else None

@@ -18,8 +18,10 @@ import json
 import os
 from pathlib import Path
 
+from dftune.errors import UserError
 
-class CorruptFileError(ValueError):
+
+class CorruptFileError(UserError, ValueError):
     """A JSONL file with a bad line before its end (not a torn final line)."""
 
 

@@ -8,22 +8,32 @@ Those trainers compute the full logits themselves, so this path has their memory
 ``token_loss`` (our own loop) avoids it. The loss is the sum of per-token objective
 values divided by ``num_items_in_batch``, which the trainers pass as the number of
 target tokens over all gradient-accumulation micro-batches, so accumulation is exact.
-Objectives that need a reference model (iw_sft, asft) are not available here.
+Objectives that need a reference model (iw_sft, asft, psft) are not available here;
+``protect=`` needs the token classes (``token_class=dftune.vocab.token_classes(tok)``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from dftune.loss import IGNORE_INDEX
+from dftune.loss import IGNORE_INDEX, _topk_entropy
 from dftune.objectives import TokenContext, get_objective
 
 
-def compute_loss_func(objective: str = "dft"):
-    """A ``compute_loss_func(outputs, labels, num_items_in_batch=None)`` for HF/TRL trainers."""
+def compute_loss_func(objective: str = "dft", token_class: torch.Tensor | None = None):
+    """A ``compute_loss_func(outputs, labels, num_items_in_batch=None)`` for HF/TRL trainers.
+
+    token_class: the (V,) class table, for objectives with ``protect=``.
+    """
     obj = get_objective(objective)
     if obj.needs_ref:
         raise ValueError(f"{obj.name} needs a reference model: use dftune's own training loop")
+    if obj.needs_classes and token_class is None:
+        raise ValueError(f"{obj.name} needs token classes: compute_loss_func(..., token_class="
+                         "dftune.vocab.token_classes(tokenizer, vocab_size=V))")
+    if obj.normalize == "weights":
+        raise ValueError(f"{obj.name}: norm=weight rescales the step's gradient in dftune's own loop; "
+                         "the HF/TRL trainers divide by num_items_in_batch")
 
     def loss_fn(outputs, labels, num_items_in_batch=None):
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits  # (B, T, V)
@@ -33,7 +43,9 @@ def compute_loss_func(objective: str = "dft"):
         logsm = logits[:, :-1].reshape(-1, v)[mask].float().log_softmax(-1)  # fp32, valid rows only
         logp = logsm.gather(1, shifted[mask][:, None]).squeeze(1)
         seq_ids = torch.arange(b, device=labels.device).repeat_interleave(t - 1)[mask]
-        vals = obj(logp, TokenContext(seq_ids=seq_ids))
+        topk = _topk_entropy(logsm.detach(), min(obj.topk, v)) if obj.topk else None
+        cls = None if token_class is None else token_class.to(labels.device)[shifted[mask]]
+        vals = obj(logp, TokenContext(seq_ids=seq_ids, topk_entropy=topk, token_class=cls))
         denom = num_items_in_batch if num_items_in_batch is not None else mask.sum()
         if isinstance(denom, torch.Tensor):
             denom = denom.to(vals.device)

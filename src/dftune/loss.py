@@ -25,6 +25,17 @@ weight gradient is accumulated in an fp32 (V, H) buffer without per-chunk (V, H)
 temporaries (on CUDA a bf16 GEMM with fp32 output; on CPU an fp32 GEMM) and returned in
 the head's own dtype (no copy for an fp32 master weight).
 
+Extras computed only when the objective asks: the entropy of the top-K distribution
+(EAFT; ``torch.topk`` over each chunk's fp32 log-softmax, O(chunk x K) more memory) and
+the class of each target token (``protect=``; looked up in the (V,) ``token_class`` table).
+
+Per-token weights. Every objective's gradient is w_t times the NLL gradient of token t,
+w_t = -num_items * g_t (NLL: 1, DFT: p). ``LossResult.weight`` / ``weight_sum`` report it;
+for ``norm=weight`` the training loop sums it over the step (all micro-batches and
+processes) and calls ``normalize_gradients_`` after backward, which turns
+sum_t f_t / N into the gradient of sum_t w_t * NLL_t / sum_t w_t exactly, with no extra
+forward pass.
+
 Backends: ``chunked`` (default, pure PyTorch, CPU and GPU), ``naive`` (materialises the
 logits and uses autograd: the reference), ``cce`` (Apple's Cut Cross-Entropy) and
 ``liger`` (Liger's fused linear cross-entropy), the last two on CUDA only.
@@ -32,6 +43,7 @@ logits and uses autograd: the reference), ``cce`` (Apple's Cut Cross-Entropy) an
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +74,8 @@ class LossResult:
     logp: Tensor  # (N,) log-prob of the target: NLL = -logp, p = exp(logp)
     entropy: Tensor  # (N,) entropy of the model's next-token distribution
     objective_sum: Tensor  # () detached sum of per-token objective values (KL term included)
+    weight: Tensor  # (N,) per-token gradient weight w_t = -num_items * d loss / d logp_t (NLL: 1, DFT: p)
+    weight_sum: Tensor  # () detached fp32 sum of ``weight`` over valid tokens (NaN if unknown)
     kl: Tensor | None = None  # (N,) KL(pi_ref || pi_theta) where a reference was given
 
     def sums(self) -> dict[str, float]:
@@ -73,6 +87,7 @@ class LossResult:
             "nll": float(-self.logp[m].sum()),
             "prob": float(self.logp[m].exp().sum()),
             "entropy": float(self.entropy[m].sum()),
+            "weight": float(self.weight_sum),
         }
         if self.kl is not None:
             out["kl_ref"] = float(self.kl[m].sum())
@@ -84,7 +99,7 @@ class LossResult:
 torch.utils._pytree.register_dataclass(LossResult)
 
 
-def _check_inputs(hidden, weight, labels, bias, ref_hidden, ref_weight, seq_ids):
+def _check_inputs(hidden, weight, labels, bias, ref_hidden, ref_weight, seq_ids, token_class=None):
     if hidden.dim() != 2 or weight.dim() != 2:
         raise ValueError(f"hidden must be (N, H) and weight (V, H); got {tuple(hidden.shape)} and {tuple(weight.shape)}")
     if hidden.shape[1] != weight.shape[1]:
@@ -109,6 +124,10 @@ def _check_inputs(hidden, weight, labels, bias, ref_hidden, ref_weight, seq_ids)
             raise ValueError("the reference must cover the same tokens (N) and vocabulary (V)")
     if seq_ids is not None and seq_ids.shape != labels.shape:
         raise ValueError(f"seq_ids must be {tuple(labels.shape)}; got {tuple(seq_ids.shape)}")
+    if token_class is not None and (token_class.shape != (weight.shape[0],) or token_class.is_floating_point()):
+        raise ValueError(f"token_class must be an integer table of shape ({weight.shape[0]},) (one class per vocabulary "
+                         f"id: dftune.vocab.token_classes(tokenizer, vocab_size={weight.shape[0]})); "
+                         f"got {tuple(token_class.shape)} {token_class.dtype}")
 
 
 def token_loss(
@@ -125,6 +144,7 @@ def token_loss(
     ref_hidden: Tensor | None = None,
     ref_weight: Tensor | None = None,
     ref_bias: Tensor | None = None,
+    token_class: Tensor | None = None,
 ) -> LossResult:
     """Per-token objective over an LM head without materialising the logits.
 
@@ -134,15 +154,20 @@ def token_loss(
     global count over accumulation micro-batches and data-parallel ranks.
     seq_ids (N,): sequence index of each token, for per-sequence statistics (TALR,
     iw-SFT); default: one sequence. ref_hidden/ref_weight/ref_bias: the frozen reference
-    model's final hidden states and head, for iw_sft, asft and KL logging.
+    model's final hidden states and head, for iw_sft, asft, psft and KL logging.
+    token_class (V,): integer class of every vocabulary id (``dftune.vocab.token_classes``),
+    needed by objectives with ``protect=``.
     chunk_size: tokens per chunk (default: ``DEFAULT_CHUNK_LOGITS // V``).
     """
     obj = get_objective(objective)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
-    _check_inputs(hidden, weight, labels, bias, ref_hidden, ref_weight, seq_ids)
+    _check_inputs(hidden, weight, labels, bias, ref_hidden, ref_weight, seq_ids, token_class)
     if obj.needs_ref and ref_hidden is None:
         raise ValueError(f"objective {obj.name!r} needs a reference model (ref_hidden and ref_weight)")
+    if obj.needs_classes and token_class is None:
+        raise ValueError(f"objective {obj.name!r} needs token classes: pass token_class="
+                         f"dftune.vocab.token_classes(tokenizer, vocab_size={weight.shape[0]})")
     n, vocab = hidden.shape[0], weight.shape[0]
     mask = labels != IGNORE_INDEX
     idx = mask.nonzero().squeeze(1)  # (M,)
@@ -160,6 +185,8 @@ def token_loss(
     sel = dict(
         hidden=hidden[idx], labels=labels[idx], seq_ids=seq_ids[idx],
         ref_hidden=None if ref_hidden is None else ref_hidden[idx],
+        token_class=None if token_class is None else token_class.to(labels.device)[labels[idx]].long(),
+        topk=min(obj.topk, vocab),  # 0: no top-K entropy
     )
     if backend == "naive":
         with torch.autocast(hidden.device.type, enabled=False):  # the casts are explicit, in _logits
@@ -171,7 +198,7 @@ def token_loss(
         from dftune import loss_gpu  # lazy: imports cut-cross-entropy / liger only here
 
         out = loss_gpu.run(backend, sel, weight, bias, ref_weight, ref_bias, obj, num_items)
-    loss, logp_v, ent_v, kl_v, obj_sum = out
+    loss, logp_v, ent_v, kl_v, obj_sum, w_v = out
 
     def scatter(v):
         full = torch.zeros(n, dtype=torch.float32, device=hidden.device)
@@ -179,10 +206,27 @@ def token_loss(
 
     if m == 0:  # keep the graph connected so backward gives zero gradients, not None
         loss = loss + 0.0 * hidden.sum() + 0.0 * weight.sum()
+    w = scatter(w_v)
     return LossResult(
         loss=loss, num_tokens=m, mask=mask, logp=scatter(logp_v), entropy=scatter(ent_v),
-        objective_sum=obj_sum.detach(), kl=None if kl_v is None else scatter(kl_v),
+        objective_sum=obj_sum.detach(), weight=w, weight_sum=w_v.detach().float().sum(),
+        kl=None if kl_v is None else scatter(kl_v),
     )
+
+
+def _context(sel, s, e, ent, ref_lp, topk_ent) -> TokenContext:
+    """The TokenContext of tokens s:e of ``sel`` (the valid tokens)."""
+    cls = sel["token_class"]
+    return TokenContext(seq_ids=sel["seq_ids"][s:e], entropy=ent, ref_logp=ref_lp, topk_entropy=topk_ent,
+                        token_class=None if cls is None else cls[s:e])
+
+
+def _topk_entropy(logsm: Tensor, k: int) -> Tensor:
+    """Entropy of the renormalised top-k distribution of each row of a (c, V) fp32
+    log-softmax, divided by ln k: (c,) in [0, 1]. EAFT's H_topK / ln K."""
+    top = torch.topk(logsm, k, dim=-1, sorted=False).values  # (c, k)
+    top = top - torch.logsumexp(top, dim=-1, keepdim=True)
+    return -(top.exp() * top).sum(-1) / math.log(k)
 
 
 def compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
@@ -224,23 +268,27 @@ def _naive(sel, weight, bias, ref_weight, ref_bias, obj: Objective, num_items: f
     tgt = sel["labels"]
     logp = logsm.gather(1, tgt[:, None]).squeeze(1)  # (M,)
     ent = -(logsm.detach().exp() * logsm.detach()).sum(-1)
+    topk_ent = _topk_entropy(logsm.detach(), sel["topk"]) if sel["topk"] else None
     ref_lp, kl = None, None
     if ref_weight is not None:
         with torch.no_grad():
             ref_logsm = _logits(_cast(sel["ref_hidden"], cdtype), _cast(ref_weight, cdtype), ref_bias).log_softmax(-1)
         ref_lp = ref_logsm.gather(1, tgt[:, None]).squeeze(1)
         kl = (ref_logsm.exp() * (ref_logsm - logsm)).sum(-1)  # (M,) differentiable
-    vals = obj(logp, TokenContext(seq_ids=sel["seq_ids"], entropy=ent, ref_logp=ref_lp))
+    ctx = _context(sel, 0, None, ent, ref_lp, topk_ent)
+    vals = obj(logp, ctx)
     total = vals.sum()
     if obj.kl_coef:
         total = total + obj.kl_coef * kl.sum()
-    return total / num_items, logp, ent, kl, total.detach()
+    _, g = _objective_grad(obj, logp, ctx, num_items)  # the per-token weights, by a tiny autograd
+    return total / num_items, logp, ent, kl, total.detach(), -g * num_items
 
 
-def _chunk_forward(h, w, b, tgt, ref_h, ref_w, ref_b):
-    """Statistics of one chunk. Returns (logp_t, entropy, ref_logp_t, kl, probs, ref_probs).
+def _chunk_forward(h, w, b, tgt, ref_h, ref_w, ref_b, topk: int = 0):
+    """Statistics of one chunk. Returns (logp_t, entropy, ref_logp_t, kl, probs, ref_probs, topk_entropy).
 
-    probs (c, V) is the softmax, kept for the gradient; ref_probs likewise.
+    probs (c, V) is the softmax, kept for the gradient; ref_probs likewise. topk_entropy
+    (c,) only when topk > 0.
     """
     z = _logits(h, w, b)  # (c, V) fp32
     lse = torch.logsumexp(z, dim=-1)  # (c,)
@@ -249,6 +297,7 @@ def _chunk_forward(h, w, b, tgt, ref_h, ref_w, ref_b):
     p = z.exp()  # (c, V)
     # entropy = -sum p log p, as a batched dot product: no (c, V) temporary
     ent = -torch.bmm(p.unsqueeze(1), z.unsqueeze(2)).view(-1)
+    topk_ent = _topk_entropy(z, topk) if topk else None
     ref_lp = kl = rp = None
     if ref_w is not None:
         rz = _logits(ref_h, ref_w, ref_b).log_softmax(-1)  # (c, V)
@@ -256,7 +305,7 @@ def _chunk_forward(h, w, b, tgt, ref_h, ref_w, ref_b):
         rp = rz.exp()
         # KL(ref || p) = sum rp * (log rp - log p)
         kl = (torch.bmm(rp.unsqueeze(1), rz.unsqueeze(2)) - torch.bmm(rp.unsqueeze(1), z.unsqueeze(2))).view(-1)
-    return logp, ent, ref_lp, kl, p, rp
+    return logp, ent, ref_lp, kl, p, rp, topk_ent
 
 
 def _objective_grad(obj: Objective, logp: Tensor, ctx: TokenContext, num_items: float):
@@ -285,7 +334,7 @@ class _Chunked(torch.autograd.Function):
         want_h, want_w, want_b = (grad_mode and bool(x) for x in ctx.needs_input_grad[:3])
         want_b = want_b and bias is not None
         want_grad = want_h or want_w or want_b
-        tgt, seq, ref_h = sel["labels"], sel["seq_ids"], sel["ref_hidden"]
+        tgt, ref_h = sel["labels"], sel["ref_hidden"]
         has_ref = ref_weight is not None
         w_c, b_c = _cast(weight, cdtype), _cast(bias, cdtype)  # one (V, H) copy at most, as autocast makes
         rw_c = _cast(ref_weight, cdtype) if has_ref else None
@@ -293,6 +342,8 @@ class _Chunked(torch.autograd.Function):
         ent, ref_lp = torch.zeros_like(logp), torch.zeros_like(logp) if has_ref else None
         kl = torch.zeros_like(logp) if has_ref else None
         vals = torch.zeros_like(logp)
+        w_all = torch.zeros_like(logp)  # per-token weights -g * num_items
+        topk_ent = torch.zeros_like(logp) if sel["topk"] else None
         g_all = None
         gh = torch.empty_like(hidden) if want_h else None  # (M, H) in hidden's dtype
         gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None  # (V, H) fp32
@@ -302,7 +353,7 @@ class _Chunked(torch.autograd.Function):
 
         def fwd(s, e):
             rh = None if ref_h is None else _cast(ref_h[s:e], cdtype)
-            return _chunk_forward(_cast(hidden[s:e], cdtype), w_c, b_c, tgt[s:e], rh, rw_c, ref_bias)
+            return _chunk_forward(_cast(hidden[s:e], cdtype), w_c, b_c, tgt[s:e], rh, rw_c, ref_bias, sel["topk"])
 
         if obj.batch_level:  # pass 1: statistics of every token, then the per-token weights
             for s, e in spans:
@@ -310,18 +361,22 @@ class _Chunked(torch.autograd.Function):
                 logp[s:e], ent[s:e] = out[0], out[1]
                 if has_ref:
                     ref_lp[s:e], kl[s:e] = out[2], out[3]
+                if topk_ent is not None:
+                    topk_ent[s:e] = out[6]
                 del out
-            vals, g_all = _objective_grad(obj, logp, TokenContext(seq, ent, ref_lp), num_items)
+            vals, g_all = _objective_grad(obj, logp, _context(sel, 0, m, ent, ref_lp, topk_ent), num_items)
+            w_all = -g_all * num_items
             if not want_grad:
                 spans = []
         for s, e in spans:  # the (only or second) pass: gradients chunk by chunk
-            lp_c, ent_c, rlp_c, kl_c, p, rp = fwd(s, e)
+            lp_c, ent_c, rlp_c, kl_c, p, rp, tk_c = fwd(s, e)
             if g_all is None:
                 logp[s:e], ent[s:e] = lp_c, ent_c
                 if has_ref:
                     ref_lp[s:e], kl[s:e] = rlp_c, kl_c
-                v, g = _objective_grad(obj, lp_c, TokenContext(seq[s:e], ent_c, rlp_c), num_items)
+                v, g = _objective_grad(obj, lp_c, _context(sel, s, e, ent_c, rlp_c, tk_c), num_items)
                 vals[s:e] = v
+                w_all[s:e] = -g * num_items
             else:
                 g = g_all[s:e]
             if not want_grad:
@@ -343,10 +398,10 @@ class _Chunked(torch.autograd.Function):
         ctx.save_for_backward(gh, gw, gb)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         loss = (total / num_items).to(torch.float32)
-        ctx.mark_non_differentiable(logp, ent, total)
+        ctx.mark_non_differentiable(logp, ent, total, w_all)
         if kl is not None:
             ctx.mark_non_differentiable(kl)
-        return loss, logp, ent, kl, total
+        return loss, logp, ent, kl, total, w_all
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
@@ -363,3 +418,35 @@ class _Chunked(torch.autograd.Function):
         if gb is not None and ctx.needs_input_grad[2]:
             grads[2] = gb.mul_(grad_loss).to(bdt)
         return tuple(grads)
+
+
+# ---- norm=weight: the step's gradient divided by the sum of weights, not the token count ------
+
+
+def weight_normalizer(num_tokens: float, weight_sum: float) -> float:
+    """The factor N / W that turns the gradient of sum_t f_t / N (what ``token_loss`` with the
+    global ``num_items`` = N produces) into the gradient of sum_t w_t * NLL_t / W, W = sum_t w_t.
+
+    Both are global over the optimizer step (every micro-batch, every process): N the
+    valid target tokens (not divided by the world size), W the sum of
+    ``LossResult.weight_sum``. W = 0 (every weight zero: no gradient from the objective)
+    gives 1. A NaN W (a backend that cannot report weights) is an error.
+    """
+    num_tokens, weight_sum = float(num_tokens), float(weight_sum)
+    if math.isnan(weight_sum):
+        raise ValueError("the per-token weights are unknown (backend 'liger' with dft); use backend 'chunked' "
+                         "for norm=weight")
+    return num_tokens / weight_sum if weight_sum > 0 else 1.0
+
+
+@torch.no_grad()
+def normalize_gradients_(params, num_tokens: float, weight_sum: float) -> float:
+    """Multiply every ``p.grad`` by ``weight_normalizer(num_tokens, weight_sum)`` in place;
+    return the factor. Call it after the step's last backward and before clipping, for
+    objectives with ``normalize == "weights"`` (``norm=weight``)."""
+    factor = weight_normalizer(num_tokens, weight_sum)
+    if factor != 1.0:
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(factor)
+    return factor

@@ -13,7 +13,7 @@ import copy
 import torch
 from torch import nn
 
-from dftune.config import ModelConfig
+from dftune.config import ConfigError, ModelConfig
 from dftune.loss import LossResult, token_loss
 from dftune.objectives import Objective
 
@@ -24,10 +24,10 @@ def resolve_precision(name: str, device: torch.device) -> str:
     """auto: bf16-mixed on CUDA, fp32 on CPU. fp16 is refused: it needs loss scaling (the
     LM-head gradient underflows at realistic token counts) and dftune does not scale."""
     if name.startswith("fp16"):
-        raise ValueError("train.precision fp16 is not supported: fp16 gradients underflow without loss scaling, "
+        raise ConfigError("train.precision fp16 is not supported: fp16 gradients underflow without loss scaling, "
                          "which dftune does not do; use bf16-mixed (GPUs since Ampere) or fp32")
     if name not in PRECISIONS:
-        raise ValueError(f"train.precision must be one of {PRECISIONS}; got {name!r}")
+        raise ConfigError(f"train.precision must be one of {PRECISIONS}; got {name!r}")
     if name == "auto":
         return "bf16-mixed" if device.type == "cuda" else "fp32"
     return name
@@ -46,11 +46,11 @@ def load_tokenizer(name_or_path: str | ModelConfig, *, gguf_file: str = "", trus
         gguf_file, trust_remote_code, name_or_path = (name_or_path.gguf_file, name_or_path.trust_remote_code,
                                                       name_or_path.name_or_path)
     if not name_or_path:
-        raise ValueError("model.name_or_path is empty: give a Hub id or a local model folder")
+        raise ConfigError("model.name_or_path is empty: give a Hub id or a local model folder")
     kw = {"gguf_file": gguf_file} if gguf_file else {}
     tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kw)
     if tok.eos_token_id is None:
-        raise ValueError(f"{name_or_path}: the tokenizer has no EOS token; responses must end with one")
+        raise ConfigError(f"{name_or_path}: the tokenizer has no EOS token; responses must end with one")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -92,13 +92,21 @@ def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype = torc
     return model.to(device)
 
 
-def stored_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype the pretrained checkpoint was stored in (config.dtype), fp32 if unknown."""
-    cfg = model.config
-    dt = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+def stored_dtype(cfg: ModelConfig) -> torch.dtype:
+    """The dtype the pretrained checkpoint is stored in (its config.json), fp32 if unknown:
+    read before loading, which rewrites config.dtype to the load dtype."""
+    from transformers import AutoConfig
+
+    kw = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
+    try:
+        conf = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, **kw)
+    except (OSError, ValueError):
+        return torch.float32
+    conf = conf.get_text_config() if hasattr(conf, "get_text_config") else conf
+    dt = getattr(conf, "dtype", None) or getattr(conf, "torch_dtype", None)
     if isinstance(dt, str):
         dt = getattr(torch, dt, None)
-    return dt if isinstance(dt, torch.dtype) else torch.float32
+    return dt if isinstance(dt, torch.dtype) and dt.is_floating_point else torch.float32
 
 
 def drop_gguf_marker(model) -> None:
@@ -115,7 +123,7 @@ def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     decoder = base.get_decoder()
     head = base.get_output_embeddings()
     if decoder is None or head is None or not hasattr(head, "weight"):
-        raise ValueError(f"{type(base).__name__}: cannot find its decoder and LM head (get_decoder / get_output_embeddings)")
+        raise ConfigError(f"{type(base).__name__}: cannot find its decoder and LM head (get_decoder / get_output_embeddings)")
     return decoder, head
 
 
@@ -127,7 +135,7 @@ def logit_scale(model: nn.Module) -> float:
     """
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     if getattr(cfg, "final_logit_softcapping", None):
-        raise ValueError(f"{cfg.model_type}: final_logit_softcapping is not supported by token_loss")
+        raise ConfigError(f"{cfg.model_type}: final_logit_softcapping is not supported by token_loss")
     for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
         if getattr(cfg, name, None) is not None:
             return float(getattr(cfg, name))
@@ -215,10 +223,11 @@ class CausalLMLoss(nn.Module):
     """
 
     def __init__(self, model: nn.Module, objective: Objective, *, backend: str = "chunked",
-                 chunk_size: int | None = None, reference: str = "none"):
+                 chunk_size: int | None = None, reference: str = "none", token_class: torch.Tensor | None = None):
         super().__init__()
         self.model = model
-        self.objective = objective
+        self.objective = objective  # the training loop sets it each step when a schedule moves it
+        self.token_class = token_class  # (V,) class per vocabulary id (protect=, probe classes); not a buffer
         self.backend = backend
         self.chunk_size = chunk_size or None
         self.reference = reference  # none | copy | adapters
@@ -231,6 +240,11 @@ class CausalLMLoss(nn.Module):
             self._ref = [ref]  # a list: not a registered submodule, so DDP/optimizer ignore it
         else:
             self._ref = []
+
+    def _classes(self, device):
+        if self.token_class is not None and self.token_class.device != device:
+            self.token_class = self.token_class.to(device)
+        return self.token_class
 
     def _reference(self, input_ids, attention_mask, position_ids):
         if self.reference == "none":
@@ -261,15 +275,15 @@ class CausalLMLoss(nn.Module):
         return token_loss(
             hidden[:, :-1].reshape(-1, h), head.weight, shifted, self.objective,
             bias=getattr(head, "bias", None), num_items=num_items, chunk_size=self.chunk_size,
-            backend=self.backend, seq_ids=seq_ids,
+            backend=self.backend, seq_ids=seq_ids, token_class=self._classes(hidden.device),
             ref_hidden=None if ref_h is None else ref_h[:, :-1].reshape(-1, ref_h.shape[-1]),
             ref_weight=ref_w, ref_bias=ref_b,
         )
 
 
-def reference_kind(objective: Objective, lora: bool, log_kl: bool) -> str:
+def reference_kind(needs_ref: bool, lora: bool, log_kl: bool) -> str:
     """Which reference the run needs: none, a frozen copy, or the adapter-free base."""
-    if not (objective.needs_ref or log_kl):
+    if not (needs_ref or log_kl):
         return "none"
     return "adapters" if lora else "copy"
 

@@ -2,26 +2,44 @@
 
 Every objective is a function ``fn(logp, ctx) -> losses`` where ``logp`` (M,) is the
 fp32 log-probability of each *valid* target token (masked tokens are already removed)
-and ``ctx`` carries detached extras aligned with it (sequence ids, entropy, the
-reference model's log-prob). It returns the per-token losses (M,). The caller sums them
-and divides by the global number of valid tokens; gradients flow only through ``logp``
-(and, for ``asft``, through the full-vocabulary KL term that ``token_loss`` adds).
+and ``ctx`` carries detached extras aligned with it (sequence ids, entropy, top-K
+entropy, the reference model's log-prob, the target's token class). It returns the
+per-token losses (M,). The caller sums them and divides by the global number of valid
+tokens; gradients flow only through ``logp`` (and, for ``asft``, through the
+full-vocabulary KL term that ``token_loss`` adds).
 
-Names used in configs and on the command line: ``dft``, ``nll``, ``prob_power:alpha=2``,
-``thresholded:q=0.2,normalize=kept``, ``dft_clip:tau=0.7``, ``talr``, ``focal:gamma=2``,
-``iw_sft``, ``iw_sft:level=token``, ``asft:lam=0.05``. The registry is the plain dict
-``OBJECTIVES`` (name -> factory taking the parameters as keyword arguments).
+Names used in configs and on the command line: ``dft``, ``dft:floor=0.1``,
+``dft:protect=special``, ``nll``, ``prob_power:alpha=2``, ``thresholded:q=0.2``,
+``thresholded:pct=20,keep=bottom,loss=p``, ``dft_clip:tau=0.7``, ``talr``,
+``focal:gamma=2``, ``eaft:k=20,alpha=1``, ``chord_phi``, ``psft:eps=0.2``, ``iw_sft``,
+``iw_sft:level=token``, ``asft:lam=0.05``. Two parameters are accepted by every objective
+(``GENERIC_PARAMS``): ``norm=weight`` (divide by the global sum of the per-token weights
+instead of the token count) and ``protect=special`` (NLL on the named token classes).
+The registry is the plain dict ``OBJECTIVES`` (name -> factory taking the parameters as
+keyword arguments); ``describe_objectives()`` lists them for ``--show``.
+
+The per-token *weight* of an objective is w_t = -num_items * d loss / d log p_t: the
+factor its gradient puts on the NLL gradient of token t (NLL: 1, DFT: p, prob_power:
+p^alpha). ``token_loss`` reports it (``LossResult.weight``) for logging and for
+``norm=weight``.
 """
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
-from typing import Callable
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
+from dftune.errors import UserError
+from dftune.vocab import CLASS_IDS, CLASS_NAMES
+
+
+class ObjectiveError(UserError, ValueError):
+    """A bad objective spec or parameter."""
 
 @dataclass
 class TokenContext:
@@ -30,6 +48,13 @@ class TokenContext:
     seq_ids: Tensor  # (M,) int64: which sequence each token belongs to
     entropy: Tensor | None = None  # (M,) entropy of the model's distribution
     ref_logp: Tensor | None = None  # (M,) log-prob of the target under the reference
+    # (M,) entropy of the model's top-K distribution (renormalised), divided by ln K: in [0, 1]
+    # (K = Objective.topk, capped at the vocabulary size)
+    topk_entropy: Tensor | None = None
+    token_class: Tensor | None = None  # (M,) int64 class of the target token (dftune.vocab)
+
+
+NORMALIZE = ("tokens", "weights")
 
 
 @dataclass(frozen=True)
@@ -37,10 +62,19 @@ class Objective:
     """A resolved objective: the per-token function and what it needs.
 
     batch_level: the loss of one token depends on other tokens (sequence means, batch
-        medians), so the fused loss must see every token before producing gradients.
-    needs_ref: a reference model (the initial weights) must be supplied.
+        medians, percentiles), so the fused loss must see every token before producing
+        gradients.
+    needs_ref: a reference model (the initial weights, or for psft a recent snapshot)
+        must be supplied.
     kl_coef: weight of KL(pi_ref || pi_theta) over the full vocabulary, added per token
         by ``token_loss`` (ASFT).
+    topk: > 0 when ``ctx.topk_entropy`` over the model's top-``topk`` tokens is needed
+        (EAFT); ``token_loss`` computes it chunk by chunk only then.
+    needs_classes: ``ctx.token_class`` is needed (``protect=``); pass ``token_class``
+        (``dftune.vocab.token_classes``) to ``token_loss``.
+    normalize: "tokens" (sum / global token count, the default) or "weights" (the
+        training loop rescales the step's gradient by tokens / sum of weights:
+        ``dftune.loss.normalize_gradients_``).
     """
 
     name: str
@@ -48,9 +82,19 @@ class Objective:
     batch_level: bool = False
     needs_ref: bool = False
     kl_coef: float = 0.0
+    topk: int = 0
+    needs_classes: bool = False
+    normalize: str = "tokens"
 
     def __call__(self, logp: Tensor, ctx: TokenContext) -> Tensor:
         return self.fn(logp, ctx)
+
+
+def _need(value, what: str, name: str):
+    if value is None:
+        raise ObjectiveError(f"objective {name!r} needs {what}; token_loss computes it when the objective asks "
+                         "(other callers must fill that TokenContext field)")
+    return value
 
 
 def nll() -> Objective:
@@ -58,13 +102,22 @@ def nll() -> Objective:
     return Objective("nll", lambda logp, ctx: -logp)
 
 
-def dft() -> Objective:
+def dft(floor: float = 0.0) -> Objective:
     """DFT (Wu et al. 2025, arXiv 2508.05629, eq. 9): -sg(p_t) log p_t.
 
     The stop-gradient multiplier cancels SFT's implicit 1/p importance weight; the
     gradient is p_t times the NLL gradient (equal to that of 1 - p_t).
+
+    floor: weight max(sg(p_t), floor) instead: every token keeps at least ``floor`` of its
+    NLL gradient. The DFT authors' suggested remedy when format or special tokens (which
+    start at low probability) are never learned, e.g. ``dft:floor=0.1``.
     """
-    return Objective("dft", lambda logp, ctx: -logp.detach().exp() * logp)
+    f = float(floor)
+    if not 0.0 <= f <= 1.0:
+        raise ObjectiveError(f"dft: floor must be in [0, 1], got {floor}")
+    if f == 0:
+        return Objective("dft", lambda logp, ctx: -logp.detach().exp() * logp)
+    return Objective(f"dft:floor={f:g}", lambda logp, ctx: -logp.detach().exp().clamp_min(f) * logp)
 
 
 def prob_power(alpha: float = 1.0) -> Objective:
@@ -75,31 +128,72 @@ def prob_power(alpha: float = 1.0) -> Objective:
     """
     a = float(alpha)
     if a < 0:
-        raise ValueError(f"prob_power: alpha must be >= 0, got {alpha}")
+        raise ObjectiveError(f"prob_power: alpha must be >= 0, got {alpha}")
     if a == 0:
         return Objective("prob_power:alpha=0", lambda logp, ctx: -logp)
     return Objective(f"prob_power:alpha={a:g}", lambda logp, ctx: (1 - torch.exp(a * logp)) / a)
 
 
-def thresholded(q: float = 0.2, normalize: str = "all") -> Objective:
-    """Thresholded NLL ("Beyond Log Likelihood", arXiv 2510.00526): -log p * 1[p >= q].
+def _low_rank_mask(lp: Tensor, pct: float) -> Tensor:
+    """True for the floor(pct/100 * M) tokens of lowest probability (ties broken by index)."""
+    n_low = math.floor(pct / 100.0 * lp.numel() + 1e-9)
+    low = torch.zeros_like(lp, dtype=torch.bool)
+    if n_low:
+        low[torch.sort(lp, stable=True).indices[:n_low]] = True
+    return low
+
+
+def thresholded(q: float | None = None, pct: float | None = None, keep: str = "top", loss: str = "nll",
+                normalize: str = "all") -> Objective:
+    """Thresholded objectives of "Beyond Log Likelihood" (arXiv 2510.00526, sec. 4 and fig. 5).
+
+    keep="top": only tokens with p >= q train (the prior-leaning variant); keep="bottom":
+    only tokens with p <= q. loss="nll": -log p on the kept tokens; loss="p": 1 - p on
+    them (the paper's "-p" variant: gradient weight p). q defaults to 0.2.
+
+    pct: the threshold as a percentile instead of a probability: the floor(pct% of M)
+    lowest-probability tokens of the call are the "bottom", the rest the "top" (ranks, so
+    a token exactly at the threshold cannot flip with rounding). It is computed over the
+    tokens of one ``token_loss`` call (one micro-batch in training). The paper's scripts
+    instead turn a percentile of the *base* model's token probabilities on the training
+    data into a fixed q once: ``dftune probe`` reports those percentiles
+    (``stats.p_percentiles``), to pass as ``q=``.
 
     normalize="all" divides by every valid token (dropped ones count as zero loss);
     normalize="kept" rescales so the sum is divided by the kept tokens of this call
     (a per-call statistic, so under gradient accumulation it is per micro-batch).
     """
     if normalize not in ("all", "kept"):
-        raise ValueError(f"thresholded: normalize must be 'all' or 'kept', got {normalize!r}")
-    logq = torch.log(torch.tensor(float(q))).item() if q > 0 else float("-inf")
+        raise ObjectiveError(f"thresholded: normalize must be 'all' or 'kept', got {normalize!r}")
+    if keep not in ("top", "bottom"):
+        raise ObjectiveError(f"thresholded: keep must be 'top' or 'bottom', got {keep!r}")
+    if loss not in ("nll", "p"):
+        raise ObjectiveError(f"thresholded: loss must be 'nll' or 'p', got {loss!r}")
+    if q is not None and pct is not None:
+        raise ObjectiveError("thresholded: give q (a probability) or pct (a percentile), not both")
+    if pct is not None and not 0 <= pct <= 100:
+        raise ObjectiveError(f"thresholded: pct must be in [0, 100], got {pct}")
+    q = 0.2 if q is None and pct is None else q
+    if q is not None and not 0 <= q <= 1:
+        raise ObjectiveError(f"thresholded: q must be in [0, 1], got {q}")
+    logq = None if q is None else (math.log(q) if q > 0 else float("-inf"))
 
     def fn(logp: Tensor, ctx: TokenContext) -> Tensor:
-        keep = (logp.detach() >= logq).to(logp.dtype)
-        loss = -logp * keep
+        lp = logp.detach()
+        if pct is not None:
+            low = _low_rank_mask(lp, pct)
+            kept = ~low if keep == "top" else low
+        else:
+            kept = lp >= logq if keep == "top" else lp <= logq
+        kept = kept.to(logp.dtype)
+        vals = (-logp if loss == "nll" else 1 - logp.exp()) * kept
         if normalize == "kept":
-            loss = loss * (logp.numel() / keep.sum().clamp_min(1.0))
-        return loss
+            vals = vals * (logp.numel() / kept.sum().clamp_min(1.0))
+        return vals
 
-    return Objective(f"thresholded:q={q:g},normalize={normalize}", fn, batch_level=normalize == "kept")
+    where = f"q={q:g}" if pct is None else f"pct={pct:g}"
+    name = f"thresholded:{where},keep={keep},loss={loss},normalize={normalize}"
+    return Objective(name, fn, batch_level=normalize == "kept" or pct is not None)
 
 
 def dft_clip(tau: float = 0.7) -> Objective:
@@ -150,6 +244,72 @@ def focal(gamma: float = 2.0) -> Objective:
     return Objective(f"focal:gamma={g:g}", lambda logp, ctx: -((1 - logp.exp()) ** g) * logp)
 
 
+def eaft(k: int = 20, alpha: float = 1.0) -> Objective:
+    """EAFT, Entropy-Adaptive Fine-Tuning (Diao et al. 2026, arXiv 2601.02151):
+    weight sg((H_topK / ln K)^alpha) on -log p.
+
+    H_topK is the entropy of the model's next-token distribution restricted to its K most
+    probable tokens and renormalised; dividing by ln K (its maximum) puts the weight in
+    [0, 1]. Confident predictions (low entropy) are damped whether or not they agree with
+    the target: the paper's "confident conflicts" (low p, low entropy) stop dominating the
+    update, which is what protects general capabilities. K = 20 and alpha = 1 as in the
+    paper. (LLaMA-Factory divides by the constant 3.0 ~ ln 20; we use ln K exactly, so the
+    weight stays in [0, 1] for any K; K is capped at the vocabulary size.)
+    """
+    k, a = int(k), float(alpha)
+    if k < 2:
+        raise ObjectiveError(f"eaft: k must be >= 2 (the entropy of one token is 0), got {k}")
+    if a < 0:
+        raise ObjectiveError(f"eaft: alpha must be >= 0, got {alpha}")
+
+    def fn(logp: Tensor, ctx: TokenContext) -> Tensor:
+        h = _need(ctx.topk_entropy, "the normalised top-K entropy (ctx.topk_entropy)", "eaft")
+        w = h.detach().clamp(0.0, 1.0) ** a
+        return -w * logp
+
+    return Objective(f"eaft:k={k},alpha={a:g}", fn, topk=k)
+
+
+def chord_phi() -> Objective:
+    """CHORD's token weight (Zhang et al. 2025, arXiv 2508.11408): sg(p (1 - p)) on -log p.
+
+    CHORD mixes this SFT term with GRPO under a decaying coefficient; here it is the SFT
+    term alone. The weight vanishes at p -> 0 (like DFT: no chasing of tokens the model
+    finds implausible) and at p -> 1 (unlike DFT: no sharpening of what is already known),
+    peaking at p = 1/2.
+    """
+
+    def fn(logp: Tensor, ctx: TokenContext) -> Tensor:
+        p = logp.detach().exp()
+        return -(p * (1 - p)) * logp
+
+    return Objective("chord_phi", fn)
+
+
+def psft(eps: float = 0.2) -> Objective:
+    """Proximal SFT (Zhu et al. 2025, arXiv 2508.17784): PPO's clipped surrogate with a
+    constant advantage of 1 on the SFT data.
+
+    loss_t = -min(r_t, clip(r_t, 1 - eps, 1 + eps)), r_t = pi_theta(y_t) / pi_old(y_t).
+    With a positive advantage only the upper clip binds: the gradient is r_t times the NLL
+    gradient while r_t <= 1 + eps, and zero once a token's probability has risen more than
+    eps above pi_old's. pi_old comes from the reference (``ctx.ref_logp``): the paper
+    refreshes it every batch and takes several updates per batch; with one update per
+    batch and pi_old = the current weights, r = 1 and PSFT equals NLL. With a frozen
+    initial reference it is a trust region around the base model (see docs/design.md).
+    """
+    e = float(eps)
+    if not 0 < e:
+        raise ObjectiveError(f"psft: eps must be > 0, got {eps}")
+
+    def fn(logp: Tensor, ctx: TokenContext) -> Tensor:
+        ref = _need(ctx.ref_logp, "the old policy's log-probs (ref_hidden/ref_weight)", "psft")
+        r = torch.exp(logp - ref)
+        return -torch.minimum(r, r.clamp(1 - e, 1 + e))
+
+    return Objective(f"psft:eps={e:g}", fn, needs_ref=True)
+
+
 def iw_sft(level: str = "sequence", clip: float = 16.0, low: float = 0.2, high: float = 1.8) -> Objective:
     """Importance-weighted SFT (Qin & Springenberg 2025, arXiv 2507.12856).
 
@@ -158,12 +318,11 @@ def iw_sft(level: str = "sequence", clip: float = 16.0, low: float = 0.2, high: 
     The reference is the frozen initial model.
     """
     if level not in ("sequence", "token"):
-        raise ValueError(f"iw_sft: level must be 'sequence' or 'token', got {level!r}")
+        raise ObjectiveError(f"iw_sft: level must be 'sequence' or 'token', got {level!r}")
 
     def fn(logp: Tensor, ctx: TokenContext) -> Tensor:
-        if ctx.ref_logp is None:
-            raise ValueError("iw_sft needs the reference model's log-probs (ref_hidden/ref_weight)")
-        diff = logp.detach() - ctx.ref_logp
+        ref = _need(ctx.ref_logp, "the reference model's log-probs (ref_hidden/ref_weight)", "iw_sft")
+        diff = logp.detach() - ref
         if level == "sequence":
             seq_mean, inv = _per_sequence_mean(diff, ctx.seq_ids)
             w = seq_mean.exp().clamp(0.0, clip)[inv]
@@ -193,8 +352,20 @@ OBJECTIVES: dict[str, Callable[..., Objective]] = {
     "dft_clip": dft_clip,
     "talr": talr,
     "focal": focal,
+    "eaft": eaft,
+    "chord_phi": chord_phi,
+    "psft": psft,
     "iw_sft": iw_sft,
     "asft": asft,
+}
+
+# Parameters every objective accepts, applied on top of its own function.
+GENERIC_PARAMS = {
+    "norm": "tokens (default: sum / global count of target tokens) or weight (sum / global sum of "
+            "the per-token weights w_t, so that the effective learning rate does not shrink with "
+            "the weights; the training loop rescales the gradient)",
+    "protect": "token classes trained with plain NLL instead of the objective, joined by '+': "
+               f"{', '.join(CLASS_NAMES)} (e.g. protect=special: EOS, end-of-turn and template tokens)",
 }
 
 
@@ -207,29 +378,97 @@ def _parse_value(text: str):
     return text
 
 
+def _protect(obj: Objective, classes: str) -> Objective:
+    names = [c.strip() for c in str(classes).split("+") if c.strip()]
+    unknown = [c for c in names if c not in CLASS_IDS]
+    if not names or unknown:
+        raise ObjectiveError(f"protect={classes!r}: token classes are {', '.join(CLASS_NAMES)} (join several with '+')")
+    ids = sorted({CLASS_IDS[c] for c in names})
+    inner = obj.fn
+
+    def fn(logp: Tensor, ctx: TokenContext) -> Tensor:
+        cls = _need(ctx.token_class, "token classes (token_loss(..., token_class=dftune.vocab.token_classes(tok, V)))",
+                    obj.name)
+        protected = torch.isin(cls, torch.tensor(ids, device=cls.device))
+        return torch.where(protected, -logp, inner(logp, ctx))
+
+    label = "+".join(CLASS_NAMES[i] for i in ids)
+    return replace(obj, name=_join(obj.name, f"protect={label}"), fn=fn, needs_classes=True)
+
+
+def _join(name: str, param: str) -> str:
+    return f"{name},{param}" if ":" in name else f"{name}:{param}"
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """``"name:key=value,key=value"`` -> (name, {key: value-text}), with clear errors."""
+    name, _, params = str(spec).partition(":")
+    name = name.strip()
+    if name not in OBJECTIVES:
+        raise ObjectiveError(f"unknown objective {name!r}; known: {', '.join(sorted(OBJECTIVES))}")
+    kwargs: dict[str, str] = {}
+    for item in filter(None, (p.strip() for p in params.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ObjectiveError(f"objective {spec!r}: parameter {item!r} is not key=value")
+        key = key.strip()
+        if key in kwargs:
+            raise ObjectiveError(f"objective {spec!r}: parameter {key!r} given twice")
+        kwargs[key] = value.strip()
+    return name, kwargs
+
+
 def get_objective(spec: str | Objective) -> Objective:
     """Resolve ``"name"`` or ``"name:key=value,key=value"`` to an Objective.
 
     >>> get_objective("prob_power:alpha=2").name
     'prob_power:alpha=2'
+    >>> get_objective("dft:floor=0.1,protect=special,norm=weight").normalize
+    'weights'
     """
     if isinstance(spec, Objective):
         return spec
-    name, _, params = str(spec).partition(":")
-    name = name.strip()
-    if name not in OBJECTIVES:
-        raise ValueError(f"unknown objective {name!r}; known: {', '.join(sorted(OBJECTIVES))}")
+    name, raw = parse_spec(spec)
+    for key, value in raw.items():
+        if "->" in value or value.endswith("-"):
+            raise ObjectiveError(f"objective {spec!r}: {key}={value} is a ramp; ramps belong in an objective schedule "
+                             "(train.objective_schedule, dftune.objective_schedule); quote '->' on a shell command line")
+    norm = raw.pop("norm", "tokens")
+    protect = raw.pop("protect", None)
+    if norm not in ("tokens", "weight"):
+        raise ObjectiveError(f"objective {spec!r}: norm must be 'tokens' or 'weight', got {norm!r}")
     factory = OBJECTIVES[name]
-    kwargs = {}
-    for item in filter(None, (p.strip() for p in params.split(","))):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise ValueError(f"objective {spec!r}: parameter {item!r} is not key=value")
-        kwargs[key.strip()] = _parse_value(value.strip())
     allowed = inspect.signature(factory).parameters
-    unknown = set(kwargs) - set(allowed)
+    unknown = set(raw) - set(allowed)
     if unknown:
-        raise ValueError(
-            f"objective {name!r} has no parameter(s) {sorted(unknown)}; it takes {list(allowed) or 'none'}"
+        raise ObjectiveError(
+            f"objective {name!r} has no parameter(s) {sorted(unknown)}; it takes "
+            f"{list(allowed) + list(GENERIC_PARAMS)}"
         )
-    return factory(**kwargs)
+    try:
+        obj = factory(**{k: _parse_value(v) for k, v in raw.items()})
+    except ObjectiveError:
+        raise
+    except (TypeError, ValueError) as e:  # e.g. alpha=abc reaching float()
+        raise ObjectiveError(f"objective {spec!r}: {e}") from None
+    if protect is not None:
+        obj = _protect(obj, protect)
+    if norm == "weight":
+        obj = replace(obj, name=_join(obj.name, "norm=weight"), normalize="weights")
+    return obj
+
+
+def describe_objectives() -> str:
+    """Every registered objective with its parameters, defaults and paper: for ``--show``."""
+    lines = ["Objectives (train.objective = NAME or NAME:key=value,key=value):"]
+    for name, factory in OBJECTIVES.items():
+        if name == "sft":
+            continue
+        params = ",".join(f"{p.name}={p.default}" for p in inspect.signature(factory).parameters.values())
+        doc = " ".join((factory.__doc__ or "").strip().split("\n\n")[0].split())
+        lines.append(f"  {name}{':' + params if params else ''}\n      {doc}")
+    lines.append("Every objective also takes:")
+    lines += [f"  {k}: {v}" for k, v in GENERIC_PARAMS.items()]
+    lines.append("Over training (dftune.schedule): phases NAME[:params][@END] and linear ramps a->b, e.g. "
+                 "'nll@0.2,dft' (NLL for the first 20% of steps) or 'prob_power:alpha=0->1'.")
+    return "\n".join(lines)

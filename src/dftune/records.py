@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dftune.config import DataConfig
+from dftune.errors import UserError
 
 FORMATS = {
     "messages": ("messages",),
@@ -30,7 +31,7 @@ SUFFIXES = (".jsonl", ".json", ".parquet")
 READ_BATCH = 512  # Parquet rows decoded at a time
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data problem, naming the file, row and field."""
 
 

@@ -1,32 +1,69 @@
 """Grids of training + evaluation runs (the paper's lr x batch-size ablation, objective
-comparisons), one run folder per point, finished points skipped, one report for all.
+comparisons), one run folder per point, finished points reused, one report for all.
 
-    dftune sweep configs/tiny_cpu.yaml --grid train.objective=nll,dft train.lr=1e-4,1e-3 --out sweeps/lr
-    dftune sweep CONFIG --grid ... --out DIR --print-only     # commands for a cluster scheduler
+    dftune sweep configs/tiny_cpu.yaml --grid train.objective=nll,dft --grid train.lr=1e-4,1e-3 --out sweeps/lr
+    dftune sweep CONFIG --grid ... --out DIR --print-only     # the commands, for a cluster scheduler
+
+A grid axis is ``key=v1,v2,...`` in the training config's keys. Values may hold commas
+where an objective spec needs them: ``train.objective=nll,thresholded:q=0.2,normalize=kept``
+is two values (a ``name=value`` piece after a spec with parameters continues that spec), or
+separate values with ``;`` to say it explicitly.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
-import json
 import shlex
-import typing
-from dataclasses import fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from dftune.config import (
+    Config,
+    ConfigError,
+    config_diff,
+    load_config,
+    parse_scalar,
+    read_yaml,
+    resolve_key,
+)
+from dftune.eval.run import EvalConfig
 
-from dftune.config import Config, ConfigError, load_config, parse_scalar
+
+@dataclass
+class SweepConfig:
+    """Settings of `dftune sweep`.
+
+    config: the training config (YAML) every point starts from.
+    grid: axes, each key=v1,v2 (repeat --grid per axis); the points are their product.
+    set: fixed key=value overrides applied to every point.
+    out: the sweep folder (one run folder per point, sweep.json, report.html).
+    print_only: print the train (and eval) commands instead of running them.
+    eval: how each point is evaluated (eval.benchmarks empty: not evaluated); model and out
+        are set per point.
+    """
+
+    config: str = ""
+    grid: list[str] = field(default_factory=list, metadata={"split": False})
+    set: list[str] = field(default_factory=list, metadata={"split": False})
+    out: str = ""
+    print_only: bool = False
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(benchmarks=[]))
 
 
-def _full_key(key: str) -> str:
-    """'lr' -> 'train.lr': a bare key is looked up in the config's sections."""
-    if "." in key:
-        return key
-    hints = typing.get_type_hints(Config)
-    for section in fields(Config):
-        if key in {f.name for f in fields(hints[section.name])}:
-            return f"{section.name}.{key}"
-    raise ConfigError(f"--grid: unknown key {key!r}")
+def split_values(raw: str) -> list[str]:
+    """'nll,thresholded:q=0.2,normalize=kept,dft' -> ['nll', 'thresholded:q=0.2,normalize=kept', 'dft']."""
+    if ";" in raw:
+        return [v.strip() for v in raw.split(";") if v.strip()]
+    out: list[str] = []
+    for piece in (p.strip() for p in raw.split(",")):
+        if not piece:
+            continue
+        if out and "=" in piece and ":" not in piece and ":" in out[-1]:
+            out[-1] += "," + piece  # a parameter of the spec before it
+        else:
+            out.append(piece)
+    return out
 
 
 def parse_grid(grid: list[str]) -> tuple[list[str], list[dict]]:
@@ -34,10 +71,12 @@ def parse_grid(grid: list[str]) -> tuple[list[str], list[dict]]:
     axes, values = [], []
     for item in grid:
         key, eq, vals = item.partition("=")
-        if not eq or not vals:
-            raise ConfigError(f"--grid {item!r} must look like key=v1,v2")
-        axes.append(_full_key(key.strip()))
-        values.append([parse_scalar(v) for v in vals.split(",")])
+        if not eq or not vals.strip():
+            raise ConfigError(f"grid {item!r} must look like key=v1,v2")
+        axes.append(".".join(resolve_key(Config, key.strip())))
+        values.append([parse_scalar(v) for v in split_values(vals)])
+    if len(set(axes)) != len(axes):
+        raise ConfigError(f"grid: an axis is given twice ({axes})")
     return axes, [dict(zip(axes, combo)) for combo in itertools.product(*values)]
 
 
@@ -45,64 +84,78 @@ def point_name(values: dict) -> str:
     return "_".join(f"{k.split('.')[-1]}={v}" for k, v in values.items()).replace("/", "-").replace(":", "-")
 
 
-def run_sweep(config: str, grid: list[str], out: str, overrides: list[str] = (), evaluate_with: dict | None = None,
-              print_only: bool = False) -> list[dict]:
+def _eval_overrides(ev: EvalConfig) -> list[str]:
+    """key=value for every eval setting that differs from the default (for --print-only)."""
+    default = dataclasses.asdict(EvalConfig())
+    flat = {}
+
+    def walk(d, ref, prefix):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, ref.get(k, {}) or {}, f"{prefix}{k}.")
+            elif v != ref.get(k) and k not in ("model", "out"):
+                flat[f"{prefix}{k}"] = ",".join(map(str, v)) if isinstance(v, list) else v
+    walk(dataclasses.asdict(ev), default, "")
+    return [f"{k}={v}" for k, v in flat.items()]
+
+
+def run_sweep(cfg: SweepConfig) -> list[dict]:
     """Train (and evaluate) every grid point not already finished; write sweep.json + report.html."""
-    out_dir = Path(out)
-    axes, points = parse_grid(grid)
+    if not cfg.config or not cfg.out:
+        raise ConfigError("sweep needs config (the training YAML) and out (the sweep folder)")
+    if not cfg.grid:
+        raise ConfigError("sweep needs at least one --grid key=v1,v2")
+    read_yaml(cfg.config)  # a missing or broken file fails now
+    out_dir = Path(cfg.out)
+    axes, points = parse_grid(cfg.grid)
     plan = []
     for values in points:
         name = point_name(values)
-        ovr = list(overrides) + [f"{k}={v}" for k, v in values.items()] + [f"train.out_dir={out_dir / name}"]
-        cfg = load_config(config, ovr)  # every point's config is checked before any training starts
-        plan.append({"name": name, "values": values, "overrides": ovr, "cfg": cfg})
-    if print_only:
+        ovr = list(cfg.set) + [f"{k}={v}" for k, v in values.items()] + [f"train.out_dir={out_dir / name}"]
+        plan.append({"name": name, "values": values, "overrides": ovr,
+                     "cfg": load_config(cfg.config, ovr)})  # every point is checked before any training
+    evaluate_points = bool(cfg.eval.benchmarks)
+    if cfg.print_only:
         for p in plan:
-            print(shlex.join(["dftune", "train", config, *p["overrides"]]))
-            if evaluate_with:
-                print(shlex.join(_eval_argv(out_dir / p["name"], evaluate_with)))
+            print(shlex.join(["dftune", "train", cfg.config, *p["overrides"], "--resume"]))
+            if evaluate_points:
+                run = out_dir / p["name"]
+                print(shlex.join(["dftune", "eval", f"model={run / 'final'}", f"out={run / 'eval'}",
+                                  *_eval_overrides(cfg.eval)]))
         return plan
+    for p in plan:  # a finished point is reused only if it was trained with these settings
+        saved = out_dir / p["name"] / "config.yaml"
+        if saved.is_file():
+            import yaml
+
+            diff = [d for d in config_diff(yaml.safe_load(saved.read_text()) or {}, p["cfg"])
+                    if d[0] not in ("train.resume", "train.overwrite")]
+            if diff:
+                k, a, b = diff[0]
+                raise ConfigError(f"{out_dir / p['name']} was trained with other settings ({k}: {a!r} there, {b!r} now); "
+                                  "use another out, or delete that point's folder")
+    from dftune.files import write_json
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "sweep.json").write_text(json.dumps({"config": config, "axes": axes, "overrides": list(overrides),
-                                                    "points": [{"name": p["name"], "values": p["values"]} for p in plan]},
-                                                   indent=1))
+    write_json(out_dir / "sweep.json", {"config": cfg.config, "axes": axes, "overrides": list(cfg.set),
+                                        "points": [{"name": p["name"], "values": p["values"]} for p in plan]})
     from dftune.train import train
 
     for i, p in enumerate(plan, 1):
         run = out_dir / p["name"]
-        if (run / "final").is_dir():
+        if (run / "final" / "config.json").is_file():
             print(f"[{i}/{len(plan)}] {p['name']}: trained already")
         else:
             print(f"[{i}/{len(plan)}] {p['name']}: training")
             p["cfg"].train.resume = True  # a point interrupted mid-way continues from its checkpoint
             train(p["cfg"])
-        if evaluate_with and not (run / "eval" / "summary.json").is_file():
+        if evaluate_points:
             from dftune.eval.run import evaluate
 
-            evaluate(_eval_config(run, evaluate_with), run / "eval")
+            ev = dataclasses.replace(cfg.eval, model=str(run / "final"))
+            evaluate(ev, run / "eval")  # resumes; refuses other settings
     from dftune.analysis.report import write_report
 
     write_report([out_dir], out_dir / "report.html", title=f"dftune sweep: {', '.join(axes)}")
     print(f"report: {out_dir / 'report.html'}")
     return plan
-
-
-def _eval_config(run: Path, ev: dict):
-    from dftune.eval.generate import SamplingConfig
-    from dftune.eval.run import EvalConfig
-
-    return EvalConfig(model=str(run / "final"), benchmarks=ev["benchmarks"], backend=ev.get("backend", "hf"),
-                      prompt=ev.get("prompt", "qwen-boxed"), data_dir=ev.get("data_dir"), limit=ev.get("limit"),
-                      sampling=SamplingConfig(n=ev.get("n", 4), max_new_tokens=ev.get("max_new_tokens", 512),
-                                              seed=ev.get("seed", 0)))
-
-
-def _eval_argv(run: Path, ev: dict) -> list[str]:
-    argv = ["dftune", "eval", "--model", str(run / "final"), "--benchmarks", ",".join(ev["benchmarks"]),
-            "--out", str(run / "eval"), "--backend", ev.get("backend", "hf"), "--n", str(ev.get("n", 4)),
-            "--max-new-tokens", str(ev.get("max_new_tokens", 512))]
-    if ev.get("data_dir"):
-        argv += ["--data-dir", ev["data_dir"]]
-    if ev.get("limit"):
-        argv += ["--limit", str(ev["limit"])]
-    return argv

@@ -9,6 +9,7 @@ write loads with AutoModelForCausalLM / AutoTokenizer / vLLM like any other.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -85,3 +86,83 @@ def make_tiny(out_dir: str | Path, texts, *, vocab_size: int = 512, seed: int = 
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@dataclass
+class TinyConfig:
+    """Settings of `dftune tiny-model` (a tiny random Llama and a BPE tokenizer, offline).
+
+    out: the folder to write (model + tokenizer, loadable by transformers and vLLM).
+    data: a data file whose text trains the tokenizer.
+    limit: records of it used for the tokenizer.
+    vocab_size: the BPE vocabulary (plus 4 special tokens).
+    hidden, layers, heads: the model's shape (head_dim = hidden / heads; vLLM on CPU needs >= 32).
+    seed: the initialisation.
+    """
+
+    out: str = ""
+    data: str = ""
+    limit: int = 2000
+    vocab_size: int = 512
+    hidden: int = 128
+    layers: int = 2
+    heads: int = 2
+    seed: int = 0
+
+
+def make_tiny_from(cfg: TinyConfig) -> Path:
+    from dftune.config import ConfigError
+
+    if not cfg.out or not cfg.data:
+        raise ConfigError("tiny-model needs out (the folder to write) and data (text for the tokenizer)")
+    return make_tiny(cfg.out, texts_from(cfg.data, cfg.limit), vocab_size=cfg.vocab_size, seed=cfg.seed,
+                     hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads, intermediate=2 * cfg.hidden)
+
+
+# ---- a real model shape with a real chat format -------------------------------------------
+
+QWEN_SPECIALS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645}
+
+
+def build_qwen_tokenizer(texts, base_vocab: int = 512):
+    """A byte-level BPE tokenizer whose special tokens sit at Qwen2.5's ids (<|endoftext|>
+    151643, <|im_start|> 151644, <|im_end|> 151645), with the ChatML template: the ids and
+    layout real Qwen checkpoints use, built offline. Ids between the BPE vocabulary and
+    151643 are unreachable fillers."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    small = build_tokenizer(texts, base_vocab, split_digits=True).backend_tokenizer
+    spec = json.loads(small.to_str())["model"]
+    vocab = {t: i for t, i in spec["vocab"].items() if t not in SPECIALS}
+    vocab = {t: i for i, t in enumerate(sorted(vocab, key=vocab.get))}  # contiguous from 0
+    for i in range(len(vocab), QWEN_SPECIALS["<|endoftext|>"]):
+        vocab[f"<|filler_{i}|>"] = i
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in spec["merges"]]
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens(list(QWEN_SPECIALS))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                  bos_token=None, additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    assert [tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS] == list(QWEN_SPECIALS.values())
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def qwen2_5_0_5b(seed: int = 0):
+    """A randomly initialised model with Qwen2.5-0.5B's exact architecture: 24 layers,
+    H=896, 14 heads, 2 KV heads, intermediate 4864, V=151,936, tied embeddings."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    config = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                         rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, use_sliding_window=False,
+                         bos_token_id=151643, eos_token_id=151643, dtype="bfloat16")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.config.dtype = torch.bfloat16  # stored in bf16, as the released checkpoint is
+    return model

@@ -31,18 +31,27 @@ from pathlib import Path
 import torch
 
 from dftune import dist
-from dftune.config import Config, config_diff, save_config
-from dftune.data import build_dataset, epoch_steps, step_batches
+from dftune.config import Config, ConfigError, config_diff, save_config
+from dftune.data import DataError, build_dataset, epoch_steps, step_batches
+from dftune.errors import UserError
 from dftune.files import read_jsonl, write_json, write_text
-from dftune.model import CausalLMLoss, load_model, load_tokenizer, reference_kind, resolve_precision, stored_dtype
-from dftune.objectives import get_objective
+from dftune.loss import normalize_gradients_
+from dftune.model import (
+    CausalLMLoss,
+    load_model,
+    load_tokenizer,
+    reference_kind,
+    resolve_precision,
+    stored_dtype,
+)
+from dftune.schedule import objective_schedule
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(UserError, RuntimeError):
     """The loss or gradient became NaN/inf: training stops before the bad update."""
 
 
-class RunFolderError(ValueError):
+class RunFolderError(UserError, ValueError):
     """The run folder holds another run, or a resume asks for different settings."""
 
 
@@ -73,7 +82,7 @@ class StepStats:
     """Sums over one optimizer step's valid tokens (every micro-batch, every process), kept
     on the device so that a step syncs with the host once."""
 
-    FIELDS = ("objective", "nll", "prob", "entropy", "kl_ref", "tokens", "input_tokens")
+    FIELDS = ("objective", "nll", "prob", "entropy", "kl_ref", "weight", "tokens", "input_tokens")
 
     def __init__(self, device: torch.device):
         self.sums = torch.zeros(len(self.FIELDS), dtype=torch.float64, device=device)
@@ -82,7 +91,7 @@ class StepStats:
         m = res.mask
         kl = res.kl[m].sum() if res.kl is not None else torch.zeros((), device=m.device)
         self.sums += torch.stack([res.objective_sum.double(), -res.logp[m].double().sum(), res.logp[m].double().exp().sum(),
-                                  res.entropy[m].double().sum(), kl.double(), m.sum().double(),
+                                  res.entropy[m].double().sum(), kl.double(), res.weight_sum.double(), m.sum().double(),
                                   attention_mask.sum().double()])
 
     def reduce(self, rt: dist.Runtime) -> dict[str, float]:
@@ -181,7 +190,7 @@ def train(cfg: Config, on_step=None) -> Path:
     on_step(step, record) is called after each optimizer step (tests use it to stop a
     run part-way, as a kill would).
     """
-    get_objective(cfg.train.objective)  # a bad name fails before anything loads
+    objective_schedule(cfg.train.objective_schedule or cfg.train.objective)  # a bad spec fails before anything loads
     rt = dist.init_runtime()
     try:
         return _train(cfg, rt, on_step)
@@ -191,13 +200,13 @@ def train(cfg: Config, on_step=None) -> Path:
 
 def _train(cfg: Config, rt: dist.Runtime, on_step) -> Path:
     t = cfg.train
-    objective = get_objective(t.objective)
+    schedule = objective_schedule(t.objective_schedule or t.objective)
     precision = resolve_precision(t.precision, rt.device)
     parallel = dist.resolve_parallel(t.parallel, rt.world)
     if parallel == "fsdp" and cfg.model.lora_r > 0:
-        raise ValueError("LoRA with FSDP is not supported (LoRA's trainable state is small): use train.parallel=ddp")
+        raise ConfigError("LoRA with FSDP is not supported (LoRA's trainable state is small): use train.parallel=ddp")
     if parallel == "fsdp" and t.eval_every:
-        raise ValueError("periodic evaluation (train.eval_every) needs the whole model in one process; with FSDP "
+        raise ConfigError("periodic evaluation (train.eval_every) needs the whole model in one process; with FSDP "
                          "evaluate saved checkpoints with dftune eval instead")
     out = Path(t.out_dir)
     resume_from = open_run_folder(cfg, rt)
@@ -211,15 +220,21 @@ def _train(cfg: Config, rt: dist.Runtime, on_step) -> Path:
         print(f"data: {summary}")
         write_json(out / "data_summary.json", summary.__dict__)
     if len(examples) < t.global_batch:
-        raise ValueError(f"{len(examples)} usable examples is fewer than one global batch ({t.global_batch})")
+        raise DataError(f"{len(examples)} usable examples is fewer than one global batch ({t.global_batch})")
     steps_per_epoch = len(examples) // t.global_batch
     total = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
     warmup = int(t.warmup_ratio * total)
 
+    save_dtype = stored_dtype(cfg.model)  # the final model is saved as the base was stored
     model = load_model(cfg.model, rt.device, dtype=torch.bfloat16 if precision == "bf16-pure" else torch.float32)
-    save_dtype = stored_dtype(model)
-    module = CausalLMLoss(model, objective, backend=t.loss_backend, chunk_size=t.chunk_size,
-                          reference=reference_kind(objective, cfg.model.lora_r > 0, t.log_kl))
+    classes = None
+    if schedule.needs_classes:  # protect=...: which vocabulary ids are special / numbers / content
+        from dftune.vocab import token_classes
+
+        classes = token_classes(tokenizer, vocab_size=model.get_output_embeddings().weight.shape[0])
+    module = CausalLMLoss(model, schedule.at(0.0), backend=t.loss_backend, chunk_size=t.chunk_size,
+                          reference=reference_kind(schedule.needs_ref, cfg.model.lora_r > 0, t.log_kl),
+                          token_class=classes)
     module.train()
     module = dist.parallelize(module, model, rt, parallel, mixed_bf16=precision == "bf16-mixed")
     # FSDP's MixedPrecisionPolicy computes in bf16 itself; elsewhere autocast does
@@ -241,7 +256,7 @@ def _train(cfg: Config, rt: dist.Runtime, on_step) -> Path:
     if rt.is_main:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, initial=start, desc=f"train {objective.name}", unit="step", dynamic_ncols=True,
+        bar = tqdm(total=total, initial=start, desc=f"train {schedule.spec}", unit="step", dynamic_ncols=True,
                    disable=None)  # None: no bar when output is not a terminal (CI logs)
     plan: dict[int, list] = {}
     t0, tokens_seen = time.perf_counter(), 0
@@ -253,6 +268,8 @@ def _train(cfg: Config, rt: dist.Runtime, on_step) -> Path:
             # this process's micro-batches (padded, or packed rows with position_ids), and the
             # step's divisor: valid target tokens over every micro-batch and process
             micro, global_count = step_batches(examples, plan[epoch][index], rt.rank, tokenizer.pad_token_id)
+            objective = schedule.at(step / total)
+            dist.unwrap(module).objective = objective
 
             # forward and backward, micro-batch by micro-batch; gradients sync on the last
             stats = StepStats(rt.device)
@@ -264,6 +281,11 @@ def _train(cfg: Config, rt: dist.Runtime, on_step) -> Path:
                     res.loss.backward()
                 stats.add(res, batch["attention_mask"])
             sums = stats.reduce(rt)
+
+            # norm=weight: divide by the step's summed weights instead of its token count
+            factor = 1.0
+            if objective.normalize == "weights":
+                factor = normalize_gradients_(params, sums["tokens"], sums["weight"])
 
             # clip, check, step
             grad_norm = dist.clip_grad_norm(params, t.grad_clip)
@@ -283,15 +305,19 @@ def _train(cfg: Config, rt: dist.Runtime, on_step) -> Path:
             n = max(sums["tokens"], 1.0)
             rec = {"step": step + 1, "epoch": step / steps_per_epoch, "loss": sums["objective"] / n,
                    "nll": sums["nll"] / n, "mean_prob": sums["prob"] / n, "entropy": sums["entropy"] / n,
-                   "grad_norm": grad_norm, "lr": lr, "tokens": int(sums["tokens"]),
+                   "weight_mean": sums["weight"] / n, "grad_norm": grad_norm, "lr": lr, "tokens": int(sums["tokens"]),
                    "tokens_per_s": tokens_seen / (time.perf_counter() - t0)}
+            if factor != 1.0:
+                rec["norm_factor"] = factor
+            if not schedule.static:
+                rec.update({f"schedule_{k}": v for k, v in schedule.values(step / total).items()})
             if module_reference(module) != "none":
                 rec["kl_ref"] = sums["kl_ref"] / n
             if bar is not None:
                 bar.update(1)
             log.write(rec, bar)
             if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < total:
-                dist.save_checkpoint(rt, module, opt, out, step + 1, t.keep_checkpoints, {"objective": objective.name})
+                dist.save_checkpoint(rt, module, opt, out, step + 1, t.keep_checkpoints, {"objective": schedule.spec})
             if t.eval_every and (step + 1) % t.eval_every == 0:
                 _periodic_eval(rt, cfg, module, tokenizer, step + 1, out, precision)
             if on_step is not None:
@@ -300,7 +326,7 @@ def _train(cfg: Config, rt: dist.Runtime, on_step) -> Path:
         log.close()
         if bar is not None:
             bar.close()
-    dist.save_checkpoint(rt, module, opt, out, total, t.keep_checkpoints, {"objective": objective.name})
+    dist.save_checkpoint(rt, module, opt, out, total, t.keep_checkpoints, {"objective": schedule.spec})
     return _export(rt, module, tokenizer, out, save_dtype)
 
 
@@ -328,8 +354,9 @@ def _export(rt: dist.Runtime, module, tokenizer, out: Path, save_dtype: torch.dt
             for name in _tied_duplicates(model):  # gathered shards are separate copies: keep one, like save_pretrained
                 state.pop(name, None)
         model.config.use_cache = True  # generation wants the KV cache; training turned it off
-        model.config.dtype = save_dtype
         model.save_pretrained(tmp, state_dict=state)
+        model.config.dtype = save_dtype  # save_pretrained wrote the in-memory (fp32) dtype: say what is stored
+        model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)

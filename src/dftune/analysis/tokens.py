@@ -4,8 +4,14 @@ For each model, on a sample of a dataset (response tokens only, as in training):
 distribution of target-token probabilities on log-spaced bins (the paper's figure: SFT
 lifts probabilities uniformly, DFT polarises them), the shift per bin against the base
 model, the tokens that fill each bin, the biggest risers and fallers, the entropy
-distribution and the mean per-token KL(base || model). The statistics come from
-``token_loss`` (chunked over the vocabulary, no full logits for a batch).
+distribution and the mean per-token KL(base || model), overall and per token class
+(``dftune.vocab``: special/template, number, punct, content) with the end-of-turn token
+on its own. The statistics come from ``token_loss`` (chunked over the vocabulary, no full
+logits for a batch).
+
+The pre-flight probe (``probe``) owns the probe JSON: the base model's statistics per
+class, the probability of the end-of-turn token, the percentiles of the target
+probabilities, and a recommended objective with its reason and warnings.
 
     dftune analyze token-probs --models base=BASE,dft=runs/dft/final --data D --out analysis/
     dftune probe --model BASE --data D
@@ -13,7 +19,6 @@ distribution and the mean per-token KL(base || model). The statistics come from
 
 from __future__ import annotations
 
-import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dftune import files
 from dftune.loss import token_loss
 from dftune.model import _hidden, decoder_and_head
+from dftune.vocab import CLASS_NAMES, CONTENT, NUMBER, end_of_turn_ids, token_classes
 
 # log-spaced probability bins: [0, 1e-6), [1e-6, 1e-5.5), ..., [10^-0.5, 1]
 P_EDGES = [0.0] + [10 ** (-6 + 0.5 * i) for i in range(13)]
@@ -83,26 +90,67 @@ def histogram(values: np.ndarray, edges: list[float]) -> list[float]:
     return (counts / max(len(values), 1)).tolist()
 
 
-def summary(st: TokenStats) -> dict:
-    p = np.exp(st.logp)
+SUMMARY_KEYS = ("tokens", "mean_prob", "median_prob", "frac_below_0.1", "frac_above_0.9", "mean_entropy", "nll")
+
+
+def summary(st: TokenStats, select: np.ndarray | None = None) -> dict:
+    """Mean/median probability, the tails, entropy, NLL (and KL) over the tokens ``select``
+    picks (a boolean mask; all by default). No tokens: ``tokens`` 0 and None elsewhere."""
+    sel = slice(None) if select is None else select
+    logp, ent = st.logp[sel], st.entropy[sel]
+    if len(logp) == 0:
+        return {"tokens": 0, **{k: None for k in SUMMARY_KEYS[1:]}}
+    p = np.exp(logp)
     out = {
         "tokens": int(len(p)), "mean_prob": float(p.mean()), "median_prob": float(np.median(p)),
         "frac_below_0.1": float((p < 0.1).mean()), "frac_above_0.9": float((p > 0.9).mean()),
-        "mean_entropy": float(st.entropy.mean()), "nll": float(-st.logp.mean()),
+        "mean_entropy": float(ent.mean()), "nll": float(-logp.mean()),
     }
     if st.kl is not None:
-        out["mean_kl_to_base"] = float(st.kl.mean())
+        out["mean_kl_to_base"] = float(st.kl[sel].mean())
     return out
 
 
-def analyze(stats: dict[str, TokenStats], decode, base: str | None = None, top: int = 8) -> dict:
-    """Histograms, shifts against ``base``, bin fillers, risers/fallers, entropy, KL."""
+def class_summaries(st: TokenStats, classes: np.ndarray) -> dict[str, dict]:
+    """``summary`` per token class (``dftune.vocab.CLASS_NAMES``), each with its ``share`` of
+    the tokens, and ``content_all``: content and number tokens together (what the task is
+    about, without the template and layout tokens that inflate the overall mean)."""
+    cls = classes[st.token_ids]
+    out = {}
+    for i, name in enumerate(CLASS_NAMES):
+        out[name] = summary(st, cls == i)
+        out[name]["share"] = float((cls == i).mean()) if len(cls) else 0.0
+    out["content_all"] = summary(st, (cls == CONTENT) | (cls == NUMBER))
+    out["content_all"]["share"] = float(((cls == CONTENT) | (cls == NUMBER)).mean()) if len(cls) else 0.0
+    return out
+
+
+def end_of_turn_summary(st: TokenStats, eot_ids, decode=None) -> dict:
+    """The target probability where the target is an end-of-turn token (EOS, <|im_end|>...)."""
+    ids = [int(i) for i in eot_ids]
+    sel = np.isin(st.token_ids, ids)
+    p = np.exp(st.logp[sel])
+    out = {"token_ids": ids, "tokens": int(sel.sum()), "mean_prob": float(p.mean()) if len(p) else None,
+           "min_prob": float(p.min()) if len(p) else None, "frac_below_0.1": float((p < 0.1).mean()) if len(p) else None}
+    if decode is not None:
+        out["text"] = [decode(i) for i in ids]
+    return out
+
+
+def analyze(stats: dict[str, TokenStats], decode, base: str | None = None, top: int = 8,
+            classes: np.ndarray | None = None, eot_ids=()) -> dict:
+    """Histograms, shifts against ``base``, bin fillers, risers/fallers, entropy, KL; with
+    ``classes`` ((V,) from ``dftune.vocab.token_classes``) also the summary per token class
+    and of the end-of-turn tokens ``eot_ids`` (did the model learn to stop?)."""
     out = {"p_edges": P_EDGES, "entropy_edges": ENTROPY_EDGES, "base": base, "models": list(stats),
            "summary": {}, "hist": {}, "entropy_hist": {}, "shift_vs_base": {}, "bin_tokens": {}, "risers": {},
-           "fallers": {}}
+           "fallers": {}, "classes": {}, "end_of_turn": {}}
     for name, st in stats.items():
         p = np.exp(st.logp)
         out["summary"][name] = summary(st)
+        if classes is not None:
+            out["classes"][name] = class_summaries(st, classes)
+            out["end_of_turn"][name] = end_of_turn_summary(st, eot_ids)
         out["hist"][name] = histogram(p, P_EDGES)
         out["entropy_hist"][name] = histogram(st.entropy, ENTROPY_EDGES)
         bins = np.clip(np.searchsorted(P_EDGES, p, side="right") - 1, 0, len(P_EDGES) - 2)
@@ -129,34 +177,184 @@ def analyze(stats: dict[str, TokenStats], decode, base: str | None = None, top: 
 
 # ---- the pre-flight probe ------------------------------------------------------------------
 
-HIGH, LOW = 0.5, 0.1  # the capability-continuum thresholds ("Beyond Log Likelihood", PAPER.md)
+# The capability-continuum thresholds on the mean target probability ("Beyond Log
+# Likelihood", PAPER.md), applied to content tokens: above HIGH prior-leaning objectives
+# (DFT) win, below LOW NLL does.
+HIGH, LOW = 0.5, 0.1
+UNKNOWN = 0.1  # a token with p below this is one the model does not know yet
+CONTENT_TAIL = 0.3  # more content tokens than this below UNKNOWN: cap alpha at 0.5
+STOP_LOW = 0.3  # end-of-turn / special tokens with mean p below this: DFT would barely learn them
+FORMAT_TAIL = 0.3  # more punct/layout tokens than this below UNKNOWN: advise dft's floor
+PERCENTILES = (5, 10, 20, 30, 50, 70, 90)
+PROBE_SCHEMA = 2
 
 
-def recommend(s: dict) -> dict:
-    """NLL, DFT or prob_power(alpha) from the base model's mean target probability."""
-    mp = s["mean_prob"]
-    if mp >= HIGH:
-        obj = "dft"
-        why = (f"The base model already gives the data's tokens a mean probability of {mp:.2f} (>= {HIGH}): a strong "
-               "prior. Prior-leaning objectives (DFT, or prob_power with alpha >= 1) fit this regime: they damp the "
-               "updates on the few low-probability tokens, which NLL would up-weight by 1/p.")
-    elif mp <= LOW:
-        obj = "nll"
-        why = (f"The mean target probability is {mp:.3f} (<= {LOW}): the model has little prior for this data. DFT "
-               "multiplies each token's gradient by its probability and would barely learn; NLL is the right choice.")
+def _warn(code: str, message: str) -> dict:
+    return {"code": code, "message": message}
+
+
+def recommend(stats: dict, classes: dict | None = None, end_of_turn: dict | None = None) -> dict:
+    """The objective for this base model and data, with its reason and warnings.
+
+    stats: ``summary`` over all tokens; classes: ``class_summaries`` (then the decision uses
+    content tokens, not the template and layout tokens that inflate the mean);
+    end_of_turn: ``end_of_turn_summary``. Rules, in order:
+    1. content mean p >= HIGH: dft; <= LOW: nll; between: prob_power with alpha rising from
+       0 to 1 in steps of 0.25.
+    2. more than CONTENT_TAIL of content tokens below p = 0.1: alpha at most 0.5 (DFT would
+       leave them unlearned).
+    3. with any probability weighting (alpha > 0): ``protect=special`` when the end-of-turn or
+       other special tokens have mean p < STOP_LOW, ``floor=0.1`` (dft only) when more than
+       FORMAT_TAIL of the punctuation/layout tokens are below p = 0.1.
+    Warnings name what DFT would leave unlearned whatever the recommendation, since a user
+    may pick DFT anyway. Returned keys: objective, alpha, reasoning, warnings (code, message),
+    basis ("content" or "all"), thresholds.
+    """
+    content = (classes or {}).get("content_all") or {}
+    if content.get("tokens"):
+        basis, mp, below = "content", content["mean_prob"], content["frac_below_0.1"]
     else:
-        alpha = round(4 * (mp - LOW) / (HIGH - LOW)) / 4  # 0 .. 1 in steps of 0.25
-        obj = "nll" if alpha == 0 else ("dft" if alpha >= 1 else f"prob_power:alpha={alpha:g}")
-        why = (f"The mean target probability is {mp:.2f}, between {LOW} and {HIGH}: a middling prior. An "
-               f"interpolating objective is suggested ({obj}); compare it with nll and dft on a short run.")
-    if s["frac_below_0.1"] > 0.3 and obj != "nll":
-        why += (f" Note: {s['frac_below_0.1']:.0%} of tokens are below p = 0.1; if they carry format or new "
-                "knowledge (special tokens, answer layouts), DFT may under-learn them.")
-    return {"objective": obj, "reasoning": why, "thresholds": {"prior_leaning_above": HIGH, "nll_below": LOW}}
+        basis, mp, below = "all", stats["mean_prob"], stats.get("frac_below_0.1", 0.0)
+    what = "content tokens (words and numbers; template and layout tokens aside)" if basis == "content" else "tokens"
+    if mp >= HIGH:
+        alpha = 1.0
+        why = (f"The base model gives the data's {what} a mean probability of {mp:.2f} (>= {HIGH}): a strong prior. "
+               "Prior-leaning objectives (DFT, or prob_power with alpha >= 1) fit this regime: they damp the updates on "
+               "the few low-probability tokens, which NLL would up-weight by 1/p.")
+    elif mp <= LOW:
+        alpha = 0.0
+        why = (f"The mean target probability of the {what} is {mp:.3f} (<= {LOW}): the model has little prior for this "
+               "data. DFT multiplies each token's gradient by its probability and would barely learn; NLL is the right "
+               "choice.")
+    else:
+        alpha = round(4 * (mp - LOW) / (HIGH - LOW)) / 4
+        why = (f"The mean target probability of the {what} is {mp:.2f}, between {LOW} and {HIGH}: a middling prior"
+               + (" close to the strong end, so DFT." if alpha == 1 else ". An objective between NLL and DFT is "
+                  "suggested (prob_power's gradient weight p^alpha)")
+               + "; compare it with nll and dft on a short run.")
+    if alpha > 0.5 and below > CONTENT_TAIL:
+        alpha = 0.5
+        why += (f" But {below:.0%} of them are below p = {UNKNOWN}: DFT would leave those unlearned, so alpha is "
+                "capped at 0.5.")
+    elif basis == "all" and below > CONTENT_TAIL and alpha > 0:
+        why += (f" Note: {below:.0%} of tokens are below p = {UNKNOWN}; if they carry format or new knowledge "
+                "(special tokens, answer layouts), DFT may under-learn them.")
+    if basis == "content" and stats.get("mean_prob") is not None and stats["mean_prob"] - mp > 0.1:
+        why += (f" (Over all tokens the mean is {stats['mean_prob']:.2f}: template and layout tokens are easy and "
+                "inflate it, so the decision uses content tokens.)")
+
+    warnings, protect, floor = [], False, False
+    eot = end_of_turn or {}
+    if eot.get("tokens") and eot["mean_prob"] < STOP_LOW:
+        protect = True
+        warnings.append(_warn("eot_unlearned", (
+            f"The end-of-turn token{'s' if len(eot.get('token_ids', [])) > 1 else ''} "
+            f"({', '.join(map(str, eot.get('text') or eot.get('token_ids', [])))}) get mean p = {eot['mean_prob']:.3f}: "
+            f"under DFT their gradient is that fraction of NLL's, so the model may never learn to stop (it repeats or "
+            f"runs to the length limit). Use dft:protect=special (NLL on special tokens), dft:floor=0.1, or nll.")))
+    special = (classes or {}).get("special") or {}
+    # special tokens other than the end-of-turn ones (which are special by construction)
+    n_other = (special.get("tokens") or 0) - (eot.get("tokens") or 0)
+    if n_other > 0:
+        other = (special["mean_prob"] * special["tokens"] - (eot.get("mean_prob") or 0.0) * (eot.get("tokens") or 0)) / n_other
+        if other < STOP_LOW:
+            protect = True
+            warnings.append(_warn("special_unlearned", (
+                f"Special/template tokens other than the end of turn ({n_other} in the responses: <think>, tool or "
+                f"role markers...) have mean p = {other:.3f}: DFT would barely train them. Use protect=special.")))
+    punct = (classes or {}).get("punct") or {}
+    if punct.get("tokens") and punct["frac_below_0.1"] > FORMAT_TAIL:
+        floor = True
+        warnings.append(_warn("format_unlearned", (
+            f"{punct['frac_below_0.1']:.0%} of the punctuation/layout tokens (the output format) are below p = "
+            f"{UNKNOWN}: DFT would learn the format slowly. Use dft:floor=0.1 (every token keeps 10% of its NLL "
+            "gradient) or nll.")))
+    if mp <= 0.02:
+        warnings.append(_warn("no_prior", (
+            f"The model has almost no prior for this data (mean p {mp:.3f}): DFT's gradients are ~{mp:.3f} of NLL's "
+            "and it would learn almost nothing; train with nll (or schedule nll first: nll@0.2,dft).")))
+
+    if alpha == 0:
+        objective = "nll"
+    else:
+        params = []
+        if floor and alpha == 1:
+            params.append("floor=0.1")
+        if protect:
+            params.append("protect=special")
+        base = "dft" if alpha == 1 else f"prob_power:alpha={alpha:g}"
+        objective = base + ((":" if base == "dft" else ",") + ",".join(params) if params else "")
+        if protect:
+            why += " Special tokens (EOS, end-of-turn, template) are trained with NLL (protect=special): see warnings."
+        if floor and alpha == 1:
+            why += " A floor of 0.1 on the weight keeps the output format learning: see warnings."
+    return {"objective": objective, "alpha": alpha, "reasoning": why, "warnings": warnings, "basis": basis,
+            "thresholds": {"prior_leaning_above": HIGH, "nll_below": LOW, "unknown_below": UNKNOWN,
+                           "content_tail": CONTENT_TAIL, "stop_low": STOP_LOW, "format_tail": FORMAT_TAIL}}
+
+
+def probe_report(st: TokenStats, classes: np.ndarray, eot_ids, *, decode=None, **meta) -> dict:
+    """The probe JSON from a base model's token statistics (schema ``PROBE_SCHEMA``).
+
+    Keys: schema, any ``meta`` given (model, data, examples), stats (``summary`` over every
+    response token, plus p_percentiles: the target probability at each percentile, the
+    thresholds the "Beyond Log Likelihood" scripts pass to thresholded:q=...), classes
+    (``class_summaries``), end_of_turn (``end_of_turn_summary``), recommendation
+    (``recommend``).
+    """
+    if len(st.logp) == 0:
+        raise ValueError("nothing to probe: the examples have no response tokens (every label is masked)")
+    stats = summary(st)
+    p = np.exp(st.logp)
+    stats["p_percentiles"] = {str(q): float(np.percentile(p, q)) for q in PERCENTILES}
+    cls = class_summaries(st, classes)
+    eot = end_of_turn_summary(st, eot_ids, decode)
+    return {"schema": PROBE_SCHEMA, **meta, "stats": stats, "classes": cls, "end_of_turn": eot,
+            "recommendation": recommend(stats, cls, eot)}
+
+
+def probe(model, examples, tokenizer, *, model_name: str = "", data: str = "", batch_size: int = 8,
+          progress=None) -> dict:
+    """Pre-flight probe of a base ``model`` on ``examples`` (dftune.data.Example), response
+    tokens only: statistics overall, per token class and for the end-of-turn token, and the
+    recommended objective with its reason and warnings (``probe_report``'s schema).
+
+    model_name, data: stored as the JSON's "model" and "data" (for the report).
+    """
+    if not examples:
+        raise ValueError("nothing to probe: no examples")
+    st = token_stats(model, examples, tokenizer.pad_token_id, batch_size=batch_size, progress=progress)
+    vocab = decoder_and_head(model)[1].weight.shape[0]
+    classes = token_classes(tokenizer, vocab_size=max(vocab, len(tokenizer))).numpy()
+    return probe_report(st, classes, end_of_turn_ids(tokenizer), decode=lambda t: tokenizer.decode([t]),
+                        model=model_name, data=data, examples=len(examples))
+
+
+def format_probe(result: dict) -> str:
+    """The probe's result as terminal lines: overall, per class, end-of-turn, recommendation."""
+    s, rec = result["stats"], result["recommendation"]
+
+    def line(name, d):
+        if not d.get("tokens"):
+            return f"  {name:<12} (no tokens)"
+        share = f" {d['share']:>5.1%} of tokens |" if "share" in d else ""
+        return (f"  {name:<12}{share} mean p {d['mean_prob']:.3f} | p<0.1 {d['frac_below_0.1']:.1%} | "
+                f"p>0.9 {d['frac_above_0.9']:.1%} | entropy {d['mean_entropy']:.2f}")
+
+    out = [f"{result.get('model', 'model')} on {result.get('examples', '?')} examples ({s['tokens']} response tokens):",
+           line("all", s)]
+    for name in (*CLASS_NAMES, "content_all"):
+        if name in result.get("classes", {}):
+            out.append(line(name, result["classes"][name]))
+    eot = result.get("end_of_turn") or {}
+    if eot.get("tokens"):
+        out.append(f"  end-of-turn  {', '.join(map(str, eot.get('text') or eot['token_ids']))}: mean p "
+                   f"{eot['mean_prob']:.3f} (min {eot['min_prob']:.3f}) over {eot['tokens']} tokens")
+    out.append(f"recommended objective: {rec['objective']}\n  {rec['reasoning']}")
+    out += [f"warning [{w['code']}]: {w['message']}" for w in rec.get("warnings", [])]
+    return "\n".join(out)
 
 
 def write_json(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
-
+    """Kept for existing callers; ``dftune.files.write_json`` is the one atomic writer."""
+    files.write_json(path, data)

@@ -2,35 +2,48 @@
 
 Data come from a local folder holding ``NAME/test.jsonl`` (``--data-dir`` or the
 ``DFTUNE_DATA_DIR`` environment variable), or from the Hugging Face Hub for users with
-internet (``HUB`` below; needs ``dftune[hub]``).
+internet (``HUB`` below; needs ``dftune[hub]``). The local files are the paper's (the
+Qwen2.5-Math evaluation data); the Hub copies name some fields differently, and each
+loader reads whichever layout a record has (see ``to_problem``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from dftune.errors import UserError
 from dftune.eval.grade import boxed_contents, split_top_level
 
 PAPER_FIVE = ("math500", "minerva_math", "olympiadbench", "aime24", "amc23")
 BENCHMARKS = PAPER_FIVE + ("gsm8k", "aime25")
-# Hub copies with the same fields as the paper's files (Qwen2.5-Math evaluation data).
+# Hub copies: (repository, config, split), and the fields each has (from its dataset card
+# and viewer), where they differ from the paper's local files:
+#   HuggingFaceH4/MATH-500   problem, solution, answer, subject, level, unique_id (as local)
+#   math-ai/minervamath      question, answer (local: problem, solution with a \boxed{} answer)
+#   math-ai/olympiadbench    question, final_answer (list), is_multiple_answer, context, ... (as local)
+#   math-ai/aime24           id, problem, solution (the answer alone, possibly boxed), url
+#                            (local: problem, solution (the full solution), answer)
+#   math-ai/amc23            id, question, answer, url (local also has problem)
+#   math-ai/aime25           id, problem, answer (local: question, answer)
+#   openai/gsm8k (main)      question, answer ("... #### 72") (as local)
 HUB = {
-    "math500": ("HuggingFaceH4/MATH-500", "test"),
-    "aime24": ("math-ai/aime24", "test"),
-    "amc23": ("math-ai/amc23", "test"),
-    "aime25": ("math-ai/aime25", "test"),
-    "minerva_math": ("math-ai/minervamath", "test"),
-    "olympiadbench": ("math-ai/olympiadbench", "test"),
-    "gsm8k": ("openai/gsm8k:main", "test"),
+    "math500": ("HuggingFaceH4/MATH-500", "", "test"),
+    "aime24": ("math-ai/aime24", "", "test"),
+    "amc23": ("math-ai/amc23", "", "test"),
+    "aime25": ("math-ai/aime25", "", "test"),
+    "minerva_math": ("math-ai/minervamath", "", "test"),
+    "olympiadbench": ("math-ai/olympiadbench", "", "test"),
+    "gsm8k": ("openai/gsm8k", "main", "test"),
 }
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 PROMPTS = ("qwen-boxed", "chat", "plain")
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(UserError, ValueError):
     pass
 
 
@@ -55,16 +68,25 @@ def _number(x) -> str:
     return str(x).strip()
 
 
+def _question(rec: dict, where: str) -> str:
+    return rec.get("problem") or _field(rec, "question", where)
+
+
 def to_problem(name: str, rec: dict, index: int, where: str) -> Problem:
-    """One record of benchmark ``name`` as a Problem; a missing field is a clear error."""
+    """One record of benchmark ``name`` as a Problem, in the local or the Hub layout; a
+    missing field is a clear error naming the file, row and field."""
     rid = str(rec.get("id", rec.get("unique_id", rec.get("idx", index))))
     if name == "math500":
-        return Problem(name, rid, _field(rec, "problem", where), [str(_field(rec, "answer", where))])
+        return Problem(name, rid, _question(rec, where), [str(_field(rec, "answer", where))])
     if name == "minerva_math":
-        boxes = boxed_contents(_field(rec, "solution", where))
+        if rec.get("solution") is None and rec.get("answer") is not None:  # Hub: question, answer
+            return Problem(name, rid, _question(rec, where), [str(rec["answer"]).strip()])
+        if rec.get("solution") is None:
+            raise BenchmarkError(f"{where}: missing field 'solution' (with a \\boxed{{}} answer) or 'answer'")
+        boxes = boxed_contents(rec["solution"])
         if not boxes:
             raise BenchmarkError(f"{where}: field 'solution' has no \\boxed{{}} answer")
-        return Problem(name, rid, _field(rec, "problem", where), [boxes[-1]])
+        return Problem(name, rid, _question(rec, where), [boxes[-1]])
     if name == "olympiadbench":
         finals = _field(rec, "final_answer", where)
         if not isinstance(finals, list) or not finals:
@@ -77,8 +99,14 @@ def to_problem(name: str, rec: dict, index: int, where: str) -> Problem:
             question = f"{rec['context']}\n\n{question}"
         return Problem(name, rid, question, golds)
     if name in ("aime24", "aime25", "amc23"):
-        question = rec.get("problem") or _field(rec, "question", where)
-        return Problem(name, rid, question, [_number(_field(rec, "answer", where))])
+        if rec.get("answer") is None and isinstance(rec.get("solution"), str):  # Hub aime24: the answer
+            boxes = boxed_contents(rec["solution"])
+            answer = boxes[-1] if boxes else rec["solution"].strip()
+            if not boxes and len(answer) > 40:
+                raise BenchmarkError(f"{where}: no field 'answer', and field 'solution' is neither an answer "
+                                     "nor has a \\boxed{} one")
+            return Problem(name, rid, _question(rec, where), [answer])
+        return Problem(name, rid, _question(rec, where), [_number(_field(rec, "answer", where))])
     if name == "gsm8k":
         answer = _field(rec, "answer", where)
         if "####" not in answer:
@@ -94,8 +122,14 @@ def data_dir(explicit: str | None = None) -> Path | None:
     return Path(d) if d else None
 
 
+def problems_hash(problems: list[Problem]) -> str:
+    """A content hash of what an evaluation uses of a benchmark: ids, questions, golds."""
+    data = json.dumps([[p.id, p.question, p.golds] for p in problems], ensure_ascii=False)
+    return hashlib.sha256(data.encode()).hexdigest()[:16]
+
+
 def load_benchmark(name: str, directory: str | Path | None = None, limit: int | None = None) -> list[Problem]:
-    """Problems of one benchmark, from a local folder or the Hub."""
+    """Problems of one benchmark (the first ``limit``; 0 or None: all), from a local folder or the Hub."""
     d = data_dir(str(directory) if directory else None)
     if name not in BENCHMARKS and (d is None or not (d / name / "test.jsonl").is_file()):
         raise BenchmarkError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}, or NAME/test.jsonl "
@@ -117,11 +151,16 @@ def load_benchmark(name: str, directory: str | Path | None = None, limit: int | 
             import datasets
         except ImportError as e:
             raise BenchmarkError("no --data-dir / DFTUNE_DATA_DIR given, and 'datasets' is missing for the Hub") from e
-        hub_id, split = HUB[name]
-        repo, _, config = hub_id.partition(":")
+        repo, config, split = HUB[name]
         ds = datasets.load_dataset(repo, config or None, split=split)
-        rows = [(f"{hub_id}:{i}", dict(r)) for i, r in enumerate(ds, 1)]
-    problems = [to_problem(name, rec, i, where) for i, (where, rec) in enumerate(rows)]
+        rows = [(f"{repo} ({split}), row {i}", dict(r)) for i, r in enumerate(ds, 1)]
+    problems, seen = [], {}
+    for i, (where, rec) in enumerate(rows):
+        p = to_problem(name, rec, i, where)
+        if p.id in seen:  # results are stored and resumed by (benchmark, id)
+            raise BenchmarkError(f"{where}: id {p.id!r} is already used by {seen[p.id]}")
+        seen[p.id] = where
+        problems.append(p)
     return problems[:limit] if limit else problems
 
 

