@@ -5,7 +5,12 @@ ratios, in one run. Each measurement runs in its own subprocess so that peak mem
 on CPU, max_memory_allocated on CUDA) belongs to that variant alone.
 
     python benchmarks/loss_bench.py                      # CPU, H=896 and 1536, a few token counts
-    python benchmarks/loss_bench.py --device cuda --tokens 4096,8192,16384 --dtype bf16
+    python benchmarks/loss_bench.py --dtype bf16-mixed     # the training path on GPUs
+    python benchmarks/loss_bench.py --device cuda --tokens 4096,8192,16384 --dtype bf16-mixed
+
+Precision (--dtype): ``fp32``; ``bf16-mixed`` = what ``train.precision=bf16-mixed`` runs: bf16
+hidden states from the decoder, the fp32 master LM head, both losses under
+``torch.autocast(bf16)`` (fp32 weight gradient); ``bf16`` = pure bf16 (weights stored in bf16).
 """
 
 from __future__ import annotations
@@ -16,8 +21,26 @@ import resource
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
+
+DTYPES = {"fp32": (torch.float32, torch.float32), "bf16-mixed": (torch.bfloat16, torch.float32),
+          "bf16": (torch.bfloat16, torch.bfloat16)}  # --dtype: (hidden dtype, weight dtype)
+
+
+def _inputs(n, h, v, device, dtype):
+    torch.manual_seed(0)
+    hdt, wdt = DTYPES[dtype]
+    hidden = (torch.randn(n, h, device=device) * 0.5).to(hdt).requires_grad_(True)  # (N, H)
+    weight = (torch.randn(v, h, device=device) * 0.02).to(wdt).requires_grad_(True)  # (V, H)
+    labels = torch.randint(0, v, (n,), device=device)  # (N,)
+    labels[: n // 4] = -100  # a prompt part, as in completion-only training
+    return hidden, weight, labels
+
+
+def _precision(device, dtype):
+    return torch.autocast(device, dtype=torch.bfloat16) if dtype == "bf16-mixed" else nullcontext()
 
 
 def full_logits_dft(hidden, weight, labels):
@@ -50,14 +73,11 @@ VARIANTS = {"full_logits": full_logits_dft, "dftune": ours, "liger": liger_dft, 
 
 
 def measure(variant, n, h, v, device, dtype, reps):
-    torch.manual_seed(0)
-    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    hidden = (torch.randn(n, h, device=device) * 0.5).to(dt).requires_grad_(True)
-    weight = (torch.randn(v, h, device=device) * 0.02).to(dt).requires_grad_(True)
-    labels = torch.randint(0, v, (n,), device=device)
-    labels[: n // 4] = -100  # a prompt part, as in completion-only training
-    fn = VARIANTS[variant]
-    fn(hidden, weight, labels).backward()  # warm-up
+    hidden, weight, labels = _inputs(n, h, v, device, dtype)
+    fn, amp = VARIANTS[variant], _precision(device, dtype)
+    with amp:
+        loss = fn(hidden, weight, labels)
+    loss.backward()  # warm-up
     hidden.grad = weight.grad = None
     if device == "cuda":
         torch.cuda.synchronize()
@@ -68,7 +88,9 @@ def measure(variant, n, h, v, device, dtype, reps):
     times = []
     for _ in range(reps):
         t = time.perf_counter()
-        fn(hidden, weight, labels).backward()
+        with amp:
+            loss = fn(hidden, weight, labels)
+        loss.backward()
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
@@ -82,16 +104,13 @@ def measure(variant, n, h, v, device, dtype, reps):
 
 def measure_cpu_peak(variant, n, h, v, dtype):
     """CPU peak: RSS growth of one forward+backward in a fresh process after allocating inputs."""
-    torch.manual_seed(0)
-    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    hidden = (torch.randn(n, h) * 0.5).to(dt).requires_grad_(True)
-    weight = (torch.randn(v, h) * 0.02).to(dt).requires_grad_(True)
-    labels = torch.randint(0, v, (n,))
-    labels[: n // 4] = -100
+    hidden, weight, labels = _inputs(n, h, v, "cpu", dtype)
     weight.grad = torch.zeros_like(weight)  # the gradient buffer exists in training anyway
     hidden.grad = torch.zeros_like(hidden)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    VARIANTS[variant](hidden, weight, labels).backward()
+    with _precision("cpu", dtype):
+        loss = VARIANTS[variant](hidden, weight, labels)
+    loss.backward()
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
 
 
@@ -109,7 +128,7 @@ def child(args):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     ap.add_argument("--hidden", default="896,1536")
     ap.add_argument("--vocab", type=int, default=151936)
     ap.add_argument("--tokens", default="512,1024,2048")

@@ -50,6 +50,27 @@ def test_gsm8k_rewrite_and_question_answer_format(tok, tmp_path):
     assert "\\boxed{4}" in _decode_targets(tok, ex)
 
 
+@pytest.mark.parametrize("answer, final", [
+    ("2+2=4\n#### 1,234", "1234"),          # thousands separators go
+    ("a #### b\n#### 7 ", "7"),             # the last marker wins
+    ("#### -3.5", "-3.5"),
+    ("no marker, 42", ""),                  # nothing: callers decide (error or skipped row)
+    ("####", ""),
+])
+def test_one_gsm8k_final_answer_parser(answer, final):
+    """Training data, the gsm8k benchmark and offline sampling all read GSM8K's '#### N' line
+    with dftune.records.gsm8k_final; this table is its contract."""
+    from dftune.eval.benchmarks import to_problem
+    from dftune.offline.sample import gold_answer
+    from dftune.records import gsm8k_final
+
+    assert gsm8k_final(answer) == final
+    assert gold_answer({"question": "q", "answer": answer}, "question_answer") == ([final] if final else [])
+    if final:
+        assert to_problem("gsm8k", {"question": "q", "answer": answer}, 0, "x:1").golds == [final]
+
+
+
 @pytest.mark.parametrize(
     "rows, match",
     [

@@ -1,6 +1,7 @@
 """The training loop on tiny real models, offline."""
 
 import json
+import math
 import shutil
 import os
 import subprocess
@@ -57,6 +58,11 @@ def test_loss_decreases_on_real_math_data(tiny_dir, shared_data, tmp_path):
     assert log[-1]["nll"] < log[0]["nll"] - 0.5
     for key in ("loss", "nll", "mean_prob", "entropy", "grad_norm", "lr", "tokens_per_s"):
         assert key in log[0]
+    # entropy (a statistic, one more pass over the logits) on the first, printed and last steps only
+    every = cfg.train.log_every
+    assert [r["step"] for r in log if "entropy" in r] == sorted({1, 12} | {s for s in range(1, 13) if s % every == 0})
+    vocab = AutoModelForCausalLM.from_pretrained(final).config.vocab_size
+    assert all(0 < r["entropy"] < math.log(vocab) for r in log if "entropy" in r)
     # the final model loads back with transformers and the saved config is the resolved one
     AutoModelForCausalLM.from_pretrained(final)
     AutoTokenizer.from_pretrained(final)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from dftune.config import ConfigError, ModelConfig
-from dftune.loss import LossResult, token_loss
+from dftune.loss import LossResult, next_token_targets, token_loss
 from dftune.objectives import Objective
 
 PRECISIONS = ("auto", "bf16-mixed", "fp32", "bf16-pure")
@@ -227,6 +227,7 @@ class CausalLMLoss(nn.Module):
         super().__init__()
         self.model = model
         self.objective = objective  # the training loop sets it each step when a schedule moves it
+        self.entropy = True  # the per-token entropy statistic; the loop turns it off between logging steps
         self.token_class = token_class  # (V,) class per vocabulary id (protect=, probe classes); not a buffer
         self.backend = backend
         self.chunk_size = chunk_size or None
@@ -265,19 +266,19 @@ class CausalLMLoss(nn.Module):
         their ``attention_mask`` is then not given to the model (it only marks padding)."""
         hidden = _hidden(self.model, input_ids, attention_mask, position_ids)  # (B, T, H)
         _, head = decoder_and_head(self.model)
-        b, t, h = hidden.shape
-        shifted = labels[:, 1:].reshape(-1)  # (B*(T-1),): hidden[:, i] predicts labels[:, i+1]
+        b, t, _ = hidden.shape
+        flat, shifted = next_token_targets(hidden, labels)  # (B*(T-1), H), (B*(T-1),)
         if position_ids is None:  # one sequence per row
             seq_ids = torch.arange(b, device=labels.device).repeat_interleave(t - 1)
         else:  # the example each target belongs to (per-sequence objectives: iw_sft, talr)
             seq_ids = segment_ids(position_ids)[:, 1:].reshape(-1)
         ref_h, ref_w, ref_b = self._reference(input_ids, attention_mask, position_ids)
         return token_loss(
-            hidden[:, :-1].reshape(-1, h), head.weight, shifted, self.objective,
+            flat, head.weight, shifted, self.objective,
             bias=getattr(head, "bias", None), num_items=num_items, chunk_size=self.chunk_size,
             backend=self.backend, seq_ids=seq_ids, token_class=self._classes(hidden.device),
-            ref_hidden=None if ref_h is None else ref_h[:, :-1].reshape(-1, ref_h.shape[-1]),
-            ref_weight=ref_w, ref_bias=ref_b,
+            ref_hidden=None if ref_h is None else next_token_targets(ref_h, labels)[0],
+            ref_weight=ref_w, ref_bias=ref_b, entropy=self.entropy,
         )
 
 

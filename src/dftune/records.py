@@ -217,12 +217,19 @@ def detect_format(record, source: str) -> str:
     )
 
 
+def gsm8k_final(answer: str) -> str:
+    """GSM8K's final answer: '... #### 1,200' -> '1200'; '' when there is no '####' line.
+    The one parser of that line (training data, the gsm8k benchmark, offline sampling)."""
+    _, sep, final = answer.rpartition("####")
+    return final.strip().replace(",", "") if sep else ""
+
+
 def gsm8k_boxed(answer: str) -> str:
     """'... #### 72' -> '...\\nThe answer is \\boxed{72}.' (GSM8K's final-answer line)."""
-    body, sep, final = answer.rpartition("####")
-    if not sep:
+    final = gsm8k_final(answer)
+    if "####" not in answer:
         return answer
-    return f"{body.rstrip()}\nThe answer is $\\boxed{{{final.strip().replace(',', '')}}}$."
+    return f"{answer.rpartition('####')[0].rstrip()}\nThe answer is $\\boxed{{{final}}}$."
 
 
 def _unicode(value: str, source: str, where: str) -> str:

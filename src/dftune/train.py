@@ -270,6 +270,9 @@ def _train(cfg: Config, rt: dist.Runtime, on_step) -> Path:
             micro, global_count = step_batches(examples, plan[epoch][index], rt.rank, tokenizer.pad_token_id)
             objective = schedule.at(step / total)
             dist.unwrap(module).objective = objective
+            # entropy is a logged statistic only (one more pass over the logits): logging steps
+            logs_entropy = step == start or (step + 1) % log.every == 0 or step + 1 == total
+            dist.unwrap(module).entropy = logs_entropy
 
             # forward and backward, micro-batch by micro-batch; gradients sync on the last
             stats = StepStats(rt.device)
@@ -304,9 +307,11 @@ def _train(cfg: Config, rt: dist.Runtime, on_step) -> Path:
             tokens_seen += int(sums["input_tokens"])
             n = max(sums["tokens"], 1.0)
             rec = {"step": step + 1, "epoch": step / steps_per_epoch, "loss": sums["objective"] / n,
-                   "nll": sums["nll"] / n, "mean_prob": sums["prob"] / n, "entropy": sums["entropy"] / n,
+                   "nll": sums["nll"] / n, "mean_prob": sums["prob"] / n,
                    "weight_mean": sums["weight"] / n, "grad_norm": grad_norm, "lr": lr, "tokens": int(sums["tokens"]),
                    "tokens_per_s": tokens_seen / (time.perf_counter() - t0)}
+            if logs_entropy:
+                rec["entropy"] = sums["entropy"] / n
             if factor != 1.0:
                 rec["norm_factor"] = factor
             if not schedule.static:
