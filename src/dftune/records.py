@@ -16,9 +16,12 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from dftune.config import DataConfig
 from dftune.errors import UserError
+
+if TYPE_CHECKING:  # annotations only: records is imported by eval (and so by config) at run time
+    from dftune.config import DataConfig
 
 FORMATS = {
     "messages": ("messages",),

@@ -34,6 +34,7 @@ from dftune import dist
 from dftune.config import Config, ConfigError, config_diff, save_config
 from dftune.data import DataError, build_dataset, epoch_steps, step_batches
 from dftune.errors import UserError
+from dftune.eval.run import check_periodic_eval
 from dftune.files import read_jsonl, write_json, write_text
 from dftune.loss import normalize_gradients_
 from dftune.model import (
@@ -57,7 +58,7 @@ class RunFolderError(UserError, ValueError):
 
 # Settings a resumed run may change: they alter logging, saving or speed, not the run.
 RESUMABLE_CHANGES = ("train.resume", "train.overwrite", "train.log_every", "train.tensorboard", "train.save_every",
-                     "train.keep_checkpoints", "train.loss_backend", "train.chunk_size", "train.eval_",
+                     "train.keep_checkpoints", "train.loss_backend", "train.chunk_size", "train.eval_every", "eval.",
                      "model.attn_implementation", "model.gradient_checkpointing", "data.cache", "data.workers")
 RUN_FILES = ("config.yaml", "log.jsonl", "eval_curve.jsonl", "data_summary.json", "checkpoints", "final", "final.tmp", "tb")
 
@@ -208,6 +209,8 @@ def _train(cfg: Config, rt: dist.Runtime, on_step) -> Path:
     if parallel == "fsdp" and t.eval_every:
         raise ConfigError("periodic evaluation (train.eval_every) needs the whole model in one process; with FSDP "
                          "evaluate saved checkpoints with dftune eval instead")
+    if t.eval_every:
+        check_periodic_eval(cfg.eval)
     out = Path(t.out_dir)
     resume_from = open_run_folder(cfg, rt)
     random.seed(t.seed)
@@ -385,13 +388,11 @@ def _periodic_eval(rt: dist.Runtime, cfg: Config, module, tokenizer, step: int, 
         from dftune.eval.run import quick_eval
         from dftune.files import append_jsonl
 
-        t = cfg.train
         model = dist.unwrap(module).model
         model.eval()
         amp = torch.autocast(rt.device.type, dtype=torch.bfloat16) if precision == "bf16-mixed" else nullcontext()
         with amp:
-            result = quick_eval(model, tokenizer, benchmarks=t.eval_benchmarks.split(","), limit=t.eval_limit, n=t.eval_n,
-                                max_new_tokens=t.eval_max_new_tokens, data_dir=t.eval_data_dir or None, seed=t.seed)
+            result = quick_eval(model, tokenizer, cfg.eval)
         model.train()
         append_jsonl(out / "eval_curve.jsonl", [{"step": step, **result}])
     rt.barrier()
