@@ -6,6 +6,7 @@ on CPU, max_memory_allocated on CUDA) belongs to that variant alone.
 
     python benchmarks/loss_bench.py                      # CPU, H=896 and 1536, a few token counts
     python benchmarks/loss_bench.py --dtype bf16-mixed     # the training path on GPUs
+    python benchmarks/loss_bench.py --variants full_logits,dftune,dftune_noent   # + the entropy's cost
     python benchmarks/loss_bench.py --device cuda --tokens 4096,8192,16384 --dtype bf16-mixed
 
 Precision (--dtype): ``fp32``; ``bf16-mixed`` = what ``train.precision=bf16-mixed`` runs: bf16
@@ -53,10 +54,15 @@ def full_logits_dft(hidden, weight, labels):
     return (loss * mask).sum() / mask.sum()
 
 
-def ours(hidden, weight, labels, backend="chunked"):
+def ours(hidden, weight, labels, backend="chunked", entropy=True):
     from dftune.loss import token_loss
 
-    return token_loss(hidden, weight, labels, "dft", backend=backend).loss
+    return token_loss(hidden, weight, labels, "dft", backend=backend, entropy=entropy).loss
+
+
+def ours_without_entropy(hidden, weight, labels):
+    """What a training step computes between logging steps: the entropy statistic skipped."""
+    return ours(hidden, weight, labels, entropy=False)
 
 
 def liger_dft(hidden, weight, labels):
@@ -69,7 +75,7 @@ def cce_dft(hidden, weight, labels):
     return ours(hidden, weight, labels, backend="cce")
 
 
-VARIANTS = {"full_logits": full_logits_dft, "dftune": ours, "liger": liger_dft, "dftune_cce": cce_dft}
+VARIANTS = {"full_logits": full_logits_dft, "dftune": ours, "dftune_noent": ours_without_entropy, "liger": liger_dft, "dftune_cce": cce_dft}
 
 
 def measure(variant, n, h, v, device, dtype, reps):
