@@ -54,10 +54,13 @@ def full_logits_dft(hidden, weight, labels):
     return (loss * mask).sum() / mask.sum()
 
 
+CHUNK = 0  # --chunk: tokens per chunk for dftune (0: its default, 2^25 // V)
+
+
 def ours(hidden, weight, labels, backend="chunked", entropy=True):
     from dftune.loss import token_loss
 
-    return token_loss(hidden, weight, labels, "dft", backend=backend, entropy=entropy).loss
+    return token_loss(hidden, weight, labels, "dft", backend=backend, entropy=entropy, chunk_size=CHUNK or None).loss
 
 
 def ours_without_entropy(hidden, weight, labels):
@@ -121,6 +124,8 @@ def measure_cpu_peak(variant, n, h, v, dtype):
 
 
 def child(args):
+    global CHUNK
+    CHUNK = args.chunk
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
         peak = measure_cpu_peak(args.variant, args.n, args.h, args.v, args.dtype)
@@ -140,6 +145,7 @@ def main():
     ap.add_argument("--tokens", default="512,1024,2048")
     ap.add_argument("--variants", default=None, help="default: full_logits,dftune (+liger,dftune_cce on CUDA)")
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--chunk", type=int, default=0, help="dftune's tokens per chunk (0: its default)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--variant", help=argparse.SUPPRESS)
@@ -151,7 +157,7 @@ def main():
         return child(args)
     variants = (args.variants or ("full_logits,dftune,liger,dftune_cce" if args.device == "cuda" else "full_logits,dftune")).split(",")
     dev = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} threads"
-    print(f"# DFT loss, forward+backward, V={args.vocab}, {args.dtype}, {dev}")
+    print(f"# DFT loss, forward+backward, V={args.vocab}, {args.dtype}, {dev}, dftune chunk {args.chunk or 'default'}")
     print(f"| H | tokens | variant | time (s) | peak (MiB) | time vs full | memory vs full |")
     print("|---|---|---|---|---|---|---|")
     for h in map(int, args.hidden.split(",")):
@@ -160,7 +166,7 @@ def main():
             for var in variants:
                 cmd = [sys.executable, __file__, "--child", "--variant", var, "--n", str(n), "--h", str(h),
                        "--v", str(args.vocab), "--device", args.device, "--dtype", args.dtype,
-                       "--reps", str(args.reps), "--threads", str(args.threads)]
+                       "--reps", str(args.reps), "--threads", str(args.threads), "--chunk", str(args.chunk)]
                 out = subprocess.run(cmd, capture_output=True, text=True)
                 if out.returncode != 0:
                     print(f"| {h} | {n} | {var} | failed: {out.stderr.strip().splitlines()[-1][:80]} | | | |")
