@@ -158,7 +158,7 @@ def main():
     variants = (args.variants or ("full_logits,dftune,liger,dftune_cce" if args.device == "cuda" else "full_logits,dftune")).split(",")
     dev = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} threads"
     print(f"# DFT loss, forward+backward, V={args.vocab}, {args.dtype}, {dev}, dftune chunk {args.chunk or 'default'}")
-    print(f"| H | tokens | variant | time (s) | peak (MiB) | time vs full | memory vs full |")
+    print("| H | tokens | variant | time (s) | peak (MiB) | time vs full | memory vs full |")
     print("|---|---|---|---|---|---|---|")
     for h in map(int, args.hidden.split(",")):
         for n in map(int, args.tokens.split(",")):
