@@ -5,7 +5,13 @@ ratios, in one run. Each measurement runs in its own subprocess so that peak mem
 on CPU, max_memory_allocated on CUDA) belongs to that variant alone.
 
     python benchmarks/loss_bench.py                      # CPU, H=896 and 1536, a few token counts
-    python benchmarks/loss_bench.py --device cuda --tokens 4096,8192,16384 --dtype bf16
+    python benchmarks/loss_bench.py --dtype bf16-mixed     # the training path on GPUs
+    python benchmarks/loss_bench.py --variants full_logits,dftune,dftune_noent   # + the entropy's cost
+    python benchmarks/loss_bench.py --device cuda --tokens 4096,8192,16384 --dtype bf16-mixed
+
+Precision (--dtype): ``fp32``; ``bf16-mixed`` = what ``train.precision=bf16-mixed`` runs: bf16
+hidden states from the decoder, the fp32 master LM head, both losses under
+``torch.autocast(bf16)`` (fp32 weight gradient); ``bf16`` = pure bf16 (weights stored in bf16).
 """
 
 from __future__ import annotations
@@ -16,8 +22,26 @@ import resource
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
+
+DTYPES = {"fp32": (torch.float32, torch.float32), "bf16-mixed": (torch.bfloat16, torch.float32),
+          "bf16": (torch.bfloat16, torch.bfloat16)}  # --dtype: (hidden dtype, weight dtype)
+
+
+def _inputs(n, h, v, device, dtype):
+    torch.manual_seed(0)
+    hdt, wdt = DTYPES[dtype]
+    hidden = (torch.randn(n, h, device=device) * 0.5).to(hdt).requires_grad_(True)  # (N, H)
+    weight = (torch.randn(v, h, device=device) * 0.02).to(wdt).requires_grad_(True)  # (V, H)
+    labels = torch.randint(0, v, (n,), device=device)  # (N,)
+    labels[: n // 4] = -100  # a prompt part, as in completion-only training
+    return hidden, weight, labels
+
+
+def _precision(device, dtype):
+    return torch.autocast(device, dtype=torch.bfloat16) if dtype == "bf16-mixed" else nullcontext()
 
 
 def full_logits_dft(hidden, weight, labels):
@@ -30,10 +54,18 @@ def full_logits_dft(hidden, weight, labels):
     return (loss * mask).sum() / mask.sum()
 
 
-def ours(hidden, weight, labels, backend="chunked"):
+CHUNK = 0  # --chunk: tokens per chunk for dftune (0: its default, 2^25 // V)
+
+
+def ours(hidden, weight, labels, backend="chunked", entropy=True):
     from dftune.loss import token_loss
 
-    return token_loss(hidden, weight, labels, "dft", backend=backend).loss
+    return token_loss(hidden, weight, labels, "dft", backend=backend, entropy=entropy, chunk_size=CHUNK or None).loss
+
+
+def ours_without_entropy(hidden, weight, labels):
+    """What a training step computes between logging steps: the entropy statistic skipped."""
+    return ours(hidden, weight, labels, entropy=False)
 
 
 def liger_dft(hidden, weight, labels):
@@ -46,18 +78,15 @@ def cce_dft(hidden, weight, labels):
     return ours(hidden, weight, labels, backend="cce")
 
 
-VARIANTS = {"full_logits": full_logits_dft, "dftune": ours, "liger": liger_dft, "dftune_cce": cce_dft}
+VARIANTS = {"full_logits": full_logits_dft, "dftune": ours, "dftune_noent": ours_without_entropy, "liger": liger_dft, "dftune_cce": cce_dft}
 
 
 def measure(variant, n, h, v, device, dtype, reps):
-    torch.manual_seed(0)
-    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    hidden = (torch.randn(n, h, device=device) * 0.5).to(dt).requires_grad_(True)
-    weight = (torch.randn(v, h, device=device) * 0.02).to(dt).requires_grad_(True)
-    labels = torch.randint(0, v, (n,), device=device)
-    labels[: n // 4] = -100  # a prompt part, as in completion-only training
-    fn = VARIANTS[variant]
-    fn(hidden, weight, labels).backward()  # warm-up
+    hidden, weight, labels = _inputs(n, h, v, device, dtype)
+    fn, amp = VARIANTS[variant], _precision(device, dtype)
+    with amp:
+        loss = fn(hidden, weight, labels)
+    loss.backward()  # warm-up
     hidden.grad = weight.grad = None
     if device == "cuda":
         torch.cuda.synchronize()
@@ -68,7 +97,9 @@ def measure(variant, n, h, v, device, dtype, reps):
     times = []
     for _ in range(reps):
         t = time.perf_counter()
-        fn(hidden, weight, labels).backward()
+        with amp:
+            loss = fn(hidden, weight, labels)
+        loss.backward()
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
@@ -82,20 +113,19 @@ def measure(variant, n, h, v, device, dtype, reps):
 
 def measure_cpu_peak(variant, n, h, v, dtype):
     """CPU peak: RSS growth of one forward+backward in a fresh process after allocating inputs."""
-    torch.manual_seed(0)
-    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    hidden = (torch.randn(n, h) * 0.5).to(dt).requires_grad_(True)
-    weight = (torch.randn(v, h) * 0.02).to(dt).requires_grad_(True)
-    labels = torch.randint(0, v, (n,))
-    labels[: n // 4] = -100
+    hidden, weight, labels = _inputs(n, h, v, "cpu", dtype)
     weight.grad = torch.zeros_like(weight)  # the gradient buffer exists in training anyway
     hidden.grad = torch.zeros_like(hidden)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    VARIANTS[variant](hidden, weight, labels).backward()
+    with _precision("cpu", dtype):
+        loss = VARIANTS[variant](hidden, weight, labels)
+    loss.backward()
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
 
 
 def child(args):
+    global CHUNK
+    CHUNK = args.chunk
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
         peak = measure_cpu_peak(args.variant, args.n, args.h, args.v, args.dtype)
@@ -109,12 +139,13 @@ def child(args):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     ap.add_argument("--hidden", default="896,1536")
     ap.add_argument("--vocab", type=int, default=151936)
     ap.add_argument("--tokens", default="512,1024,2048")
     ap.add_argument("--variants", default=None, help="default: full_logits,dftune (+liger,dftune_cce on CUDA)")
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--chunk", type=int, default=0, help="dftune's tokens per chunk (0: its default)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--variant", help=argparse.SUPPRESS)
@@ -126,8 +157,8 @@ def main():
         return child(args)
     variants = (args.variants or ("full_logits,dftune,liger,dftune_cce" if args.device == "cuda" else "full_logits,dftune")).split(",")
     dev = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} threads"
-    print(f"# DFT loss, forward+backward, V={args.vocab}, {args.dtype}, {dev}")
-    print(f"| H | tokens | variant | time (s) | peak (MiB) | time vs full | memory vs full |")
+    print(f"# DFT loss, forward+backward, V={args.vocab}, {args.dtype}, {dev}, dftune chunk {args.chunk or 'default'}")
+    print("| H | tokens | variant | time (s) | peak (MiB) | time vs full | memory vs full |")
     print("|---|---|---|---|---|---|---|")
     for h in map(int, args.hidden.split(",")):
         for n in map(int, args.tokens.split(",")):
@@ -135,7 +166,7 @@ def main():
             for var in variants:
                 cmd = [sys.executable, __file__, "--child", "--variant", var, "--n", str(n), "--h", str(h),
                        "--v", str(args.vocab), "--device", args.device, "--dtype", args.dtype,
-                       "--reps", str(args.reps), "--threads", str(args.threads)]
+                       "--reps", str(args.reps), "--threads", str(args.threads), "--chunk", str(args.chunk)]
                 out = subprocess.run(cmd, capture_output=True, text=True)
                 if out.returncode != 0:
                     print(f"| {h} | {n} | {var} | failed: {out.stderr.strip().splitlines()[-1][:80]} | | | |")

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny real HF models and tokenizers built offline, small data files."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -40,3 +41,17 @@ def shared_data() -> Path:
     if not (SHARED / "train").is_dir():
         pytest.skip(f"the shared data folder is absent ({SHARED})")
     return SHARED
+
+
+@pytest.fixture(scope="session", autouse=True)
+def data_cache(tmp_path_factory) -> Path:
+    """The tokenised-data cache of every test (and of the processes they launch) in a
+    temporary folder, not the user's ~/.cache."""
+    folder = tmp_path_factory.mktemp("data_cache")
+    old = os.environ.get("DFTUNE_CACHE_DIR")
+    os.environ["DFTUNE_CACHE_DIR"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("DFTUNE_CACHE_DIR", None)
+    else:
+        os.environ["DFTUNE_CACHE_DIR"] = old

@@ -74,6 +74,18 @@ def test_list_fields_and_describe():
     assert "train.lr = 5e-05" in text and "fp32 master weights" in text and "model.name_or_path" in text
 
 
+def test_a_nested_section_keeps_the_defaults_of_the_field_that_holds_it():
+    """Config.eval is dftune eval's EvalConfig with short defaults (periodic evaluation): setting
+    one of its keys must not reset the others to EvalConfig()'s paper protocol."""
+    cfg = load(Config, None, ["eval.limit=5", "eval.sampling.temperature=0.6"])
+    assert (cfg.eval.limit, cfg.eval.sampling.temperature) == (5, 0.6)
+    assert cfg.eval.backend == "hf" and cfg.eval.benchmarks == ["math500"]  # the field's defaults, kept
+    assert (cfg.eval.sampling.n, cfg.eval.sampling.max_new_tokens) == (1, 512)
+    assert load(Config).eval == Config().eval
+    text = describe(Config)
+    assert "eval.sampling.n = 1\n" in text and "eval.backend = 'hf'" in text  # --show tells the same defaults
+
+
 def test_shipped_configs_load():
     from dftune.offline.baselines import BaselineConfig
     from dftune.offline.ppo import PPOConfig

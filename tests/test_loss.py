@@ -257,6 +257,15 @@ def test_statistics_match_float64():
     s = r.sums()
     assert s["tokens"] == int(m.sum())
     assert math.isclose(s["nll"], float(-z[m].gather(1, labels[m][:, None]).sum()), rel_tol=1e-5)
+    # entropy=False: the same loss and gradients, only the statistic is skipped (NaN)
+    h1, w1 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    h2, w2 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    r1 = token_loss(h1, w1, labels, "dft", bias=b, chunk_size=4)
+    r2 = token_loss(h2, w2, labels, "dft", bias=b, chunk_size=4, entropy=False)
+    r1.loss.backward()
+    r2.loss.backward()
+    assert torch.equal(r1.loss, r2.loss) and torch.equal(h1.grad, h2.grad) and torch.equal(w1.grad, w2.grad)
+    assert torch.isnan(r2.entropy[m]).all() and torch.equal(r1.logp, r2.logp)
 
 
 @pytest.mark.parametrize(

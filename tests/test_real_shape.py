@@ -25,7 +25,7 @@ if __name__ == "__main__":
     params = SamplingParams(n=2, temperature=1.0, max_tokens=16, stop_token_ids=json.loads(sys.argv[2]), seed=1)
     prompt = "<|im_start|>user\\nWhat is 2 plus 2?<|im_end|>\\n<|im_start|>assistant\\n"
     out = llm.generate([prompt], params, use_tqdm=False)[0]
-    print(json.dumps([[len(c.token_ids), c.finish_reason] for c in out.outputs]))
+    print("RESULT " + json.dumps([[len(c.token_ids), c.finish_reason] for c in out.outputs]), flush=True)
 """
 
 
@@ -65,5 +65,7 @@ def test_qwen2_5_0_5b_shape_trains_bf16_mixed_and_serves_in_vllm(tmp_path, share
     r = subprocess.run([sys.executable, str(script), str(final), json.dumps(stops)], capture_output=True, text=True,
                        timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    outs = json.loads(r.stdout.strip().splitlines()[-1])
+    # vLLM logs to stdout too (also after our line, at shutdown): read the marked line
+    (line,) = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+    outs = json.loads(line.removeprefix("RESULT "))
     assert len(outs) == 2 and all(0 < n <= 16 and reason in ("stop", "length") for n, reason in outs)

@@ -1,6 +1,8 @@
 """The training loop on tiny real models, offline."""
 
+import dataclasses
 import json
+import math
 import shutil
 import os
 import subprocess
@@ -12,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dftune.config import Config, DataConfig, ModelConfig, TrainConfig
+from dftune.config import Config, DataConfig, ModelConfig, TrainConfig, load
 from dftune.data import build_dataset, collate
 from dftune.interop import compute_loss_func
 from dftune.model import CausalLMLoss
@@ -57,6 +59,11 @@ def test_loss_decreases_on_real_math_data(tiny_dir, shared_data, tmp_path):
     assert log[-1]["nll"] < log[0]["nll"] - 0.5
     for key in ("loss", "nll", "mean_prob", "entropy", "grad_norm", "lr", "tokens_per_s"):
         assert key in log[0]
+    # entropy (a statistic, one more pass over the logits) on the first, printed and last steps only
+    every = cfg.train.log_every
+    assert [r["step"] for r in log if "entropy" in r] == sorted({1, 12} | {s for s in range(1, 13) if s % every == 0})
+    vocab = AutoModelForCausalLM.from_pretrained(final).config.vocab_size
+    assert all(0 < r["entropy"] < math.log(vocab) for r in log if "entropy" in r)
     # the final model loads back with transformers and the saved config is the resolved one
     AutoModelForCausalLM.from_pretrained(final)
     AutoTokenizer.from_pretrained(final)
@@ -239,11 +246,36 @@ def test_periodic_evaluation_writes_a_learning_curve(tiny_dir, problems_file, tm
     bench.mkdir(parents=True)
     write = "".join(json.dumps({"id": str(i), "question": f"What is {i} plus 2?", "answer": str(i + 2)}) + "\n" for i in range(3))
     (bench / "test.jsonl").write_text(write)
-    cfg = _cfg(tiny_dir, problems_file, tmp_path / "run", max_steps=4, eval_every=2, eval_benchmarks="toy",
-               eval_limit=3, eval_n=2, eval_max_new_tokens=8, eval_data_dir=str(tmp_path / "bench"))
+    # the eval section is dftune eval's own config, filled by the same overrides
+    base = _cfg(tiny_dir, problems_file, tmp_path / "run", max_steps=4, eval_every=2)
+    cfg = load(Config, None, [f"model.name_or_path={tiny_dir}", f"data.path={problems_file}", "data.max_length=128",
+                              *(f"train.{k}={v}" for k, v in dataclasses.asdict(base.train).items()),
+                              "eval.benchmarks=toy", "eval.limit=3", "eval.sampling.n=2", "eval.sampling.max_new_tokens=8",
+                              f"eval.data_dir={tmp_path / 'bench'}"])
+    assert cfg.eval.sampling.n == 2 and cfg.eval.backend == "hf" and cfg.train.eval_every == 2
     train(cfg)
     curve = [json.loads(x) for x in (tmp_path / "run" / "eval_curve.jsonl").read_text().splitlines()]
     assert [c["step"] for c in curve] == [2, 4] and all(0.0 <= c["toy"] <= 1.0 for c in curve)
+    saved = load(Config, tmp_path / "run" / "config.yaml", [])
+    assert saved.eval == cfg.eval
+
+
+@pytest.mark.parametrize("override, match", [
+    ("eval.backend=vllm", "live model"),
+    ("eval.model=some/model", "being trained"),
+    ("eval.benchmarks=", "at least one"),
+])
+def test_periodic_evaluation_settings_it_cannot_honour_are_refused_first(tiny_dir, problems_file, tmp_path, override,
+                                                                         match):
+    from dftune.config import ConfigError
+
+    cfg = _cfg(tiny_dir, problems_file, tmp_path / "run", eval_every=2)
+    section, _, rest = override.partition(".")
+    key, _, value = rest.partition("=")
+    setattr(cfg.eval, key, [v for v in value.split(",") if v] if key == "benchmarks" else value)
+    with pytest.raises(ConfigError, match=match):
+        train(cfg)
+    assert not (tmp_path / "run" / "config.yaml").exists()  # nothing written: refused before any work
 
 
 # ---- precision ------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ The resolved config is written to the run folder as ``config.yaml``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from pathlib import Path
 import yaml
 
 from dftune.errors import UserError
+from dftune.eval.generate import SamplingConfig
+from dftune.eval.run import EvalConfig
 
 
 class ConfigError(UserError, ValueError):
@@ -69,6 +72,14 @@ class DataConfig:
         "User:/Assistant:" template for base models), or a path to a .jinja file.
     boxed_answers: rewrite GSM8K's final "#### 72" line as "\\boxed{72}".
     on_bad_row: error (stop, naming file, row and field) or skip (drop and count).
+    packing: pack each step's examples into rows of max_length tokens (position_ids restart
+        per example, so attention and loss never cross one); train.micro_batch then counts
+        rows. The step keeps the same examples, so the gradient is the unpadded one. Needs
+        an attention that honours position_ids (sdpa, eager, flex, flash-attention).
+    cache: keep the tokenised data on disk, keyed by a hash of the data files, tokenizer,
+        template and these settings; a restarted run and every process of a run reuse it.
+    cache_dir: where; empty: $DFTUNE_CACHE_DIR, else ~/.cache/dftune/data.
+    workers: processes that tokenise; 0 picks (several from 30,000 rows, else one).
     """
 
     path: str = ""
@@ -84,6 +95,10 @@ class DataConfig:
     chat_template: str = "auto"
     boxed_answers: bool = True
     on_bad_row: str = "error"
+    packing: bool = False
+    cache: bool = True
+    cache_dir: str = ""
+    workers: int = 0
 
 
 @dataclass
@@ -120,8 +135,7 @@ class TrainConfig:
     tensorboard: also write TensorBoard events (needs the tensorboard package).
     log_kl: keep a frozen reference to log KL(initial || current) every step, also for
         objectives that do not need one (costs a second forward pass).
-    eval_every: run the short periodic evaluation every N steps (0: never).
-    eval_benchmarks, eval_limit, eval_n, eval_max_new_tokens, eval_data_dir: that evaluation.
+    eval_every: run the periodic evaluation (the ``eval`` section) every N steps (0: never).
     """
 
     objective: str = "dft"
@@ -151,11 +165,6 @@ class TrainConfig:
     tensorboard: bool = True
     log_kl: bool = False
     eval_every: int = 0
-    eval_benchmarks: str = "math500"
-    eval_limit: int = 32
-    eval_n: int = 1
-    eval_max_new_tokens: int = 512
-    eval_data_dir: str = ""
 
     def __post_init__(self):
         if self.precision.startswith("fp16"):
@@ -175,11 +184,21 @@ class TrainConfig:
 
 @dataclass
 class Config:
-    """A training run: model, data and train sections."""
+    """A training run: model, data and train sections, and ``eval``: the periodic evaluation
+    for learning curves (every ``train.eval_every`` steps, on the live model with transformers;
+    the same settings as ``dftune eval``, with short defaults: 32 problems of math500, one
+    sample of up to 512 tokens at temperature 1.0)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=lambda: periodic_eval_defaults())
+
+
+def periodic_eval_defaults() -> EvalConfig:
+    """The ``eval`` section's defaults: short, because it runs inside training."""
+    return EvalConfig(benchmarks=["math500"], backend="hf", limit=32,
+                      sampling=SamplingConfig(n=1, temperature=1.0, max_new_tokens=512))
 
 
 # ---- the configuration language: one for every command -----------------------------------
@@ -215,8 +234,12 @@ def _hints(cls) -> dict:
     return typing.get_type_hints(cls)
 
 
-def from_dict(cls, data: dict, where: str = ""):
-    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and bad types."""
+def from_dict(cls, data: dict, where: str = "", base=None):
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and bad types.
+
+    Keys not given keep ``base``'s values: a section's own defaults are those of the field
+    that holds it (``Config.eval``'s short periodic evaluation, not ``EvalConfig()``'s).
+    """
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
     hints = _hints(cls)
@@ -229,13 +252,25 @@ def from_dict(cls, data: dict, where: str = ""):
     for key, value in data.items():
         typ, path = hints[key], f"{where}.{key}" if where else key
         if dataclasses.is_dataclass(typ):
-            kwargs[key] = from_dict(typ, value or {}, path)
+            kwargs[key] = from_dict(typ, value or {}, path, _section_default(fields_[key], base))
         else:
             kwargs[key] = _coerce(value, typ, path, fields_[key].metadata.get("split", True))
+    if base is not None:
+        kept = copy.deepcopy({f.name: getattr(base, f.name) for f in fields_.values() if f.init and f.name not in kwargs})
+        kwargs = {**kept, **kwargs}
     try:
         return cls(**kwargs)
     except TypeError as e:  # a required field without a default
         raise ConfigError(f"{where or cls.__name__}: {e}") from None
+
+
+def _section_default(f: dataclasses.Field, base):
+    """The default value of a nested section: the enclosing default's, else the field's own."""
+    if base is not None:
+        return getattr(base, f.name)
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
 
 
 def parse_scalar(raw: str):
@@ -375,23 +410,27 @@ def field_docs(cls) -> dict[str, str]:
     return docs
 
 
-def describe(cls, prefix: str = "") -> str:
-    """Every key with its default and meaning: the ``--show`` of each command."""
+def describe(cls, prefix: str = "", base=None) -> str:
+    """Every key with its default and meaning: the ``--show`` of each command. A nested
+    section shows the defaults of the field that holds it (``base``), as ``from_dict`` uses."""
     hints, docs = _hints(cls), field_docs(cls)
     summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else cls.__name__
     out = [f"[{prefix.rstrip('.') or cls.__name__}] {summary}"]
     sections = []
     for f in dataclasses.fields(cls):
         if dataclasses.is_dataclass(hints[f.name]):
-            sections.append((f.name, hints[f.name]))
+            sections.append((f.name, hints[f.name], _section_default(f, base)))
             continue
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
+        if base is not None:
+            default = getattr(base, f.name)
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
         line = f"  {prefix}{f.name} = {default!r}"
         if f.name in docs:
             line += f"\n      {docs[f.name]}"
         out.append(line)
-    for name, sub in sections:
+    for name, sub, sub_base in sections:
         out.append("")
-        out.append(describe(sub, f"{prefix}{name}."))
+        out.append(describe(sub, f"{prefix}{name}.", sub_base))
     return "\n".join(out)

@@ -1,7 +1,7 @@
-"""Training data: read, validate, tokenise with the chat template, and batch.
+"""Training data: read, validate, tokenise with the chat template, store compactly, cache.
 
-Every row is checked and tokenised before the first step, so a malformed row 200,000
-rows in stops the run at once with its file, row and field, not hours later.
+Every selected row is checked and tokenised before the first step, so a malformed row
+200,000 rows in stops the run at once with its file, row and field, not hours later.
 
 Record formats (``format=auto`` detects them from the first row's keys):
 - messages: ``{"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}]}``;
@@ -13,33 +13,43 @@ Record formats (``format=auto`` detects them from the first row's keys):
 For the single-turn formats the paper's layout is used: prompt = the chat template's
 user turn with the generation prompt, response = the text + EOS, loss on the response.
 
-Batching: each optimizer step takes ``global_batch`` sequences from a seeded shuffle;
-within that step they are sorted by length and dealt to processes and micro-batches,
-so sequences of similar length share a padded micro-batch. The step still sees exactly
-the same sequences as without grouping (the gradient is unchanged), only the padding
-shrinks. We pad rather than pack because packing needs attention kernels that respect
-sequence boundaries (flash-attention varlen), which CPU and SDPA runs lack.
+Scale: rows are streamed (``dftune.records``: reading, selection, record checks),
+tokenised in chunks of rows with one call into the Rust tokenizer per chunk (several
+processes when the data is large, ``data.workers``), and stored as flat arrays
+(``dftune.tokenized``), cached on disk by a hash of the data, tokenizer, template and
+settings. Batching and packing: ``dftune.batching``.
 """
 
 from __future__ import annotations
 
-import json
-import random
+import dataclasses
+import itertools
+import os
+import shutil
+import sys
+import tempfile
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+import numpy as np
 
+from dftune.batching import (  # noqa: F401  (re-exported: the batching API lives there)
+    Step, collate, count_targets, epoch_steps, pack, plan_epoch, plan_packed_epoch, step_batches,
+)
 from dftune.config import DataConfig
-from dftune.errors import UserError
+from dftune.files import read_json
+from dftune.records import (  # noqa: F401  (re-exported)
+    FORMATS, DataError, Source, count_rows, dataset_rows, detect_format, gsm8k_boxed, iter_rows, open_source,
+    parse_select, read_records, select_rows, selected_rows, to_messages,
+)
+from dftune.tokenized import (  # noqa: F401
+    Builder, Example, TokenizedData, cache_key, default_cache_dir, file_digest, load, locked, publish, tokenizer_digest,
+)
 
-FORMATS = {
-    "messages": ("messages",),
-    "prompt_completion": ("prompt", "completion"),
-    "problem_solution": ("problem", "solution"),
-    "question_answer": ("question", "answer"),
-    "tokenized": ("input_ids", "completion_mask"),
-}
+CHUNK_ROWS = 512  # rows per tokenizer call (and per task for a worker process)
+AUTO_WORKERS_ROWS = 30_000  # below this many rows, worker processes cost more than they save
+SHOW_DROPPED = 5  # dropped rows named in the summary, per reason
 # For base models without a template of their own (LLaMA, DeepSeekMath base): the layout of
 # the Qwen2.5-Math harness's "deepseek-math" prompt ("User: {q}\n\nAssistant:"), so that a
 # model trained with it is evaluated on the same layout (prompt style "deepseek-math"); BOS
@@ -54,156 +64,30 @@ PLAIN_TEMPLATE = (
 )
 
 
-class DataError(UserError, ValueError):
-    """A data problem, naming the file, row and field."""
-
-
-@dataclass
-class Example:
-    input_ids: list[int]
-    labels: list[int]  # -100 on prompt tokens
-    source: str  # "file:row", for error messages and analysis
-
-
 @dataclass
 class DataSummary:
     rows: int = 0
     kept: int = 0
     dropped: dict = field(default_factory=dict)
+    dropped_rows: dict = field(default_factory=dict)  # reason -> the first SHOW_DROPPED sources
     truncated: int = 0
     length: dict = field(default_factory=dict)  # min / mean / median / max tokens
     response_tokens: int = 0
+    cache: str = ""  # "", "hit PATH" or "written PATH"
 
     def __str__(self) -> str:
-        drop = ", ".join(f"{k}: {v}" for k, v in self.dropped.items()) or "none"
+        def reason(k, v):
+            named = self.dropped_rows.get(k, [])
+            more = ", ..." if v > len(named) else ""
+            return f"{k}: {v}" + (f" [{', '.join(named)}{more}]" if named else "")
+
+        drop = ", ".join(reason(k, v) for k, v in self.dropped.items()) or "none"
         ln = self.length
         return (
             f"{self.rows} rows, {self.kept} kept, dropped ({drop}), {self.truncated} truncated; "
             f"tokens per example min {ln.get('min')} mean {ln.get('mean', 0):.0f} median {ln.get('median')} "
-            f"max {ln.get('max')}; {self.response_tokens} response tokens"
+            f"max {ln.get('max')}; {self.response_tokens} response tokens" + (f"; cache {self.cache}" if self.cache else "")
         )
-
-
-# ---- reading -------------------------------------------------------------------------
-
-
-def _read_file(path: Path) -> list[tuple[str, dict]]:
-    rows = []
-    if path.suffix == ".jsonl":
-        with path.open() as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append((f"{path}:{i}", json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}, row {i}: not valid JSON ({e.msg})") from None
-    elif path.suffix == ".json":
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON ({e})") from None
-        if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
-            data = next(iter(data.values()))
-        if not isinstance(data, list):
-            raise DataError(f"{path}: expected a list of records")
-        rows = [(f"{path}:{i}", r) for i, r in enumerate(data, 1)]
-    elif path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        rows = [(f"{path}:{i}", r) for i, r in enumerate(pq.read_table(path).to_pylist(), 1)]
-    else:
-        raise DataError(f"{path}: unsupported file type (use .jsonl, .json or .parquet)")
-    return rows
-
-
-def read_records(path: str, split: str = "train") -> list[tuple[str, dict]]:
-    """(source, record) pairs from a file, a folder of files, or a Hub dataset id."""
-    p = Path(path)
-    if p.is_file():
-        return _read_file(p)
-    if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.suffix in (".jsonl", ".json", ".parquet"))
-        if not files:
-            raise DataError(f"{p}: no .jsonl, .json or .parquet files in this folder")
-        return [r for f in files for r in _read_file(f)]
-    if not path or path.startswith((".", "/")) or path.count("/") != 1:
-        raise DataError(f"data file not found: {path!r}")
-    try:
-        import datasets
-    except ImportError as e:
-        raise DataError(f"{path!r} is not a local file; for a Hub dataset install 'dftune[hub]'") from e
-    ds = datasets.load_dataset(path, split=split)
-    return [(f"{path}[{split}]:{i}", dict(r)) for i, r in enumerate(ds, 1)]
-
-
-def select_rows(rows: list, select: str, seed: int) -> list:
-    """all | first:N | random:N (seeded, order kept)."""
-    kind, _, n = select.partition(":")
-    if kind == "all":
-        return rows
-    if kind not in ("first", "random") or not n.isdigit():
-        raise DataError(f"data.select must be all, first:N or random:N; got {select!r}")
-    n = int(n)
-    if kind == "first":
-        return rows[:n]
-    keep = sorted(random.Random(seed).sample(range(len(rows)), min(n, len(rows))))
-    return [rows[i] for i in keep]
-
-
-# ---- records to chat messages --------------------------------------------------------
-
-
-def detect_format(record: dict, source: str) -> str:
-    for name, fields in FORMATS.items():
-        if all(f in record for f in fields):
-            return name
-    raise DataError(
-        f"{source}: cannot detect the record format from fields {sorted(record)}; expected one of "
-        + "; ".join(f"{k} ({'/'.join(v)})" for k, v in FORMATS.items())
-        + " (or set data.format and the field names)"
-    )
-
-
-def gsm8k_boxed(answer: str) -> str:
-    """'... #### 72' -> '...\\nThe answer is \\boxed{72}.' (GSM8K's final-answer line)."""
-    body, sep, final = answer.rpartition("####")
-    if not sep:
-        return answer
-    return f"{body.rstrip()}\nThe answer is $\\boxed{{{final.strip().replace(',', '')}}}$."
-
-
-def _text(record: dict, key: str, source: str) -> str:
-    if key not in record:
-        raise DataError(f"{source}: missing field {key!r}")
-    value = record[key]
-    if not isinstance(value, str) or not value.strip():
-        raise DataError(f"{source}: field {key!r} must be a non-empty string, got {type(value).__name__} {str(value)[:40]!r}")
-    return value
-
-
-def to_messages(record: dict, fmt: str, cfg: DataConfig, source: str) -> list[dict]:
-    """The record as chat messages; the last (or every) assistant turn is the target."""
-    if fmt == "messages":
-        key = cfg.messages_field or "messages"
-        msgs = record.get(key)
-        if not isinstance(msgs, list) or not msgs:
-            raise DataError(f"{source}: field {key!r} must be a non-empty list of messages")
-        for j, m in enumerate(msgs):
-            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
-                raise DataError(f"{source}: field {key!r}[{j}] must be {{role: system|user|assistant, content: str}}")
-        if not any(m["role"] == "assistant" for m in msgs):
-            raise DataError(f"{source}: field {key!r} has no assistant turn to learn from")
-        return msgs
-    if fmt not in FORMATS:
-        raise DataError(f"data.format must be auto or one of {sorted(FORMATS)}; got {fmt!r}")
-    pkey = cfg.prompt_field or FORMATS[fmt][0]
-    rkey = cfg.response_field or FORMATS[fmt][1]
-    prompt, response = _text(record, pkey, source), _text(record, rkey, source)
-    if fmt == "question_answer" and cfg.boxed_answers:
-        response = gsm8k_boxed(response)
-    msgs = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
-    return msgs + [{"role": "user", "content": prompt + cfg.instruction_suffix}, {"role": "assistant", "content": response}]
 
 
 # ---- tokenisation ----------------------------------------------------------------------
@@ -226,29 +110,36 @@ def set_chat_template(tokenizer, choice: str) -> None:
         tokenizer.chat_template = p.read_text()
 
 
-def _ids(tokenizer, messages, add_generation_prompt: bool) -> list[int]:
-    out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
-    if isinstance(out, dict) or hasattr(out, "keys"):  # newer transformers return a BatchEncoding
-        out = out["input_ids"]
-    return list(out)
+def _render(tokenizer, messages, add_generation_prompt: bool, source: str, where: str) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+    except Exception as e:  # noqa: BLE001  (a template may raise anything, deliberately or not)
+        raise DataError(f"{source}: the chat template failed on field {where}: {type(e).__name__}: {e}") from None
 
 
-def tokenize_example(tokenizer, messages: list[dict], fmt: str, source: str) -> tuple[list[int], list[int]]:
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    """As apply_chat_template(tokenize=True) does: no special tokens added. One call, many texts."""
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def _response_text(tokenizer, text: str) -> str:
+    return " " + text if tokenizer.chat_template == PLAIN_TEMPLATE else text  # "Assistant: ...", as a whole turn renders
+
+
+def tokenize_example(tokenizer, messages: list[dict], fmt: str, source: str, where: str = "'messages'") -> tuple[list[int], list[int]]:
     """(input_ids, labels) with -100 outside the assistant text."""
     if fmt != "messages":  # the paper's layout: template prompt, then response + EOS
-        prompt = _ids(tokenizer, messages[:-1], add_generation_prompt=True)
-        text = messages[-1]["content"]
-        if tokenizer.chat_template == PLAIN_TEMPLATE:
-            text = " " + text  # "Assistant: ...", as the template renders a whole turn
-        response = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        return prompt + response, [-100] * len(prompt) + response
+        prompt = _render(tokenizer, messages[:-1], True, source, where)
+        p, r = _encode(tokenizer, [prompt, _response_text(tokenizer, messages[-1]["content"])])
+        response = r + [tokenizer.eos_token_id]
+        return p + response, [-100] * len(p) + response
     ids: list[int] = []
     labels: list[int] = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prefix = _ids(tokenizer, messages[:i], add_generation_prompt=True)
-        full = _ids(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        prefix, full = _encode(tokenizer, [_render(tokenizer, messages[:i], True, source, where),
+                                           _render(tokenizer, messages[: i + 1], False, source, where)])
         if full[: len(ids)] != ids or full[: len(prefix)] != prefix:
             raise DataError(f"{source}: the chat template does not render turns as a stable prefix; cannot mask per turn")
         labels += [-100] * (len(prefix) - len(ids)) + full[len(prefix):]
@@ -257,100 +148,246 @@ def tokenize_example(tokenizer, messages: list[dict], fmt: str, source: str) -> 
 
 
 def _pretokenized(record: dict, source: str, vocab: int) -> tuple[list[int], list[int]]:
+    """(input_ids, loss mask) of a pre-tokenised row, every value checked."""
     ids, mask = record.get("input_ids"), record.get("completion_mask")
     for key, val in (("input_ids", ids), ("completion_mask", mask)):
-        if not isinstance(val, list) or not val or not all(isinstance(x, int) for x in val):
+        if not isinstance(val, list) or not val:
             raise DataError(f"{source}: field {key!r} must be a non-empty list of integers")
+    for j, x in enumerate(ids):
+        if type(x) is not int:  # bool is an int subclass: True is not token 1
+            raise DataError(f"{source}: field 'input_ids'[{j}] is {type(x).__name__} {x!r}, not an integer token id")
+    for j, x in enumerate(mask):
+        if x not in (0, 1) or type(x) not in (int, bool):
+            raise DataError(f"{source}: field 'completion_mask'[{j}] is {x!r}; it must be 0 or 1")
     if len(ids) != len(mask):
         raise DataError(f"{source}: fields 'input_ids' and 'completion_mask' differ in length ({len(ids)} vs {len(mask)})")
     if min(ids) < 0 or max(ids) >= vocab:
         raise DataError(f"{source}: field 'input_ids' has ids outside the tokenizer's vocabulary [0, {vocab})")
-    return ids, [t if m else -100 for t, m in zip(ids, mask)]
+    if not any(mask[1:]):
+        raise DataError(f"{source}: field 'completion_mask' marks no token to learn (all 0, or only the first "
+                        "token, which nothing predicts)")
+    return ids, [int(x) for x in mask]
 
 
-def build_dataset(cfg: DataConfig, tokenizer, seed: int = 0) -> tuple[list[Example], DataSummary]:
-    """Read, validate and tokenise everything; return the examples and a summary."""
+@dataclass
+class _Chunk:
+    """A chunk of rows, tokenised: the kept examples' tokens, and what happened to the rest."""
+
+    ids: np.ndarray = None  # (N,) int32: the kept examples, one after the other
+    mask: np.ndarray = None  # (N,) uint8: 1 = loss
+    lengths: list = field(default_factory=list)  # per kept example
+    kept: list = field(default_factory=list)  # (file index, row) per kept example
+    truncated: int = 0
+    dropped: list = field(default_factory=list)  # (reason, source)
+    bad: list = field(default_factory=list)  # (source, DataError message), in row order
+
+
+def encode_rows(rows, fmt: str, cfg: DataConfig, tokenizer, names: list[str]) -> _Chunk:
+    """Validate and tokenise ``rows`` ((file index, row, record) triples), in order."""
+    out = _Chunk()
+    per_row, texts = [], []  # the paper's layout: prompts and responses go to the tokenizer together
+    for fi, row, rec in rows:
+        source = f"{names[fi]}:{row}"
+        try:
+            if isinstance(rec, DataError):
+                raise rec
+            if not isinstance(rec, dict):
+                raise DataError(f"{source}: expected a JSON object, got {type(rec).__name__}")
+            if fmt == "tokenized":
+                per_row.append((fi, row, *_pretokenized(rec, source, len(tokenizer))))
+            elif fmt == "messages":
+                ids, labels = tokenize_example(tokenizer, to_messages(rec, fmt, cfg, source), fmt, source,
+                                               repr(cfg.messages_field or "messages"))
+                per_row.append((fi, row, ids, [int(x != -100) for x in labels]))
+            else:
+                msgs = to_messages(rec, fmt, cfg, source)
+                texts += [_render(tokenizer, msgs[:-1], True, source, repr(cfg.prompt_field or FORMATS[fmt][0])),
+                          _response_text(tokenizer, msgs[-1]["content"])]
+                per_row.append((fi, row, None, len(texts) - 2))
+        except DataError as e:
+            per_row.append((fi, row, str(e), source))
+    encoded = _encode(tokenizer, texts) if texts else []
+    eos = tokenizer.eos_token_id
+    ids_kept, mask_kept = [], []
+    for fi, row, ids, mask in per_row:
+        if isinstance(ids, str):
+            out.bad.append((mask, ids))
+            continue
+        if ids is None:  # paper layout: prompt ids, then response + EOS
+            p, r = encoded[mask], encoded[mask + 1]
+            ids, mask = p + r + [eos], [0] * len(p) + [1] * (len(r) + 1)
+        first_target = mask.index(1) if 1 in mask else len(mask)
+        if first_target >= cfg.max_length:
+            out.dropped.append(("prompt_overflow", f"{names[fi]}:{row}"))
+            continue
+        if len(ids) > cfg.max_length:
+            ids, mask = ids[: cfg.max_length], mask[: cfg.max_length]
+            out.truncated += 1
+        ids_kept.append(ids)
+        mask_kept.append(mask)
+        out.lengths.append(len(ids))
+        out.kept.append((fi, row))
+    n = sum(out.lengths)
+    out.ids = np.fromiter(itertools.chain.from_iterable(ids_kept), dtype=np.int32, count=n)
+    out.mask = np.fromiter(itertools.chain.from_iterable(mask_kept), dtype=np.uint8, count=n)
+    return out
+
+
+_WORKER: dict = {}
+
+
+def _worker_init(args) -> None:
+    _WORKER["args"] = args
+
+
+def _worker_encode(rows) -> _Chunk:
+    fmt, cfg, tokenizer, names = _WORKER["args"]
+    return encode_rows(rows, fmt, cfg, tokenizer, names)
+
+
+def _chunks(rows, size: int):
+    it = iter(rows)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
+def _encoded_chunks(rows, fmt, cfg: DataConfig, tokenizer, names, workers: int):
+    """Chunks in row order: here, or in ``workers`` processes with a bounded queue (rows are
+    read only as fast as they are tokenised)."""
+    if workers <= 1:
+        for chunk in _chunks(rows, CHUNK_ROWS):
+            yield encode_rows(chunk, fmt, cfg, tokenizer, names)
+        return
+    import multiprocessing
+
+    # fork on Linux (as datasets.map and torch's DataLoader do): no re-import, the tokenizer and
+    # the parent's pages are shared, no __main__ guard needed; spawn elsewhere
+    ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # inherited: the workers are the parallelism
+    try:
+        with ctx.Pool(workers, initializer=_worker_init, initargs=((fmt, cfg, tokenizer, names),)) as pool:
+            pending: deque = deque()
+            for chunk in _chunks(rows, CHUNK_ROWS):
+                pending.append(pool.apply_async(_worker_encode, (chunk,)))
+                if len(pending) >= 2 * workers:
+                    yield pending.popleft().get()
+            while pending:
+                yield pending.popleft().get()
+    finally:
+        if before is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
+
+
+def _workers(cfg: DataConfig, src: Source) -> int:
+    if cfg.workers < 0:
+        raise DataError(f"data.workers must be >= 0 (0: automatic); got {cfg.workers}")
+    if cfg.workers:
+        return cfg.workers
+    kind, n = parse_select(cfg.select)
+    if kind != "all" and n < AUTO_WORKERS_ROWS:
+        return 1
+    rows = count_rows(src)
+    return min(os.cpu_count() or 1, 8) if min(rows, n or rows) >= AUTO_WORKERS_ROWS else 1
+
+
+def _build(cfg: DataConfig, tokenizer, seed: int, src: Source, folder: Path) -> tuple[TokenizedData, DataSummary]:
+    rows = selected_rows(src, cfg.select, seed)
+    first = next(rows, None)
+    if first is None:
+        raise DataError(f"{cfg.path}: no rows")
+    fi, row, rec = first
+    if isinstance(rec, DataError):
+        raise rec
+    fmt = cfg.format if cfg.format != "auto" else detect_format(rec, f"{src.names[fi]}:{row}")
+    summary = DataSummary()
+    builder = Builder(folder)
+    try:
+        for chunk in _encoded_chunks(itertools.chain([first], rows), fmt, cfg, tokenizer, src.names, _workers(cfg, src)):
+            summary.rows += len(chunk.kept) + len(chunk.dropped) + len(chunk.bad)
+            if chunk.bad and cfg.on_bad_row == "error":
+                raise DataError(chunk.bad[0][1])
+            for reason, source in chunk.dropped + [("bad_row", source) for source, _ in chunk.bad]:
+                summary.dropped[reason] = summary.dropped.get(reason, 0) + 1
+                named = summary.dropped_rows.setdefault(reason, [])
+                if len(named) < SHOW_DROPPED:
+                    named.append(source)
+            builder.add(chunk.ids, chunk.mask, chunk.lengths, chunk.kept)
+            summary.truncated += chunk.truncated
+        data = builder.finish(src.names)
+    except BaseException:
+        builder.abort()
+        raise
+    summary.kept = len(data)
+    if not len(data):
+        raise DataError(f"{cfg.path}: no usable examples ({summary})")
+    s = np.sort(data.lengths)
+    summary.length = {"min": int(s[0]), "mean": float(s.mean()), "median": int(s[len(s) // 2]), "max": int(s[-1])}
+    summary.response_tokens = int(data.mask.sum(dtype=np.int64))
+    return data, summary
+
+
+def _build_uncached(cfg: DataConfig, tokenizer, seed: int, src: Source) -> tuple[TokenizedData, DataSummary]:
+    """Built into a temporary folder that is deleted at once: the arrays stay mapped (POSIX
+    keeps a deleted file's pages while they are mapped), so memory never holds them twice."""
+    tmp = Path(tempfile.mkdtemp(prefix="dftune-data-"))
+    try:
+        return _build(cfg, tokenizer, seed, src, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # where a mapped file cannot be deleted, the OS cleans its temp
+
+
+# Settings that do not change the tokenised data (kept out of the cache key)
+_NOT_IN_KEY = ("path", "split", "packing", "cache", "cache_dir", "workers")
+
+
+def _cache_parts(cfg: DataConfig, src: Source, tokenizer, seed: int) -> dict:
+    if src.hub is not None:
+        data = {"hub": src.names[0], "fingerprint": getattr(src.hub, "_fingerprint", None)}
+    else:  # by content: a renamed or copied file hits, an edited one misses
+        data = [[p.stat().st_size, file_digest(p)] for p in src.paths]
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_IN_KEY}
+    if cfg.select.startswith("random"):
+        settings["seed"] = seed
+    return {"data": data, "tokenizer": tokenizer_digest(tokenizer), "settings": settings}
+
+
+def build_dataset(cfg: DataConfig, tokenizer, seed: int = 0) -> tuple[TokenizedData, DataSummary]:
+    """Read, validate and tokenise every selected row (or map them from the cache); return
+    the examples (``TokenizedData``: ``len``, ``data[i]`` -> ``Example``) and a summary."""
     set_chat_template(tokenizer, cfg.chat_template)
     if cfg.on_bad_row not in ("error", "skip"):
         raise DataError(f"data.on_bad_row must be error or skip; got {cfg.on_bad_row!r}")
-    rows = select_rows(read_records(cfg.path, cfg.split), cfg.select, seed)
-    if not rows:
-        raise DataError(f"{cfg.path}: no rows")
-    summary = DataSummary(rows=len(rows))
-    fmt = cfg.format if cfg.format != "auto" else detect_format(rows[0][1], rows[0][0])
-    examples, lengths = [], []
-
-    def drop(reason):
-        summary.dropped[reason] = summary.dropped.get(reason, 0) + 1
-
-    for source, record in rows:
+    parse_select(cfg.select)
+    src = open_source(cfg.path, cfg.split)
+    if cfg.cache:
+        root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
         try:
-            if not isinstance(record, dict):
-                raise DataError(f"{source}: expected a JSON object, got {type(record).__name__}")
-            if fmt == "tokenized":
-                ids, labels = _pretokenized(record, source, len(tokenizer))
-            else:
-                ids, labels = tokenize_example(tokenizer, to_messages(record, fmt, cfg, source), fmt, source)
-        except DataError:
-            if cfg.on_bad_row == "error":
-                raise
-            drop("bad_row")
-            continue
-        first_target = next((i for i, lab in enumerate(labels) if lab != -100), len(labels))
-        if first_target >= cfg.max_length:
-            drop("prompt_overflow")
-            continue
-        if len(ids) > cfg.max_length:
-            ids, labels = ids[: cfg.max_length], labels[: cfg.max_length]
-            summary.truncated += 1
-        examples.append(Example(ids, labels, source))
-        lengths.append(len(ids))
-        summary.response_tokens += sum(lab != -100 for lab in labels)
-    summary.kept = len(examples)
-    if lengths:
-        s = sorted(lengths)
-        summary.length = {"min": s[0], "mean": sum(s) / len(s), "median": s[len(s) // 2], "max": s[-1]}
-    if not examples:
-        raise DataError(f"{cfg.path}: no usable examples ({summary})")
-    return examples, summary
+            return _cached(cfg, tokenizer, seed, src, root)
+        except OSError as e:  # a read-only, foreign or impossible cache folder: still train
+            print(f"data: cannot use the cache folder {root} ({e}); tokenising without a cache")
+    return _build_uncached(cfg, tokenizer, seed, src)
 
 
-# ---- batching --------------------------------------------------------------------------
-
-
-def plan_epoch(n_examples: int, global_batch: int, world: int, micro: int, seed: int, epoch: int,
-               lengths: list[int]) -> list[list[list[list[int]]]]:
-    """plan[step][rank][micro] = example indices. Deterministic in (seed, epoch).
-
-    The last incomplete global batch is dropped (every step has the same size).
-    """
-    if global_batch % (micro * world):
-        raise ValueError(f"global_batch {global_batch} must be a multiple of micro_batch x processes = {micro * world}")
-    order = list(range(n_examples))
-    random.Random(f"{seed}-{epoch}").shuffle(order)
-    steps = []
-    for s in range(n_examples // global_batch):
-        batch = sorted(order[s * global_batch:(s + 1) * global_batch], key=lambda i: (-lengths[i], i))
-        per_rank = [batch[r::world] for r in range(world)]  # dealt round-robin: balanced lengths
-        steps.append([[rank[j:j + micro] for j in range(0, len(rank), micro)] for rank in per_rank])
-    return steps
-
-
-def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded (B, T) input_ids, attention_mask and labels (-100 on padding)."""
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e.input_ids)
-        ids[i, :n] = torch.tensor(e.input_ids)
-        labels[i, :n] = torch.tensor(e.labels)
-        mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def count_targets(examples: list[Example]) -> int:
-    """Tokens that carry loss after the shift (a label at position 0 predicts nothing)."""
-    return sum(sum(lab != -100 for lab in e.labels[1:]) for e in examples)
-
+def _cached(cfg: DataConfig, tokenizer, seed: int, src: Source, root: Path) -> tuple[TokenizedData, DataSummary]:
+    root.mkdir(parents=True, exist_ok=True)
+    parts = _cache_parts(cfg, src, tokenizer, seed)
+    key = cache_key(parts)
+    entry = root / key
+    status = "hit"
+    if not (entry / "meta.json").is_file():
+        with locked(root / f"{key}.lock"):  # one process builds; the others wait, then map it
+            if not (entry / "meta.json").is_file():
+                tmp = root / f"{key}.tmp-{os.getpid()}"
+                shutil.rmtree(tmp, ignore_errors=True)
+                try:
+                    _, summary = _build(cfg, tokenizer, seed, src, tmp)
+                    publish(tmp, entry, {"files": src.names, "summary": dataclasses.asdict(summary), "key": parts})
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                status = "written"
+    meta = read_json(entry / "meta.json")
+    summary = DataSummary(**{**meta["summary"], "cache": f"{status} {entry}"})
+    return load(entry, src.names), summary

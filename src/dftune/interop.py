@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from dftune.loss import IGNORE_INDEX, _topk_entropy
+from dftune.loss import IGNORE_INDEX, _topk_entropy, next_token_targets
 from dftune.objectives import TokenContext, get_objective
 
 
@@ -38,9 +38,9 @@ def compute_loss_func(objective: str = "dft", token_class: torch.Tensor | None =
     def loss_fn(outputs, labels, num_items_in_batch=None):
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits  # (B, T, V)
         b, t, v = logits.shape
-        shifted = labels[:, 1:].reshape(-1)  # (B*(T-1),): position i predicts token i+1
+        flat, shifted = next_token_targets(logits, labels)  # (B*(T-1), V), (B*(T-1),)
         mask = shifted != IGNORE_INDEX
-        logsm = logits[:, :-1].reshape(-1, v)[mask].float().log_softmax(-1)  # fp32, valid rows only
+        logsm = flat[mask].float().log_softmax(-1)  # fp32, valid rows only
         logp = logsm.gather(1, shifted[mask][:, None]).squeeze(1)
         seq_ids = torch.arange(b, device=labels.device).repeat_interleave(t - 1)[mask]
         topk = _topk_entropy(logsm.detach(), min(obj.topk, v)) if obj.topk else None

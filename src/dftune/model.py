@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from dftune.config import ConfigError, ModelConfig
-from dftune.loss import LossResult, token_loss
+from dftune.loss import LossResult, next_token_targets, token_loss
 from dftune.objectives import Objective
 
 PRECISIONS = ("auto", "bf16-mixed", "fp32", "bf16-pure")
@@ -144,9 +144,72 @@ def logit_scale(model: nn.Module) -> float:
     return 1.0
 
 
-def _hidden(model: nn.Module, input_ids, attention_mask) -> torch.Tensor:
+class PackingError(ValueError):
+    """Packed rows on a model whose attention would cross example boundaries."""
+
+
+def check_packing(model: nn.Module) -> str:
+    """The attention implementation, if packed rows stay exact on ``model``; else raise.
+
+    Exact means: transformers builds the model's mask (``masking_utils``) and derives the
+    block-diagonal mask from ``position_ids`` restarts (sdpa, eager, flex), or the flash
+    kernels get varlen ``cu_seqlens`` (passed by ``_hidden``). An implementation registered
+    by a user, or remote code that builds its own causal mask, would silently let every
+    token attend to the earlier examples of its row: refused.
+    """
+    import sys
+
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    impl = getattr(base.config, "_attn_implementation", None) or "eager"
     decoder, _ = decoder_and_head(model)
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+    code = sys.modules.get(type(decoder).__module__)
+    if impl not in ALL_MASK_ATTENTION_FUNCTIONS.valid_keys():
+        raise PackingError(
+            f"data.packing: attention implementation {impl!r} has no packed-sequence mask in transformers, so "
+            "attention would cross example boundaries; use model.attn_implementation=sdpa (CPU/GPU), "
+            "flash_attention_2 (GPU) or eager, or data.packing=false")
+    if not any(hasattr(code, f) for f in ("create_causal_mask", "create_sliding_window_causal_mask")):
+        raise PackingError(
+            f"data.packing: {type(decoder).__name__} ({type(decoder).__module__}) builds its own attention mask "
+            "instead of transformers' masking_utils, so it may ignore position_ids restarts and attend across "
+            "examples; set data.packing=false")
+    return impl
+
+
+def segment_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) -> (B, T) ids unique over the batch: a new segment where positions do not go on
+    by one (transformers' own rule for packed rows), and at every row start."""
+    step = torch.ones_like(position_ids, dtype=torch.bool)
+    step[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    return step.reshape(-1).cumsum(0).reshape(position_ids.shape)
+
+
+def _packed_kwargs(model: nn.Module, position_ids: torch.Tensor) -> dict:
+    impl = check_packing(model)
+    if "flash" not in impl:
+        return {}  # the mask functions read the restarts from position_ids
+    # flash-attention derives cu_seqlens from position_ids only for one flattened row; give them
+    # for the (B*T) tokens of the batch: every row starts with a segment at position 0
+    starts = (segment_ids(position_ids).reshape(-1).diff() != 0).nonzero().squeeze(1) + 1
+    total = position_ids.numel()
+    cu = torch.cat([starts.new_zeros(1), starts, starts.new_full((1,), total)]).to(torch.int32)
+    longest = int(cu.diff().max())
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+
+
+def _hidden(model: nn.Module, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
+    """Final hidden states (B, T, H). With ``position_ids`` the rows are packed: no 2-D mask
+    and no cache are passed, so that transformers builds the per-example mask from the restarts."""
+    decoder, _ = decoder_and_head(model)
+    if position_ids is None:
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask)
+    else:
+        # no KV cache either: transformers reads the restarts only when there is none
+        out = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                      **_packed_kwargs(model, position_ids))
+    hidden = out.last_hidden_state  # (B, T, H)
     scale = logit_scale(model)
     return hidden if scale == 1.0 else hidden * scale
 
@@ -164,6 +227,7 @@ class CausalLMLoss(nn.Module):
         super().__init__()
         self.model = model
         self.objective = objective  # the training loop sets it each step when a schedule moves it
+        self.entropy = True  # the per-token entropy statistic; the loop turns it off between logging steps
         self.token_class = token_class  # (V,) class per vocabulary id (protect=, probe classes); not a buffer
         self.backend = backend
         self.chunk_size = chunk_size or None
@@ -183,33 +247,38 @@ class CausalLMLoss(nn.Module):
             self.token_class = self.token_class.to(device)
         return self.token_class
 
-    def _reference(self, input_ids, attention_mask):
+    def _reference(self, input_ids, attention_mask, position_ids):
         if self.reference == "none":
             return None, None, None
         with torch.no_grad():
             if self.reference == "copy":
                 ref = self._ref[0]
-                h = _hidden(ref, input_ids, attention_mask)
+                h = _hidden(ref, input_ids, attention_mask, position_ids)
             else:
                 ref = self.model
                 with self.model.disable_adapter():
-                    h = _hidden(ref, input_ids, attention_mask)
+                    h = _hidden(ref, input_ids, attention_mask, position_ids)
             _, head = decoder_and_head(ref)
             return h, head.weight.detach(), None if getattr(head, "bias", None) is None else head.bias.detach()
 
-    def forward(self, input_ids, attention_mask, labels, num_items=None) -> LossResult:
-        hidden = _hidden(self.model, input_ids, attention_mask)  # (B, T, H)
+    def forward(self, input_ids, attention_mask, labels, num_items=None, position_ids=None) -> LossResult:
+        """Packed rows (``dftune.batching``) come with ``position_ids`` restarting per example;
+        their ``attention_mask`` is then not given to the model (it only marks padding)."""
+        hidden = _hidden(self.model, input_ids, attention_mask, position_ids)  # (B, T, H)
         _, head = decoder_and_head(self.model)
-        b, t, h = hidden.shape
-        shifted = labels[:, 1:].reshape(-1)  # (B*(T-1),): hidden[:, i] predicts labels[:, i+1]
-        seq_ids = torch.arange(b, device=labels.device).repeat_interleave(t - 1)
-        ref_h, ref_w, ref_b = self._reference(input_ids, attention_mask)
+        b, t, _ = hidden.shape
+        flat, shifted = next_token_targets(hidden, labels)  # (B*(T-1), H), (B*(T-1),)
+        if position_ids is None:  # one sequence per row
+            seq_ids = torch.arange(b, device=labels.device).repeat_interleave(t - 1)
+        else:  # the example each target belongs to (per-sequence objectives: iw_sft, talr)
+            seq_ids = segment_ids(position_ids)[:, 1:].reshape(-1)
+        ref_h, ref_w, ref_b = self._reference(input_ids, attention_mask, position_ids)
         return token_loss(
-            hidden[:, :-1].reshape(-1, h), head.weight, shifted, self.objective,
+            flat, head.weight, shifted, self.objective,
             bias=getattr(head, "bias", None), num_items=num_items, chunk_size=self.chunk_size,
             backend=self.backend, seq_ids=seq_ids, token_class=self._classes(hidden.device),
-            ref_hidden=None if ref_h is None else ref_h[:, :-1].reshape(-1, ref_h.shape[-1]),
-            ref_weight=ref_w, ref_bias=ref_b,
+            ref_hidden=None if ref_h is None else next_token_targets(ref_h, labels)[0],
+            ref_weight=ref_w, ref_bias=ref_b, entropy=self.entropy,
         )
 
 

@@ -32,8 +32,9 @@ import torch
 
 from dftune import dist
 from dftune.config import Config, ConfigError, config_diff, save_config
-from dftune.data import DataError, build_dataset, collate, count_targets, plan_epoch
+from dftune.data import DataError, build_dataset, epoch_steps, step_batches
 from dftune.errors import UserError
+from dftune.eval.run import check_periodic_eval
 from dftune.files import read_jsonl, write_json, write_text
 from dftune.loss import normalize_gradients_
 from dftune.model import (
@@ -57,8 +58,8 @@ class RunFolderError(UserError, ValueError):
 
 # Settings a resumed run may change: they alter logging, saving or speed, not the run.
 RESUMABLE_CHANGES = ("train.resume", "train.overwrite", "train.log_every", "train.tensorboard", "train.save_every",
-                     "train.keep_checkpoints", "train.loss_backend", "train.chunk_size", "train.eval_",
-                     "model.attn_implementation", "model.gradient_checkpointing")
+                     "train.keep_checkpoints", "train.loss_backend", "train.chunk_size", "train.eval_every", "eval.",
+                     "model.attn_implementation", "model.gradient_checkpointing", "data.cache", "data.workers")
 RUN_FILES = ("config.yaml", "log.jsonl", "eval_curve.jsonl", "data_summary.json", "checkpoints", "final", "final.tmp", "tb")
 
 
@@ -208,6 +209,8 @@ def _train(cfg: Config, rt: dist.Runtime, on_step) -> Path:
     if parallel == "fsdp" and t.eval_every:
         raise ConfigError("periodic evaluation (train.eval_every) needs the whole model in one process; with FSDP "
                          "evaluate saved checkpoints with dftune eval instead")
+    if t.eval_every:
+        check_periodic_eval(cfg.eval)
     out = Path(t.out_dir)
     resume_from = open_run_folder(cfg, rt)
     random.seed(t.seed)
@@ -221,7 +224,6 @@ def _train(cfg: Config, rt: dist.Runtime, on_step) -> Path:
         write_json(out / "data_summary.json", summary.__dict__)
     if len(examples) < t.global_batch:
         raise DataError(f"{len(examples)} usable examples is fewer than one global batch ({t.global_batch})")
-    lengths = [len(e.input_ids) for e in examples]
     steps_per_epoch = len(examples) // t.global_batch
     total = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
     warmup = int(t.warmup_ratio * total)
@@ -265,19 +267,20 @@ def _train(cfg: Config, rt: dist.Runtime, on_step) -> Path:
         for step in range(start, total):
             epoch, index = divmod(step, steps_per_epoch)
             if epoch not in plan:
-                plan = {epoch: plan_epoch(len(examples), t.global_batch, rt.world, t.micro_batch, t.seed, epoch, lengths)}
-            micro = [[examples[i] for i in mb] for mb in plan[epoch][index][rt.rank]]
+                plan = {epoch: epoch_steps(examples, t.global_batch, rt.world, t.micro_batch, t.seed, epoch, cfg.data)}
+            # this process's micro-batches (padded, or packed rows with position_ids), and the
+            # step's divisor: valid target tokens over every micro-batch and process
+            micro, global_count = step_batches(examples, plan[epoch][index], rt.rank, tokenizer.pad_token_id)
             objective = schedule.at(step / total)
             dist.unwrap(module).objective = objective
-
-            # the step's divisor: valid target tokens over every micro-batch and process
-            count = torch.tensor([float(count_targets(sum(micro, [])))], device=rt.device)
-            global_count = float(rt.all_sum(count).item())
+            # entropy is a logged statistic only (one more pass over the logits): logging steps
+            logs_entropy = step == start or (step + 1) % log.every == 0 or step + 1 == total
+            dist.unwrap(module).entropy = logs_entropy
 
             # forward and backward, micro-batch by micro-batch; gradients sync on the last
             stats = StepStats(rt.device)
-            for i, exs in enumerate(micro):
-                batch = {k: v.to(rt.device) for k, v in collate(exs, tokenizer.pad_token_id).items()}
+            for i, batch in enumerate(micro):
+                batch = {k: v.to(rt.device) for k, v in batch.items()}
                 with dist.grad_sync(module, i == len(micro) - 1):
                     with autocast:
                         res = module(**batch, num_items=global_count / rt.world)
@@ -307,9 +310,11 @@ def _train(cfg: Config, rt: dist.Runtime, on_step) -> Path:
             tokens_seen += int(sums["input_tokens"])
             n = max(sums["tokens"], 1.0)
             rec = {"step": step + 1, "epoch": step / steps_per_epoch, "loss": sums["objective"] / n,
-                   "nll": sums["nll"] / n, "mean_prob": sums["prob"] / n, "entropy": sums["entropy"] / n,
+                   "nll": sums["nll"] / n, "mean_prob": sums["prob"] / n,
                    "weight_mean": sums["weight"] / n, "grad_norm": grad_norm, "lr": lr, "tokens": int(sums["tokens"]),
                    "tokens_per_s": tokens_seen / (time.perf_counter() - t0)}
+            if logs_entropy:
+                rec["entropy"] = sums["entropy"] / n
             if factor != 1.0:
                 rec["norm_factor"] = factor
             if not schedule.static:
@@ -383,13 +388,11 @@ def _periodic_eval(rt: dist.Runtime, cfg: Config, module, tokenizer, step: int, 
         from dftune.eval.run import quick_eval
         from dftune.files import append_jsonl
 
-        t = cfg.train
         model = dist.unwrap(module).model
         model.eval()
         amp = torch.autocast(rt.device.type, dtype=torch.bfloat16) if precision == "bf16-mixed" else nullcontext()
         with amp:
-            result = quick_eval(model, tokenizer, benchmarks=t.eval_benchmarks.split(","), limit=t.eval_limit, n=t.eval_n,
-                                max_new_tokens=t.eval_max_new_tokens, data_dir=t.eval_data_dir or None, seed=t.seed)
+            result = quick_eval(model, tokenizer, cfg.eval)
         model.train()
         append_jsonl(out / "eval_curve.jsonl", [{"step": step, **result}])
     rt.barrier()

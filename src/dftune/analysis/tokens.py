@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from dftune import files
-from dftune.loss import token_loss
+from dftune.loss import next_token_targets, token_loss
 from dftune.model import _hidden, decoder_and_head
 from dftune.vocab import CLASS_NAMES, CONTENT, NUMBER, end_of_turn_ids, token_classes
 
@@ -64,13 +64,13 @@ def token_stats(model, examples, pad_id: int, *, base=None, batch_size: int = 8,
     bhead = decoder_and_head(base)[1] if base is not None else None
     for s in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[s:s + batch_size], pad_id).items()}
-        h = _hidden(model, batch["input_ids"], batch["attention_mask"])[:, :-1]  # (B, T-1, H)
-        labels = batch["labels"][:, 1:].reshape(-1)
+        h, labels = next_token_targets(_hidden(model, batch["input_ids"], batch["attention_mask"]),
+                                       batch["labels"])  # (N, H), (N,)
         kw = {}
         if base is not None:
-            bh = _hidden(base, batch["input_ids"], batch["attention_mask"])[:, :-1]
-            kw = dict(ref_hidden=bh.reshape(-1, bh.shape[-1]), ref_weight=bhead.weight, ref_bias=getattr(bhead, "bias", None))
-        res = token_loss(h.reshape(-1, h.shape[-1]), head.weight, labels, "nll", bias=getattr(head, "bias", None), **kw)
+            bh = next_token_targets(_hidden(base, batch["input_ids"], batch["attention_mask"]), batch["labels"])[0]
+            kw = dict(ref_hidden=bh, ref_weight=bhead.weight, ref_bias=getattr(bhead, "bias", None))
+        res = token_loss(h, head.weight, labels, "nll", bias=getattr(head, "bias", None), **kw)
         m = res.mask
         ids.append(labels[m].cpu())
         logps.append(res.logp[m].cpu())

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from dftune.errors import UserError
 from dftune.eval.grade import boxed_contents, split_top_level
+from dftune.records import gsm8k_final
 
 PAPER_FIVE = ("math500", "minerva_math", "olympiadbench", "aime24", "amc23")
 BENCHMARKS = PAPER_FIVE + ("gsm8k", "aime25")
@@ -109,9 +110,9 @@ def to_problem(name: str, rec: dict, index: int, where: str) -> Problem:
         return Problem(name, rid, _question(rec, where), [_number(_field(rec, "answer", where))])
     if name == "gsm8k":
         answer = _field(rec, "answer", where)
-        if "####" not in answer:
+        if not gsm8k_final(answer):
             raise BenchmarkError(f"{where}: field 'answer' has no '#### N' final answer")
-        return Problem(name, rid, _field(rec, "question", where), [answer.rsplit("####", 1)[1].strip().replace(",", "")])
+        return Problem(name, rid, _field(rec, "question", where), [gsm8k_final(answer)])
     # any other NAME/test.jsonl in the data folder: question (or problem) and answer fields
     question = rec.get("question") or _field(rec, "problem", where)
     return Problem(name, rid, question, [_number(_field(rec, "answer", where))])

@@ -319,22 +319,37 @@ def markdown_table(summary: dict) -> str:
     return text
 
 
-def quick_eval(model, tokenizer, *, benchmarks: list[str], limit: int = 32, n: int = 1, max_new_tokens: int = 512,
-               data_dir: str | None = None, seed: int = 0, prompt: str = "qwen-boxed") -> dict:
-    """A short evaluation of a live model (subset, few samples): {benchmark: avg@n, ...}.
+def check_periodic_eval(cfg: EvalConfig) -> None:
+    """Refuse ``eval`` settings that periodic evaluation inside training cannot honour, before
+    any training: it evaluates the live model, in the training process, with transformers."""
+    from dftune.config import ConfigError
 
-    Used by training every ``train.eval_every`` steps for learning curves.
+    if cfg.model or cfg.out:
+        raise ConfigError("eval.model / eval.out: periodic evaluation scores the model being trained and writes "
+                          "eval_curve.jsonl in the run folder; leave them empty (dftune eval evaluates a saved model)")
+    if cfg.backend != "hf":
+        raise ConfigError(f"eval.backend={cfg.backend}: periodic evaluation generates with the live model in the "
+                          "training process (hf); evaluate checkpoints with vLLM by dftune eval")
+    if not cfg.benchmarks:
+        raise ConfigError("eval.benchmarks: name at least one benchmark for the periodic evaluation")
+
+
+def quick_eval(model, tokenizer, cfg: EvalConfig) -> dict:
+    """A short evaluation of a live model: {benchmark: avg@n, ...}, with the settings of an
+    ``EvalConfig`` (benchmarks, data_dir, limit, prompt, sampling, stop tokens, grading).
+
+    Used by training every ``train.eval_every`` steps for learning curves (its ``eval`` section).
     """
     from dftune.eval.generate import HFBackend
 
     backend = HFBackend(model, tokenizer)
-    stops = end_of_turn_ids(tokenizer, prompt)
+    stops = end_of_turn_ids(tokenizer, cfg.prompt) if cfg.stop_at_end_of_turn else []
     out = {}
-    for b in benchmarks:
-        problems = load_benchmark(b, data_dir, limit)
-        sc = SamplingConfig(n=n, temperature=1.0, max_new_tokens=max_new_tokens, seed=seed)
-        outs = backend.generate([build_prompt(p.question, prompt, tokenizer) for p in problems],
-                                [f"{b}:{p.id}" for p in problems], sc, stop_token_ids=stops)
-        verdicts = grade_batch([(c.text, p.golds) for p, cs in zip(problems, outs) for c in cs])
+    for b in cfg.benchmarks:
+        problems = load_benchmark(b, cfg.data_dir or None, cfg.limit or None)
+        outs = backend.generate([build_prompt(p.question, cfg.prompt, tokenizer) for p in problems],
+                                [f"{b}:{p.id}" for p in problems], cfg.sampling, stop_token_ids=stops)
+        verdicts = grade_batch([(c.text, p.golds) for p, cs in zip(problems, outs) for c in cs],
+                               workers=cfg.grade_workers, timeout=cfg.grade_timeout, strip_think=cfg.strip_think)
         out[b] = sum(v.correct for v in verdicts) / max(len(verdicts), 1)
     return out

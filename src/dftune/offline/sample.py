@@ -42,6 +42,7 @@ from dftune.files import (
     write_json,
     write_text,
 )
+from dftune.records import gsm8k_final
 
 PROMPT_FIELD = {"problem_solution": "problem", "question_answer": "question", "prompt_completion": "prompt"}
 
@@ -66,8 +67,7 @@ def gold_answer(record: dict, fmt: str) -> list[str]:
         boxes = boxed_contents(str(record.get("solution", "")))
         return [boxes[-1]] if boxes and boxes[-1].strip() else []
     if fmt == "question_answer":
-        ans = str(record.get("answer", ""))
-        final = ans.rsplit("####", 1)[1].strip().replace(",", "") if "####" in ans else ""
+        final = gsm8k_final(str(record.get("answer", "")))
         return [final] if final else []
     return []
 
