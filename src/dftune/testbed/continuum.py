@@ -50,9 +50,21 @@ def _check(cfg: DemoConfig) -> list[str]:
     return priors
 
 
-def _point_job(cfg: DemoConfig, root: Path, files: dict, base: Path, values: dict, curve: dict | None) -> None:
+def curve_eval(cfg: DemoConfig, files: dict, seed: int):
+    """The periodic evaluation behind the learning curves: the first ``curve_problems`` of
+    the id split, ``curve_n`` samples each at temperature 1.0, sampled with the training
+    seed (so seed s of every objective draws alike)."""
+    from dftune.eval.generate import SamplingConfig
+    from dftune.eval.run import EvalConfig
+
+    return EvalConfig(benchmarks=[CURVE_BENCHMARK], backend="hf", prompt=bases.PROMPT, data_dir=str(files["benchmarks"]),
+                      limit=cfg.curve_problems, sampling=SamplingConfig(n=cfg.curve_n, temperature=1.0,
+                                                                        max_new_tokens=cfg.max_new_tokens, seed=seed))
+
+
+def _point_job(cfg: DemoConfig, root: Path, files: dict, base: Path, values: dict, curve_every: int) -> None:
     """One point of the grid, in a worker: the base's evaluation (objective "base"), or a
-    fine-tuning run (with periodic evaluation when ``curve``) and its evaluation."""
+    fine-tuning run (evaluated every ``curve_every`` steps, if not 0) and its evaluation."""
     from dftune.files import append_jsonl, read_jsonl, write_text
 
     out = root / folder_name(values)
@@ -66,8 +78,10 @@ def _point_job(cfg: DemoConfig, root: Path, files: dict, base: Path, values: dic
         evaluate_model(cfg, base, out / "eval", files["benchmarks"], bases.PROMPT)
         marker.write_text(str(base))
         return
+    curve = curve_eval(cfg, files, values["seed"]) if curve_every else None
     final = finetune(base, bases.data_config(files["narrow"]), out, objective=values["objective"], lr=cfg.finetune_lr,
-                     batch=cfg.finetune_batch, steps=cfg.finetune_steps, seed=values["seed"], curve=curve)
+                     batch=cfg.finetune_batch, steps=cfg.finetune_steps, seed=values["seed"], curve=curve,
+                     curve_every=curve_every)
     if curve and not any(r.get("step") == 0 for r in read_jsonl(out / "eval_curve.jsonl")):
         # the curve starts at the base: the loop's own quick evaluation, on the step-0 weights
         import torch
@@ -76,13 +90,10 @@ def _point_job(cfg: DemoConfig, root: Path, files: dict, base: Path, values: dic
         from dftune.eval.run import quick_eval
         from dftune.model import load_tokenizer
 
-        step0 = quick_eval(load_for_analysis(str(base), torch.device("cpu")), load_tokenizer(str(base)),
-                           benchmarks=[CURVE_BENCHMARK], limit=cfg.curve_problems, n=cfg.curve_n,
-                           max_new_tokens=cfg.max_new_tokens, data_dir=str(files["benchmarks"]), seed=values["seed"],
-                           prompt=bases.PROMPT)[CURVE_BENCHMARK]
+        step0 = quick_eval(load_for_analysis(str(base), torch.device("cpu")), load_tokenizer(str(base)), curve)
         rows = read_jsonl(out / "eval_curve.jsonl")
         write_text(out / "eval_curve.jsonl", "")
-        append_jsonl(out / "eval_curve.jsonl", [{"step": 0, CURVE_BENCHMARK: step0}, *rows])
+        append_jsonl(out / "eval_curve.jsonl", [{"step": 0, **step0}, *rows])
     if not (out / "eval" / "summary.json").is_file():
         evaluate_model(cfg, final, out / "eval", files["benchmarks"], bases.PROMPT)
 
@@ -145,15 +156,11 @@ def run_continuum(cfg: DemoConfig) -> Path:
     curve_priors = {p.strip() for p in cfg.curve_priors.split(",") if p.strip()}
     jobs, points = [], []
     for prior in priors:
-        curve = None
-        if prior in curve_priors and prior != "real" and CURVE_BENCHMARK in splits_of(cfg):
-            curve = {"eval_every": cfg.curve_every, "eval_benchmarks": CURVE_BENCHMARK, "eval_limit": cfg.curve_problems,
-                     "eval_n": cfg.curve_n, "eval_max_new_tokens": cfg.max_new_tokens,
-                     "eval_data_dir": str(files["benchmarks"])}
+        curve_every = cfg.curve_every if prior in curve_priors and CURVE_BENCHMARK in splits_of(cfg) else 0
         grid = [{"prior": prior, "objective": "base", "seed": 0}]
         grid += [{"prior": prior, "objective": o, "seed": s} for o in objectives_for(cfg, prior) for s in range(cfg.seeds)]
         for values in grid:
-            jobs.append((cfg, root, files, base_of[prior], values, curve))
+            jobs.append((cfg, root, files, base_of[prior], values, curve_every))
             points.append({"name": folder_name(values), "values": values})
     t = time.time()
     run_jobs(_point_job, jobs, cfg.workers)

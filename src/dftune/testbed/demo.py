@@ -307,19 +307,23 @@ def stale(run: Path, base: Path) -> bool:
 
 
 def finetune(base: Path, data: DataConfig, out: Path, *, objective: str, lr: float, batch: int, steps: int, seed: int,
-             curve: dict | None = None) -> Path:
-    """One fine-tuning run with the training loop (periodic evaluation when ``curve``);
-    the run folder keeps config, logs and the final model, not the checkpoints."""
+             curve=None, curve_every: int = 0) -> Path:
+    """One fine-tuning run with the training loop, evaluated with ``curve`` (an EvalConfig)
+    every ``curve_every`` steps; the run folder keeps config, logs and the final model, not
+    the checkpoints."""
     from dftune.train import train
 
     if stale(out, base):
         shutil.rmtree(out)
     if not (out / "final" / "config.json").is_file():
         shutil.rmtree(out, ignore_errors=True)  # an interrupted run: start it again
-        train(Config(model=ModelConfig(name_or_path=str(base)), data=data,
+        run = Config(model=ModelConfig(name_or_path=str(base)), data=data,
                      train=TrainConfig(objective=objective, lr=lr, global_batch=batch, micro_batch=batch, max_steps=steps,
                                        epochs=100, seed=seed, out_dir=str(out), tensorboard=False, log_every=10**6,
-                                       **(curve or {}))))
+                                       eval_every=curve_every if curve is not None else 0))
+        if curve is not None:
+            run.eval = curve
+        train(run)
         shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the final model is what the demo keeps
     return out / "final"
 
