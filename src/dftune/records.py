@@ -229,10 +229,10 @@ def gsm8k_final(answer: str) -> str:
 
 def gsm8k_boxed(answer: str) -> str:
     """'... #### 72' -> '...\\nThe answer is \\boxed{72}.' (GSM8K's final-answer line)."""
-    final = gsm8k_final(answer)
-    if "####" not in answer:
+    body, sep, _ = answer.rpartition("####")
+    if not sep:
         return answer
-    return f"{answer.rpartition('####')[0].rstrip()}\nThe answer is $\\boxed{{{final}}}$."
+    return f"{body.rstrip()}\nThe answer is $\\boxed{{{gsm8k_final(answer)}}}$."
 
 
 def _unicode(value: str, source: str, where: str) -> str:

@@ -110,9 +110,10 @@ def to_problem(name: str, rec: dict, index: int, where: str) -> Problem:
         return Problem(name, rid, _question(rec, where), [_number(_field(rec, "answer", where))])
     if name == "gsm8k":
         answer = _field(rec, "answer", where)
-        if not gsm8k_final(answer):
+        final = gsm8k_final(answer)
+        if not final:
             raise BenchmarkError(f"{where}: field 'answer' has no '#### N' final answer")
-        return Problem(name, rid, _field(rec, "question", where), [gsm8k_final(answer)])
+        return Problem(name, rid, _field(rec, "question", where), [final])
     # any other NAME/test.jsonl in the data folder: question (or problem) and answer fields
     question = rec.get("question") or _field(rec, "problem", where)
     return Problem(name, rid, question, [_number(_field(rec, "answer", where))])
