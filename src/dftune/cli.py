@@ -137,8 +137,9 @@ def cmd_demo(cfg) -> None:
     """The laptop-scale testbed: pretrain tiny bases (weak and strong prior, cached), fine-tune them with
     several objectives and seeds, evaluate in and out of distribution, analyse, and write report.html.
 
-    example: dftune demo                       # defaults: about 10 minutes on 2 CPU cores
-             dftune demo seeds=3 out=out/demo-long
+    example: dftune demo                       # the continuum, weak and strong prior: about 6 minutes on 2 CPU cores
+             dftune demo --full                # firmer numbers: more seeds and problems (about 4x the time)
+             dftune demo offline               # RFT, DFT-on-RFT, DPO and GRPO from the strong base
     """
     from dftune.testbed.demo import run_demo
 
@@ -229,7 +230,7 @@ COMMANDS: dict[str, Command] = {
     "report": Command(_cfg("dftune.analysis.report", "ReportConfig"), cmd_report, cmd_report.__doc__,
                       positional="inputs", flags={"-o": "output"}),
     "sweep": Command(_cfg("dftune.sweep", "SweepConfig"), cmd_sweep, cmd_sweep.__doc__, yaml_field="config"),
-    "demo": Command(_cfg("dftune.testbed.demo", "DemoConfig"), cmd_demo, cmd_demo.__doc__),
+    "demo": Command(_cfg("dftune.testbed.demo", "DemoConfig"), cmd_demo, cmd_demo.__doc__, positional="mode"),
     "sample": Command(_cfg("dftune.offline.sample", "SampleConfig"), cmd_sample, cmd_sample.__doc__),
     "baseline dpo": Command(_cfg("dftune.offline.baselines", "BaselineConfig"), cmd_baseline_trl("dpo"), BASELINE_DOC),
     "baseline grpo": Command(_cfg("dftune.offline.baselines", "BaselineConfig"), cmd_baseline_trl("grpo"), BASELINE_DOC),

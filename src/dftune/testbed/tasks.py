@@ -3,11 +3,19 @@ solutions ending in \\boxed{answer}, deterministic from a seed.
 
 Difficulty knobs: the number of steps, the size of the numbers, the operations. The
 splits used by the testbed are in ``SPLITS``: an in-distribution one (what fine-tuning
-demonstrates and what is tested in distribution) and harder out-of-distribution ones
-(more steps, larger numbers).
+demonstrates and what is tested in distribution) and out-of-distribution ones (an
+operation the demonstrations lack, longer chains).
 
     rows = generate(TaskSpec(steps=(2, 3), max_number=30), n=100, seed=0)
-    rows[0] == {"id": ..., "problem": "...", "solution": "... \\boxed{17}.", "answer": "17"}
+    rows[0] == {"id": ..., "problem": "...", "solution": "... \\boxed{17}.", "answer": "17",
+                "steps": [[5, "+", 3, 8], ...]}
+
+Two surface forms of the same arithmetic: ``solution`` is the demonstrations' form
+("5 + 3 = 8." lines, then "The answer is \\boxed{8}."), and ``notes_document(row)`` writes
+the same problem and computation as a plain-text note ("Work: 5 plus 3 is 8; ...
+Result: 8") with no box, no chat template and no end-of-text token: what the testbed's
+weak-prior base is pretrained on. It knows the arithmetic, not the demonstrations' format
+or when to stop.
 """
 
 from __future__ import annotations
@@ -28,25 +36,26 @@ VERBS = {
 @dataclass(frozen=True)
 class TaskSpec:
     """steps: (min, max) operations; max_number: bound on the start and the operands;
-    ops: the operations used; max_factor: bound on multipliers."""
+    ops: the operations used; max_factor: bound on multipliers; max_value: bound on every
+    intermediate value (an operation that would pass it is replaced by a subtraction)."""
 
     steps: tuple[int, int] = (2, 3)
     max_number: int = 30
     ops: str = "+-*"
     max_factor: int = 3
+    max_value: int = 10**6
 
 
-# Small numbers keep the arithmetic learnable by a 4-layer model in a few minutes of CPU.
+# Small numbers (operands up to 9, every value up to 19) keep the arithmetic learnable by a
+# 4-layer, 64-wide model in a few CPU minutes; larger ones need far more pretraining.
 SPLITS = {
-    "train_narrow": TaskSpec(steps=(2, 3), max_number=9, ops="+-"),  # what fine-tuning demonstrates
-    "id": TaskSpec(steps=(2, 3), max_number=9, ops="+-"),  # tested in distribution
-    "ood_ops": TaskSpec(steps=(2, 3), max_number=9, ops="+-*"),  # an operation the demonstrations lack
-    "ood_steps": TaskSpec(steps=(4, 5), max_number=9, ops="+-"),  # longer chains
-    "ood_numbers": TaskSpec(steps=(2, 3), max_number=30, ops="+-"),  # larger numbers
+    "train_narrow": TaskSpec(steps=(2, 3), max_number=9, ops="+-", max_value=19),  # what fine-tuning demonstrates
+    "id": TaskSpec(steps=(2, 3), max_number=9, ops="+-", max_value=19),  # tested in distribution
+    "ood_ops": TaskSpec(steps=(2, 3), max_number=9, ops="+-*", max_value=19),  # an operation the demonstrations lack
+    "ood_steps": TaskSpec(steps=(4, 5), max_number=9, ops="+-", max_value=19),  # longer chains
 }
-PRETRAIN_MIX = [  # the broad mixture the base model is pretrained on
-    TaskSpec(steps=(1, 5), max_number=9, ops="+-*"),
-    TaskSpec(steps=(1, 3), max_number=30, ops="+-*"),
+PRETRAIN_MIX = [  # the broader mixture the bases are pretrained on (covers every split)
+    TaskSpec(steps=(1, 5), max_number=9, ops="+-*", max_value=19),
 ]
 
 
@@ -55,25 +64,29 @@ def make_problem(spec: TaskSpec, rng: random.Random) -> dict:
     value = rng.randint(1, spec.max_number)
     sentences = [f"{name} has {value} {item}."]
     lines = [f"{name} starts with {value} {item}."]
+    steps = []
     for _ in range(rng.randint(*spec.steps)):
         op = rng.choice(spec.ops)
+        if op == "+" and value >= spec.max_value or op == "*" and value * 2 > spec.max_value:
+            op = "-"
         if op == "-" and value == 0:
             op = "+"
         if op == "+":
-            n = rng.randint(1, spec.max_number)
+            n = rng.randint(1, min(spec.max_number, spec.max_value - value))
             new = value + n
         elif op == "-":
             n = rng.randint(1, min(value, spec.max_number))
             new = value - n
         else:
-            n = rng.randint(2, spec.max_factor)
+            n = rng.randint(2, max(2, min(spec.max_factor, spec.max_value // max(value, 1))))
             new = value * n
         sentences.append(f"Then {name} {rng.choice(VERBS[op]).format(n=n)}.")
         lines.append(f"{value} {op} {n} = {new}.")
+        steps.append([value, op, n, new])
         value = new
     sentences.append(f"How many {item} does {name} have now?")
     lines.append(f"The answer is \\boxed{{{value}}}.")
-    return {"problem": " ".join(sentences), "solution": "\n".join(lines), "answer": str(value)}
+    return {"problem": " ".join(sentences), "solution": "\n".join(lines), "answer": str(value), "steps": steps}
 
 
 def generate(spec: TaskSpec, n: int, seed: int, prefix: str = "p") -> list[dict]:
@@ -98,3 +111,53 @@ def check_solution(row: dict) -> bool:
             return False
         value = c
     return lines[-1] == f"The answer is \\boxed{{{value}}}." and row["answer"] == str(value)
+
+
+def with_wrong_last_step(row: dict, rng: random.Random) -> dict:
+    """The row with its last step's result off by 1 to 3 (never below 0), and the boxed
+    answer following it: a plausible wrong solution, as real demonstration sets contain
+    (NuminaMath-CoT has wrong solutions). ``answer`` keeps the right value."""
+    a, op, b, c = row["steps"][-1]
+    wrong = c + rng.choice([d for d in (-3, -2, -1, 1, 2, 3) if c + d >= 0])
+    lines = row["solution"].split("\n")
+    lines[-2:] = [f"{a} {op} {b} = {wrong}.", f"The answer is \\boxed{{{wrong}}}."]
+    return {**row, "solution": "\n".join(lines), "wrong": True}
+
+
+# ---- the other surface form: plain-text notes ---------------------------------------------
+
+NOTE_WORDS = {"+": "plus", "-": "minus", "*": "times"}
+_WORD_OPS = {w: op for op, w in NOTE_WORDS.items()}
+
+
+def notes_document(row: dict) -> str:
+    """The problem and its computation as a plain-text note: the same order of operands as
+    the demonstrations (so the arithmetic can transfer) but other words and layout ("5 plus
+    3 is 8" on one line, no "=", no box, no "The answer is"), ending after the result's line
+    with a blank line and nothing else (no end-of-text token: a document continues)."""
+    start = row["problem"].split(".")[0]  # "Ava has 5 pens": restated, as the demonstrations restate it
+    work = ".\n".join([start] + [f"{a} {NOTE_WORDS[op]} {b} is {c}" for a, op, b, c in row["steps"]])
+    return f"Problem: {row['problem']}\nWork: {work}.\nResult: {row['answer']}\n\n"
+
+
+_NOTE_STEP = re.compile(r"^(\d+) (plus|minus|times) (\d+) is (\d+)$")
+
+
+def check_notes(text: str, answer: str) -> bool:
+    """A notes document's arithmetic is right and its result is ``answer``: parsed, never evaluated."""
+    m = re.fullmatch(r"Problem: [^\n]*? has (\d+) [^\n]*\nWork: (.+)\.\nResult: (\d+)\n\n", text, re.DOTALL)
+    if not m or m.group(3) != answer:
+        return False
+    value = int(m.group(1))
+    start, *parts = m.group(2).split(".\n")
+    if not re.fullmatch(rf"\w+ has {value} \w+", start):
+        return False
+    for part in parts:
+        s = _NOTE_STEP.match(part)
+        if s is None:
+            return False
+        a, op, b, c = int(s.group(1)), _WORD_OPS[s.group(2)], int(s.group(3)), int(s.group(4))
+        if a != value or c != {"+": a + b, "-": a - b, "*": a * b}[op]:
+            return False
+        value = c
+    return str(value) == answer
