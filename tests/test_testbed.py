@@ -325,6 +325,24 @@ def test_demo_settings_are_checked_before_any_work(tmp_path):
     assert not (tmp_path / "c").exists() and not (tmp_path / "x").exists()
 
 
+def test_the_offline_demo_asks_for_trl_before_any_work(tmp_path, monkeypatch):
+    """Where TRL is missing (the main job's install has no TRL), DPO and GRPO are refused
+    up front with the install command; RFT and DFT-on-RFT alone pass the check."""
+    import importlib.util
+
+    from dftune.errors import UserError
+    from dftune.testbed.demo import DemoConfig, OfflineSettings, run_demo
+    from dftune.testbed.demo_offline import _objectives
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trl" else real(name, *a))
+    with pytest.raises(UserError, match=r"dpo,grpo run on TRL.*pip install 'dftune\[trl\]'"):
+        run_demo(DemoConfig(mode="offline", out=str(tmp_path / "x"), cache_dir=str(tmp_path / "c")))
+    assert not (tmp_path / "c").exists() and not (tmp_path / "x").exists()
+    cfg = DemoConfig(mode="offline", offline=OfflineSettings(objectives="rft,dft_on_rft"))
+    assert _objectives(cfg) == ["rft", "dft_on_rft"]
+
+
 def test_full_raises_the_defaults_but_keeps_explicit_settings():
     from dftune.testbed.demo import FULL, DemoConfig, apply_full
 

@@ -48,6 +48,12 @@ def _objectives(cfg: DemoConfig) -> list[str]:
     if bad or "rft" not in objs:
         raise ConfigError(f"offline.objectives: choose from {', '.join(OBJECTIVES)} (rft, the baseline, included); "
                           f"got {cfg.offline.objectives!r}" + ("; PPO runs on verl and needs a GPU" if "ppo" in bad else ""))
+    import importlib.util
+
+    trl = [o for o in objs if o in ("dpo", "grpo")]
+    if trl and importlib.util.find_spec("trl") is None:  # found out now, not after pretraining and sampling
+        raise ConfigError(f"offline.objectives {','.join(trl)} run on TRL, which is not installed: "
+                          "pip install 'dftune[trl]' (or offline.objectives=rft,dft_on_rft)")
     return objs
 
 
