@@ -101,7 +101,9 @@ def generation_summary(folders: list[Path]) -> dict:
     rows = [r for f in folders for r in read_jsonl(f / "samples.jsonl")]
     if not rows:
         return {"samples": 0}
-    frac = lambda pred: sum(1 for r in rows if pred(r)) / len(rows)
+    def frac(pred) -> float:
+        return sum(1 for r in rows if pred(r)) / len(rows)
+
     return {"samples": len(rows), "stop": frac(lambda r: r.get("finish_reason") == "stop"),
             "truncated": frac(lambda r: r.get("finish_reason") == "length"),
             "mean_tokens": sum(r.get("num_tokens", 0) for r in rows) / len(rows),
