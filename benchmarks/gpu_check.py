@@ -81,7 +81,6 @@ def grad_agreement(variant: str, n: int, h: int, v: int, device: str) -> float:
 
 
 def stage_loss(a) -> list:
-
     n, h, v = (16384, 1536, 151936) if not a.smoke else (512, 64, 4096)
     variants = ["full_logits", "dftune", "liger", "dftune_cce"] if a.device == "cuda" else ["full_logits", "dftune"]
     rows, res = [], {}

@@ -100,6 +100,11 @@ def write_text(path: str | Path, text: str) -> Path:
     return p
 
 
+def write_jsonl(path: str | Path, rows) -> Path:
+    """Atomically replace ``path`` with ``rows`` as JSON lines."""
+    return write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
 def write_json(path: str | Path, data) -> Path:
     """Atomically write ``data`` as indented JSON."""
     return write_text(path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")

@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dftune.errors import UserError
-from dftune.files import read_json, write_json, write_text
+from dftune.files import read_json, write_json, write_jsonl, write_text
 
 SCHEMA = "dftune.general/1"
 
@@ -247,8 +247,7 @@ def evaluate_general(cfg: GeneralEvalConfig, progress=print) -> dict:
                 fewshot_random_seed=cfg.seed, confirm_run_unsafe_code=cfg.confirm_run_unsafe_code)
             res = json.loads(json.dumps(res, default=handle_non_serializable))  # plain JSON from here on
             for name, rows in (res.pop("samples", None) or {}).items():
-                write_text(out / "samples" / f"{_file_name(name)}.jsonl",
-                           "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+                write_jsonl(out / "samples" / f"{_file_name(name)}.jsonl", rows)
             res["dftune"] = {"requested": t}
             write_json(out / "raw" / f"{_file_name(t)}.json", res)  # last: marks the task finished
     summary = build_summary(out, cfg.tasks)

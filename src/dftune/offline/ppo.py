@@ -23,7 +23,6 @@ and its main branch (0.10.0.dev, Aug 2026); ``reward.custom_reward_function`` ne
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
@@ -36,7 +35,7 @@ from pathlib import Path
 import yaml
 
 from dftune.config import ConfigError, load
-from dftune.files import read_jsonl, write_text
+from dftune.files import read_jsonl, write_jsonl, write_text
 
 # verl imports pkg:// paths as modules (on every Ray node, from its own dftune install)
 REWARD_MODULE = "pkg://dftune.offline.verl_reward"
@@ -320,7 +319,7 @@ def collect(cfg: PPOConfig) -> Path:
     for r in read_jsonl(out / "verl_metrics.jsonl"):
         data = r.get("data", {})
         rows.append({"step": r.get("step"), **{k: v for k, v in data.items() if isinstance(v, (int, float))}})
-    write_text(out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(out / "log.jsonl", rows)
     return final
 
 

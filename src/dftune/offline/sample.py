@@ -40,7 +40,7 @@ from dftune.files import (
     read_jsonl,
     repair_tail,
     write_json,
-    write_text,
+    write_jsonl,
 )
 from dftune.records import gsm8k_final
 
@@ -229,7 +229,7 @@ def write_datasets(out: Path, questions: list[Question], done: dict[str, dict[in
                         "chosen": [{"role": "assistant", "content": g["response"]}],
                         "rejected": [{"role": "assistant", "content": b}]})
     for name, rows in (("rft.jsonl", rft), ("dpo.jsonl", dpo)):
-        write_text(out / name, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        write_jsonl(out / name, rows)
     stats = {"questions": len(questions), "k": k, "responses": len(questions) * k, "correct": len(rft),
              "yield": len(rft) / max(len(questions) * k, 1), "dpo_pairs": len(dpo),
              "questions_by_correct": {str(i): n for i, n in enumerate(hist)},

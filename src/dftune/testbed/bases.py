@@ -32,6 +32,7 @@ from pathlib import Path
 
 from dftune.config import Config, DataConfig, ModelConfig, TrainConfig
 from dftune.eval.benchmarks import INSTRUCTION
+from dftune.files import write_jsonl
 from dftune.testbed import tasks
 
 # The bases' chat template: ChatML with a default system turn (as Qwen2.5's templates
@@ -70,13 +71,6 @@ def cache_key(recipe: dict) -> str:
     full = {"tasks_source": Path(tasks.__file__).read_text(), "mix": [asdict(s) for s in tasks.PRETRAIN_MIX],
             "instruction": INSTRUCTION, "template": CHAT_TEMPLATE, "format": FORMAT, **recipe}
     return hashlib.sha256(json.dumps(full, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _write_jsonl(path: Path, rows) -> Path:
-    from dftune.files import write_text
-
-    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def initial_model(cache: Path, rows: list[dict], *, hidden: int, layers: int, heads: int) -> Path:
@@ -162,12 +156,12 @@ def pretrained_base(prior: str, cache: Path, *, steps: int, examples: int, batch
     rows = pretraining_rows(examples)
     init = initial_model(cache, rows, hidden=hidden, layers=layers, heads=heads)
     if prior == "strong":
-        data = data_config(_write_jsonl(folder / "pretrain.jsonl",
+        data = data_config(write_jsonl(folder / "pretrain.jsonl",
                                         [{"problem": r["problem"], "solution": r["solution"]} for r in rows]))
         print(f"base 'strong': pretraining {steps} steps in the demonstrations' format -> {folder}")
     else:
         tok = load_tokenizer(str(init))
-        data = DataConfig(path=str(_write_jsonl(folder / "pretrain.jsonl", notes_rows(tok, rows))), format="tokenized",
+        data = DataConfig(path=str(write_jsonl(folder / "pretrain.jsonl", notes_rows(tok, rows))), format="tokenized",
                           max_length=MAX_LENGTH)
         print(f"base 'weak': pretraining {steps} steps on plain-text notes -> {folder}")
     return _pretrain(init, folder, data, steps=steps, batch=batch, lr=lr)

@@ -44,8 +44,6 @@ def _check(cfg: DemoConfig) -> list[str]:
             raise ConfigError(f"{'weak' if p == 'weak' else 'strong'}_objectives must include nll (the baseline)")
         for o in objs:
             objective_schedule(o)  # a bad spec fails now, not after pretraining
-    if cfg.seeds < 1:
-        raise ConfigError(f"seeds must be >= 1; got {cfg.seeds}")
     splits_of(cfg)
     return priors
 
@@ -65,7 +63,7 @@ def curve_eval(cfg: DemoConfig, files: dict, seed: int):
 def _point_job(cfg: DemoConfig, root: Path, files: dict, base: Path, values: dict, curve_every: int) -> None:
     """One point of the grid, in a worker: the base's evaluation (objective "base"), or a
     fine-tuning run (evaluated every ``curve_every`` steps, if not 0) and its evaluation."""
-    from dftune.files import append_jsonl, read_jsonl, write_text
+    from dftune.files import read_jsonl, write_jsonl
 
     out = root / folder_name(values)
     if values["objective"] == "base":
@@ -91,9 +89,7 @@ def _point_job(cfg: DemoConfig, root: Path, files: dict, base: Path, values: dic
         from dftune.model import load_tokenizer
 
         step0 = quick_eval(load_for_analysis(str(base), torch.device("cpu")), load_tokenizer(str(base)), curve)
-        rows = read_jsonl(out / "eval_curve.jsonl")
-        write_text(out / "eval_curve.jsonl", "")
-        append_jsonl(out / "eval_curve.jsonl", [{"step": 0, **step0}, *rows])
+        write_jsonl(out / "eval_curve.jsonl", [{"step": 0, **step0}, *read_jsonl(out / "eval_curve.jsonl")])
     if not (out / "eval" / "summary.json").is_file():
         evaluate_model(cfg, final, out / "eval", files["benchmarks"], bases.PROMPT)
 

@@ -156,14 +156,10 @@ def apply_full(cfg: DemoConfig) -> DemoConfig:
     return cfg
 
 
-def split_objectives(raw: str) -> list[str]:
-    from dftune.sweep import split_values
-
-    return split_values(raw)
-
-
 def objectives_for(cfg: DemoConfig, prior: str) -> list[str]:
-    return split_objectives(cfg.weak_objectives if prior == "weak" else cfg.strong_objectives)
+    from dftune.sweep import split_values  # a spec's own commas are kept
+
+    return split_values(cfg.weak_objectives if prior == "weak" else cfg.strong_objectives)
 
 
 def folder_name(values: dict) -> str:
@@ -195,23 +191,22 @@ def smollm2_folder(cache: Path) -> Path:
     return folder
 
 
-def _dump(path: Path, rows) -> Path:
-    return bases._write_jsonl(path, rows)
-
-
 def write_data(cfg: DemoConfig, root: Path) -> dict[str, Path]:
     """The demonstrations (problem/solution) and the test splits (NAME/test.jsonl)."""
-    data = root / "data"
     import random
+
+    from dftune.files import write_jsonl
+
+    data = root / "data"
 
     narrow = tasks.generate(tasks.SPLITS["train_narrow"], cfg.finetune_examples, seed=1, prefix="t")
     rng = random.Random(f"wrong-{cfg.wrong_demos}")
     narrow = [tasks.with_wrong_last_step(r, rng) if rng.random() < cfg.wrong_demos else r for r in narrow]
-    _dump(data / "train_narrow.jsonl", [{"id": r["id"], "problem": r["problem"], "solution": r["solution"]}
+    write_jsonl(data / "train_narrow.jsonl", [{"id": r["id"], "problem": r["problem"], "solution": r["solution"]}
                                         for r in narrow])
     for split in splits_of(cfg):
         rows = test_rows(cfg, split)
-        _dump(data / "benchmarks" / split / "test.jsonl",
+        write_jsonl(data / "benchmarks" / split / "test.jsonl",
               [{"id": r["id"], "question": r["problem"], "answer": r["answer"]} for r in rows])
     return {"narrow": data / "train_narrow.jsonl", "benchmarks": data / "benchmarks"}
 

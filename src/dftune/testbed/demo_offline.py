@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from dftune.config import ConfigError, DataConfig
+from dftune.files import write_jsonl
 from dftune.testbed import bases, tables, tasks
 from dftune.testbed.bases import PROMPT
 from dftune.testbed.demo import (
@@ -60,7 +61,7 @@ def _objectives(cfg: DemoConfig) -> list[str]:
 def write_questions(cfg: DemoConfig, root: Path) -> Path:
     """Training questions from the demonstrations' distribution (other problems than theirs)."""
     rows = tasks.generate(tasks.SPLITS["train_narrow"], cfg.offline.questions, seed=3, prefix="q")
-    return bases._write_jsonl(root / "data" / "questions.jsonl",
+    return write_jsonl(root / "data" / "questions.jsonl",
                               [{"id": r["id"], "problem": r["problem"], "solution": r["solution"], "answer": r["answer"]}
                                for r in rows])
 
