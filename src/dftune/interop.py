@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from dftune.loss import IGNORE_INDEX, _topk_entropy, next_token_targets
+from dftune.loss import IGNORE_INDEX, next_token_targets
+from dftune.loss_chunked import topk_entropy
 from dftune.objectives import TokenContext, get_objective
 
 
@@ -43,7 +44,7 @@ def compute_loss_func(objective: str = "dft", token_class: torch.Tensor | None =
         logsm = flat[mask].float().log_softmax(-1)  # fp32, valid rows only
         logp = logsm.gather(1, shifted[mask][:, None]).squeeze(1)
         seq_ids = torch.arange(b, device=labels.device).repeat_interleave(t - 1)[mask]
-        topk = _topk_entropy(logsm.detach(), min(obj.topk, v)) if obj.topk else None
+        topk = topk_entropy(logsm.detach(), min(obj.topk, v)) if obj.topk else None
         cls = None if token_class is None else token_class.to(labels.device)[shifted[mask]]
         vals = obj(logp, TokenContext(seq_ids=seq_ids, topk_entropy=topk, token_class=cls))
         denom = num_items_in_batch if num_items_in_batch is not None else mask.sum()

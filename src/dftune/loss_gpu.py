@@ -46,11 +46,11 @@ def run(backend, sel, weight, bias, ref_weight, ref_bias, obj: Objective, num_it
         if ref_weight is not None:
             with torch.no_grad():
                 ref_lp = -linear_cross_entropy(sel["ref_hidden"], ref_weight, tgt, bias=ref_bias, reduction="none").float()
-        from dftune.loss import _context, _objective_grad
+        from dftune.loss_chunked import objective_grad, token_context
 
-        ctx = _context(sel, 0, None, None, ref_lp, None)
+        ctx = token_context(sel, 0, None, None, ref_lp, None)
         vals = obj(logp, ctx)
-        _, g = _objective_grad(obj, logp, ctx, num_items)
+        _, g = objective_grad(obj, logp, ctx, num_items)
         return vals.sum() / num_items, logp.detach(), nan, None, vals.sum().detach(), -g * num_items
     if backend == "liger":
         base = obj.name
