@@ -12,13 +12,25 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dftune.analysis.report import build_report, write_report
-from dftune.analysis.tokens import (P_EDGES, TokenStats, analyze, class_summaries, end_of_turn_summary, format_probe,
-                                    histogram, probe, probe_report, recommend, token_stats, write_json)
+from dftune.analysis.tokens import (
+    P_EDGES,
+    TokenStats,
+    analyze,
+    class_summaries,
+    end_of_turn_summary,
+    format_probe,
+    histogram,
+    probe,
+    probe_report,
+    recommend,
+    token_stats,
+    write_json,
+)
 from dftune.config import Config, DataConfig, ModelConfig, TrainConfig
 from dftune.data import build_dataset, collate
 from dftune.loss import token_loss
 from dftune.model import _hidden, decoder_and_head
-from dftune.objectives import get_objective
+from dftune.objective_spec import get_objective
 from dftune.train import train
 from dftune.vocab import PUNCT, SPECIAL, end_of_turn_ids, token_classes
 

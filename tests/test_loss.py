@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from dftune.loss import token_loss
-from dftune.objectives import OBJECTIVES, get_objective
+from dftune.objective_spec import get_objective
+from dftune.objectives import OBJECTIVES
+
 
 # Each spec, with the closed form of its per-token loss in float64. `r.lp` are the valid
 # tokens' target log-probs (with grad), `r.seq` their sequence ids, `r.ref` the reference's
@@ -574,7 +576,7 @@ def test_objective_requirements():
 
 
 def test_describe_objectives_lists_every_objective_and_the_generic_parameters():
-    from dftune.objectives import describe_objectives
+    from dftune.objective_spec import describe_objectives
 
     text = describe_objectives()
     for name in set(OBJECTIVES) - {"sft"}:

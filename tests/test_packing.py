@@ -9,11 +9,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dftune.batching import collate_packed, collate_rows, pack, plan_epoch, plan_packed_epoch, step_batches
+from dftune.batching import (
+    collate_packed,
+    collate_rows,
+    pack,
+    plan_epoch,
+    plan_packed_epoch,
+    step_batches,
+)
 from dftune.config import DataConfig, load_config
 from dftune.data import build_dataset, epoch_steps
 from dftune.model import CausalLMLoss, PackingError, check_packing
-from dftune.objectives import get_objective
+from dftune.objective_spec import get_objective
 from dftune.tiny import build_model, build_tokenizer
 from dftune.train import train
 from tests.conftest import PROBLEMS, write_jsonl

@@ -3,8 +3,8 @@
 import dataclasses
 import json
 import math
-import shutil
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +18,7 @@ from dftune.config import Config, DataConfig, ModelConfig, TrainConfig, load
 from dftune.data import build_dataset, collate
 from dftune.interop import compute_loss_func
 from dftune.model import CausalLMLoss
-from dftune.objectives import get_objective
+from dftune.objective_spec import get_objective
 from dftune.train import NonFiniteError, train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -406,7 +406,7 @@ def main(argv=None) -> int:
         if parsed.show:
             print(describe(cls))
             if name == "train":
-                from dftune.objectives import describe_objectives
+                from dftune.objective_spec import describe_objectives
 
                 print("\n" + describe_objectives())
             return 0

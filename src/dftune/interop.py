@@ -18,7 +18,8 @@ import torch
 
 from dftune.loss import IGNORE_INDEX, next_token_targets
 from dftune.loss_chunked import topk_entropy
-from dftune.objectives import TokenContext, get_objective
+from dftune.objective_spec import get_objective
+from dftune.objectives import TokenContext
 
 
 def compute_loss_func(objective: str = "dft", token_class: torch.Tensor | None = None):

@@ -58,7 +58,8 @@ from dftune.loss_chunked import (
     token_context,
     topk_entropy,
 )
-from dftune.objectives import Objective, get_objective
+from dftune.objective_spec import get_objective
+from dftune.objectives import Objective
 
 IGNORE_INDEX = -100
 BACKENDS = ("chunked", "naive", "cce", "liger")

@@ -13,10 +13,11 @@ Names used in configs and on the command line: ``dft``, ``dft:floor=0.1``,
 ``thresholded:pct=20,keep=bottom,loss=p``, ``dft_clip:tau=0.7``, ``talr``,
 ``focal:gamma=2``, ``eaft:k=20,alpha=1``, ``chord_phi``, ``psft:eps=0.2``, ``iw_sft``,
 ``iw_sft:level=token``, ``asft:lam=0.05``. Two parameters are accepted by every objective
-(``GENERIC_PARAMS``): ``norm=weight`` (divide by the global sum of the per-token weights
-instead of the token count) and ``protect=special`` (NLL on the named token classes).
-The registry is the plain dict ``OBJECTIVES`` (name -> factory taking the parameters as
-keyword arguments); ``describe_objectives()`` lists them for ``--show``.
+(``objective_spec.GENERIC_PARAMS``): ``norm=weight`` (divide by the global sum of the
+per-token weights instead of the token count) and ``protect=special`` (NLL on the named
+token classes). The registry is the plain dict ``OBJECTIVES`` (name -> factory taking the
+parameters as keyword arguments); ``objective_spec.get_objective`` turns a spec into an
+``Objective`` and ``describe_objectives()`` lists them for ``--show``.
 
 The per-token *weight* of an objective is w_t = -num_items * d loss / d log p_t: the
 factor its gradient puts on the NLL gradient of token t (NLL: 1, DFT: p, prob_power:
@@ -26,16 +27,14 @@ p^alpha). ``token_loss`` reports it (``LossResult.weight``) for logging and for
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from dftune.errors import UserError
-from dftune.vocab import CLASS_IDS, CLASS_NAMES
 
 
 class ObjectiveError(UserError, ValueError):
@@ -90,7 +89,7 @@ class Objective:
         return self.fn(logp, ctx)
 
 
-def _need(value, what: str, name: str):
+def need(value, what: str, name: str):
     if value is None:
         raise ObjectiveError(f"objective {name!r} needs {what}; token_loss computes it when the objective asks "
                          "(other callers must fill that TokenContext field)")
@@ -263,7 +262,7 @@ def eaft(k: int = 20, alpha: float = 1.0) -> Objective:
         raise ObjectiveError(f"eaft: alpha must be >= 0, got {alpha}")
 
     def fn(logp: Tensor, ctx: TokenContext) -> Tensor:
-        h = _need(ctx.topk_entropy, "the normalised top-K entropy (ctx.topk_entropy)", "eaft")
+        h = need(ctx.topk_entropy, "the normalised top-K entropy (ctx.topk_entropy)", "eaft")
         w = h.detach().clamp(0.0, 1.0) ** a
         return -w * logp
 
@@ -303,7 +302,7 @@ def psft(eps: float = 0.2) -> Objective:
         raise ObjectiveError(f"psft: eps must be > 0, got {eps}")
 
     def fn(logp: Tensor, ctx: TokenContext) -> Tensor:
-        ref = _need(ctx.ref_logp, "the old policy's log-probs (ref_hidden/ref_weight)", "psft")
+        ref = need(ctx.ref_logp, "the old policy's log-probs (ref_hidden/ref_weight)", "psft")
         r = torch.exp(logp - ref)
         return -torch.minimum(r, r.clamp(1 - e, 1 + e))
 
@@ -321,7 +320,7 @@ def iw_sft(level: str = "sequence", clip: float = 16.0, low: float = 0.2, high: 
         raise ObjectiveError(f"iw_sft: level must be 'sequence' or 'token', got {level!r}")
 
     def fn(logp: Tensor, ctx: TokenContext) -> Tensor:
-        ref = _need(ctx.ref_logp, "the reference model's log-probs (ref_hidden/ref_weight)", "iw_sft")
+        ref = need(ctx.ref_logp, "the reference model's log-probs (ref_hidden/ref_weight)", "iw_sft")
         diff = logp.detach() - ref
         if level == "sequence":
             seq_mean, inv = _per_sequence_mean(diff, ctx.seq_ids)
@@ -358,117 +357,3 @@ OBJECTIVES: dict[str, Callable[..., Objective]] = {
     "iw_sft": iw_sft,
     "asft": asft,
 }
-
-# Parameters every objective accepts, applied on top of its own function.
-GENERIC_PARAMS = {
-    "norm": "tokens (default: sum / global count of target tokens) or weight (sum / global sum of "
-            "the per-token weights w_t, so that the effective learning rate does not shrink with "
-            "the weights; the training loop rescales the gradient)",
-    "protect": "token classes trained with plain NLL instead of the objective, joined by '+': "
-               f"{', '.join(CLASS_NAMES)} (e.g. protect=special: EOS, end-of-turn and template tokens)",
-}
-
-
-def _parse_value(text: str):
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
-def _protect(obj: Objective, classes: str) -> Objective:
-    names = [c.strip() for c in str(classes).split("+") if c.strip()]
-    unknown = [c for c in names if c not in CLASS_IDS]
-    if not names or unknown:
-        raise ObjectiveError(f"protect={classes!r}: token classes are {', '.join(CLASS_NAMES)} (join several with '+')")
-    ids = sorted({CLASS_IDS[c] for c in names})
-    inner = obj.fn
-
-    def fn(logp: Tensor, ctx: TokenContext) -> Tensor:
-        cls = _need(ctx.token_class, "token classes (token_loss(..., token_class=dftune.vocab.token_classes(tok, V)))",
-                    obj.name)
-        protected = torch.isin(cls, torch.tensor(ids, device=cls.device))
-        return torch.where(protected, -logp, inner(logp, ctx))
-
-    label = "+".join(CLASS_NAMES[i] for i in ids)
-    return replace(obj, name=_join(obj.name, f"protect={label}"), fn=fn, needs_classes=True)
-
-
-def _join(name: str, param: str) -> str:
-    return f"{name},{param}" if ":" in name else f"{name}:{param}"
-
-
-def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
-    """``"name:key=value,key=value"`` -> (name, {key: value-text}), with clear errors."""
-    name, _, params = str(spec).partition(":")
-    name = name.strip()
-    if name not in OBJECTIVES:
-        raise ObjectiveError(f"unknown objective {name!r}; known: {', '.join(sorted(OBJECTIVES))}")
-    kwargs: dict[str, str] = {}
-    for item in filter(None, (p.strip() for p in params.split(","))):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise ObjectiveError(f"objective {spec!r}: parameter {item!r} is not key=value")
-        key = key.strip()
-        if key in kwargs:
-            raise ObjectiveError(f"objective {spec!r}: parameter {key!r} given twice")
-        kwargs[key] = value.strip()
-    return name, kwargs
-
-
-def get_objective(spec: str | Objective) -> Objective:
-    """Resolve ``"name"`` or ``"name:key=value,key=value"`` to an Objective.
-
-    >>> get_objective("prob_power:alpha=2").name
-    'prob_power:alpha=2'
-    >>> get_objective("dft:floor=0.1,protect=special,norm=weight").normalize
-    'weights'
-    """
-    if isinstance(spec, Objective):
-        return spec
-    name, raw = parse_spec(spec)
-    for key, value in raw.items():
-        if "->" in value or value.endswith("-"):
-            raise ObjectiveError(f"objective {spec!r}: {key}={value} is a ramp; ramps belong in an objective schedule "
-                             "(train.objective_schedule, dftune.objective_schedule); quote '->' on a shell command line")
-    norm = raw.pop("norm", "tokens")
-    protect = raw.pop("protect", None)
-    if norm not in ("tokens", "weight"):
-        raise ObjectiveError(f"objective {spec!r}: norm must be 'tokens' or 'weight', got {norm!r}")
-    factory = OBJECTIVES[name]
-    allowed = inspect.signature(factory).parameters
-    unknown = set(raw) - set(allowed)
-    if unknown:
-        raise ObjectiveError(
-            f"objective {name!r} has no parameter(s) {sorted(unknown)}; it takes "
-            f"{list(allowed) + list(GENERIC_PARAMS)}"
-        )
-    try:
-        obj = factory(**{k: _parse_value(v) for k, v in raw.items()})
-    except ObjectiveError:
-        raise
-    except (TypeError, ValueError) as e:  # e.g. alpha=abc reaching float()
-        raise ObjectiveError(f"objective {spec!r}: {e}") from None
-    if protect is not None:
-        obj = _protect(obj, protect)
-    if norm == "weight":
-        obj = replace(obj, name=_join(obj.name, "norm=weight"), normalize="weights")
-    return obj
-
-
-def describe_objectives() -> str:
-    """Every registered objective with its parameters, defaults and paper: for ``--show``."""
-    lines = ["Objectives (train.objective = NAME or NAME:key=value,key=value):"]
-    for name, factory in OBJECTIVES.items():
-        if name == "sft":
-            continue
-        params = ",".join(f"{p.name}={p.default}" for p in inspect.signature(factory).parameters.values())
-        doc = " ".join((factory.__doc__ or "").strip().split("\n\n")[0].split())
-        lines.append(f"  {name}{':' + params if params else ''}\n      {doc}")
-    lines.append("Every objective also takes:")
-    lines += [f"  {k}: {v}" for k, v in GENERIC_PARAMS.items()]
-    lines.append("Over training (dftune.schedule): phases NAME[:params][@END] and linear ramps a->b, e.g. "
-                 "'nll@0.2,dft' (NLL for the first 20% of steps) or 'prob_power:alpha=0->1'.")
-    return "\n".join(lines)

@@ -29,7 +29,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dftune.objectives import Objective, ObjectiveError, get_objective, parse_spec
+from dftune.objective_spec import get_objective, parse_spec
+from dftune.objectives import Objective, ObjectiveError
 
 
 @dataclass(frozen=True)
