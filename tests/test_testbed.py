@@ -58,18 +58,31 @@ def test_a_wrong_demonstration_is_wrong_only_in_its_last_step():
         assert not grade_one(bad["solution"], [row["answer"]]).correct
 
 
+@pytest.mark.parametrize("notation", tasks.NOTATIONS)
 @pytest.mark.parametrize("spec", tasks.PRETRAIN_MIX + [tasks.SPLITS["ood_ops"], tasks.SPLITS["ood_steps"]], ids=str)
-def test_the_notes_form_says_the_same_arithmetic_differently(spec):
+def test_the_notes_form_says_the_same_arithmetic_differently(spec, notation):
     for row in tasks.generate(spec, 200, seed=3):
-        doc = tasks.notes_document(row)
-        assert tasks.check_notes(doc, row["answer"]), doc
+        doc = tasks.notes_document(row, notation)
+        assert tasks.check_notes(doc, row["answer"], notation), doc
+        assert not tasks.check_notes(doc, row["answer"], next(n for n in tasks.NOTATIONS if n != notation))
         assert row["problem"] in doc and doc.endswith(f"Result: {row['answer']}\n\n")
-        for demo_only in ("\\boxed", "=", "+", "The answer is", "starts with", "<|"):  # none of the demonstrations' format
+        # none of the demonstrations' layout; the words notation not even their arithmetic
+        for demo_only in ("\\boxed", "The answer is", "starts with", "<|") + (("=", "+") if notation == "words" else ()):
             assert demo_only not in doc
+        if notation == "symbols":  # the demonstrations' own step lines, inside the notes' wrapper
+            steps = [line for line in row["solution"].split("\n")[1:-1]]
+            assert "\n".join(steps) in doc
 
 
 DOC = "Problem: Ava has 5 pens. Then Ava buys 3 more. Then Ava sells 2. How many pens does Ava have now?\n" \
       "Work: Ava has 5 pens.\n5 plus 3 is 8.\n8 minus 2 is 6.\nResult: 6\n\n"
+SYMBOLS = DOC.replace("5 plus 3 is 8", "5 + 3 = 8").replace("8 minus 2 is 6", "8 - 2 = 6")
+
+
+def test_the_symbols_checker_reads_the_demonstrations_notation():
+    assert tasks.check_notes(SYMBOLS, "6") and not tasks.check_notes(SYMBOLS, "6", "words")
+    assert not tasks.check_notes(SYMBOLS.replace("8 - 2 = 6", "8 - 2 = 5").replace("Result: 6", "Result: 5"), "5")
+    assert not tasks.check_notes(SYMBOLS.replace("5 + 3", "__import__('os') + 3"), "6")
 
 
 @pytest.mark.parametrize("text, answer, ok", [
@@ -86,7 +99,7 @@ DOC = "Problem: Ava has 5 pens. Then Ava buys 3 more. Then Ava sells 2. How many
     (DOC.replace("5 plus 3", "__import__('os') plus 3"), "6", False),
 ])
 def test_the_notes_checker_parses_and_never_evaluates(text, answer, ok):
-    assert tasks.check_notes(text, answer) is ok
+    assert tasks.check_notes(text, answer, "words") is ok
 
 
 def test_the_bases_share_one_layout_and_the_weak_rows_hold_no_special_token(tmp_path):

@@ -10,13 +10,14 @@ from dataclasses import replace
 from pathlib import Path
 
 from dftune.config import ConfigError
-from dftune.testbed import bases, tables
+from dftune.testbed import bases, tables, tasks
 from dftune.testbed.demo import (
     DemoConfig,
     build_bases,
     elapsed,
     evaluate_model,
     finetune,
+    finetune_schedule,
     folder_name,
     load_average,
     objectives_for,
@@ -45,6 +46,8 @@ def _check(cfg: DemoConfig) -> list[str]:
         for o in objs:
             objective_schedule(o)  # a bad spec fails now, not after pretraining
     splits_of(cfg)
+    if cfg.weak_notes not in tasks.NOTATIONS:
+        raise ConfigError(f"weak_notes must be one of {', '.join(tasks.NOTATIONS)}; got {cfg.weak_notes!r}")
     return priors
 
 
@@ -77,9 +80,9 @@ def _point_job(cfg: DemoConfig, root: Path, files: dict, base: Path, values: dic
         marker.write_text(str(base))
         return
     curve = curve_eval(cfg, files, values["seed"]) if curve_every else None
-    final = finetune(base, bases.data_config(files["narrow"]), out, objective=values["objective"], lr=cfg.finetune_lr,
-                     batch=cfg.finetune_batch, steps=cfg.finetune_steps, seed=values["seed"], curve=curve,
-                     curve_every=curve_every)
+    steps, lr = finetune_schedule(cfg, values["prior"])
+    final = finetune(base, bases.data_config(files["narrow"]), out, objective=values["objective"], lr=lr,
+                     batch=cfg.finetune_batch, steps=steps, seed=values["seed"], curve=curve, curve_every=curve_every)
     if curve and not any(r.get("step") == 0 for r in read_jsonl(out / "eval_curve.jsonl")):
         # the curve starts at the base: the loop's own quick evaluation, on the step-0 weights
         import torch
@@ -120,7 +123,8 @@ def _analysis_job(cfg: DemoConfig, root: Path, files: dict, prior: str, base: Pa
                                                    data=str(files["narrow"])))
     own = None
     if prior != "real":
-        own = bases.notes_accuracy(base_model, tok, test_rows(cfg, CURVE_BENCHMARK)[:cfg.curve_problems])
+        own = bases.notes_accuracy(base_model, tok, test_rows(cfg, CURVE_BENCHMARK)[:cfg.curve_problems],
+                                   notation=cfg.weak_notes)
     stats = {"base": token_stats(base_model, exs, tok.pad_token_id)}
     classes = token_classes(tok, vocab_size=max(len(tok), base_model.get_output_embeddings().weight.shape[0]))
     eot_ids, eot_p = end_of_turn_ids(tok), {}
@@ -219,6 +223,7 @@ def continuum_tables(root: Path, cfg: DemoConfig, points: list[dict], priors: li
             "problems_per_split": cfg.eval_problems, "seeds": cfg.seeds, "splits": splits + ["mean"], "group": "prior",
             "baseline": "nll", "intervals": {"cell": tables.CELL_INTERVAL, "diff": tables.DIFF_INTERVAL},
             "settings": {k: getattr(cfg, k) for k in ("pretrain_steps", "finetune_steps", "finetune_batch", "finetune_lr",
+                                                        "weak_notes", "weak_finetune_steps", "weak_finetune_lr",
                                                         "finetune_examples", "wrong_demos", "max_new_tokens",
                                                         "curve_every", "curve_problems", "curve_n")},
             "probe": probes, "accuracy": accuracy, "vs_baseline": diffs, "eos": eos, "curves": curves,

@@ -85,7 +85,12 @@ class DemoConfig:
     pretrain_steps, pretrain_examples, pretrain_batch, pretrain_lr: each base's pretraining
         (weak: plain-text notes; strong: the demonstrations' format), pretrain_batch
         problems per step.
-    finetune_examples, finetune_steps, finetune_batch, finetune_lr: each fine-tuning run.
+    finetune_examples, finetune_steps, finetune_batch, finetune_lr: each fine-tuning run
+        (steps and lr: at the strong prior and of a real base; the weak prior has its own).
+    weak_notes: the weak base's notes: symbols ("7 + 3 = 10.", the demonstrations'
+        arithmetic in the notes' wrapper) or words ("7 plus 3 is 10", the earlier base).
+    weak_finetune_steps, weak_finetune_lr: fine-tuning at the weak prior (longer: the
+        demonstrations' layout and stop are new to it).
     wrong_demos: the fraction of demonstrations whose last step (and so the answer) is
         wrong by 1 to 3, as real SFT sets hold wrong solutions; 0 for clean ones.
     splits: test splits (id, ood_ops, ood_steps: tasks.SPLITS).
@@ -118,6 +123,9 @@ class DemoConfig:
     finetune_steps: int = 60
     finetune_batch: int = 16
     finetune_lr: float = 5e-4
+    weak_notes: str = "symbols"
+    weak_finetune_steps: int = 150
+    weak_finetune_lr: float = 1e-3
     wrong_demos: float = 0.2
     splits: str = "id,ood_ops,ood_steps"
     eval_problems: int = 40
@@ -154,6 +162,13 @@ def apply_full(cfg: DemoConfig) -> DemoConfig:
         if getattr(cfg.offline, k) == getattr(default.offline, k):
             setattr(cfg.offline, k, v)
     return cfg
+
+
+def finetune_schedule(cfg: DemoConfig, prior: str) -> tuple[int, float]:
+    """(steps, lr) of the fine-tuning runs at ``prior``: the weak prior has its own."""
+    if prior == "weak":
+        return cfg.weak_finetune_steps, cfg.weak_finetune_lr
+    return cfg.finetune_steps, cfg.finetune_lr
 
 
 def objectives_for(cfg: DemoConfig, prior: str) -> list[str]:
@@ -230,7 +245,7 @@ def base_for(cfg: DemoConfig, prior: str, cache: Path) -> Path:
         return smollm2_folder(cache) if cfg.real_base == "smollm2" else Path(cfg.real_base)
     return bases.pretrained_base(prior, cache, steps=cfg.pretrain_steps, examples=cfg.pretrain_examples,
                                  batch=cfg.pretrain_batch, lr=cfg.pretrain_lr, hidden=cfg.hidden, layers=cfg.layers,
-                                 heads=cfg.heads)
+                                 heads=cfg.heads, notation=cfg.weak_notes)
 
 
 def build_bases(cfg: DemoConfig, priors: list[str], cache: Path) -> dict[str, Path]:
