@@ -61,6 +61,13 @@ REFERENCE = {
     "iw_sft": lambda r: -torch.clamp(_seq_mean(r.lp.detach() - r.ref, r.seq).exp(), 0, 16) * r.lp,
     "iw_sft:level=token": lambda r: -torch.clamp((r.lp.detach() - r.ref).exp(), 0.2, 1.8) * r.lp,
     "asft:lam=0.3": lambda r: -_p(r) * r.lp,  # + KL term, added below
+    # auto: weight p^a, a = clip((pbar - 0.1) / 0.4, 0, 1); special tokens (class 1) NLL
+    "auto:pbar=0.3": lambda r: torch.where(r.cls == 1, -r.lp, -_p(r) ** 0.5 * r.lp),
+    "auto:pbar=0.05": lambda r: -r.lp,
+    "auto:pbar=0.95": lambda r: torch.where(r.cls == 1, -r.lp, -_p(r) * r.lp),
+    "auto:pbar=0.2,norm=weight": lambda r: torch.where(r.cls == 1, -r.lp, -_p(r) ** 0.25 * r.lp),
+    # no pbar given: the mean p over the call's own tokens (batch-level)
+    "auto": lambda r: torch.where(r.cls == 1, -r.lp, -_p(r) ** min(max((_p(r).mean().item() - 0.1) / 0.4, 0), 1) * r.lp),
 }
 
 

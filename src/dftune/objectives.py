@@ -12,7 +12,7 @@ Names used in configs and on the command line: ``dft``, ``dft:floor=0.1``,
 ``dft:protect=special``, ``nll``, ``prob_power:alpha=2``, ``thresholded:q=0.2``,
 ``thresholded:pct=20,keep=bottom,loss=p``, ``dft_clip:tau=0.7``, ``talr``,
 ``focal:gamma=2``, ``eaft:k=20,alpha=1``, ``chord_phi``, ``psft:eps=0.2``, ``iw_sft``,
-``iw_sft:level=token``, ``asft:lam=0.05``. Two parameters are accepted by every objective
+``iw_sft:level=token``, ``asft:lam=0.05``, ``auto``. Two parameters are accepted by every objective
 (``objective_spec.GENERIC_PARAMS``): ``norm=weight`` (divide by the global sum of the
 per-token weights instead of the token count) and ``protect=special`` (NLL on the named
 token classes). The registry is the plain dict ``OBJECTIVES`` (name -> factory taking the
@@ -74,6 +74,12 @@ class Objective:
     normalize: "tokens" (sum / global token count, the default) or "weights" (the
         training loop rescales the step's gradient by tokens / sum of weights:
         ``dftune.loss.normalize_gradients_``).
+    protected: the token classes (``dftune.vocab`` ids) trained with NLL's weight whatever
+        the objective does elsewhere (``protect=``, auto's special tokens): the training
+        loop logs their share of the tokens and of the weight.
+    with_data_prob: for objectives that follow the data's mean target probability under the
+        current model (auto): given it (global, detached), the objective for this step; the
+        training loop calls it every step (``objective_spec.get_objective`` sets it).
     """
 
     name: str
@@ -84,6 +90,8 @@ class Objective:
     topk: int = 0
     needs_classes: bool = False
     normalize: str = "tokens"
+    protected: tuple[int, ...] = ()
+    with_data_prob: Callable[[float], Objective] | None = None
 
     def __call__(self, logp: Tensor, ctx: TokenContext) -> Tensor:
         return self.fn(logp, ctx)
@@ -342,6 +350,53 @@ def asft(lam: float = 0.05) -> Objective:
     return Objective(f"asft:lam={lam:g}", dft().fn, needs_ref=True, kl_coef=float(lam))
 
 
+# "Beyond Log Likelihood" (arXiv 2510.00526, PAPER.md): a mean target probability under the
+# model above ~0.5 favours prior-leaning objectives (DFT), below ~0.1 favours NLL. The
+# literature's constants, not fitted to any dataset; the probe uses the same ones.
+AUTO_LOW, AUTO_HIGH = 0.1, 0.5
+
+
+def auto_exponent(data_prob: float) -> float:
+    """auto's exponent a = clip((pbar - AUTO_LOW) / (AUTO_HIGH - AUTO_LOW), 0, 1): 0 (NLL)
+    while the data's mean target probability pbar is at or below 0.1, 1 (DFT) from 0.5."""
+    return min(max((float(data_prob) - AUTO_LOW) / (AUTO_HIGH - AUTO_LOW), 0.0), 1.0)
+
+
+def auto(pbar: float | None = None) -> Objective:
+    """auto: NLL or DFT's weighting per token, as the model's prior for the data warrants.
+
+    Weight sg(p_t^a) on -log p_t (the probability-power family of "Beyond Log Likelihood",
+    arXiv 2510.00526: a = 0 is NLL, a = 1 DFT), with the exponent following the data:
+    a = clip((pbar - 0.1) / 0.4, 0, 1), pbar the mean target probability of the training
+    data under the *current* model (that paper's thresholds: below ~0.1 NLL wins, above ~0.5
+    prior-leaning objectives do). A weak prior starts as NLL and moves towards DFT as it
+    learns the data; a strong prior is DFT from the first step. End-of-turn, EOS and
+    template tokens (class ``special``) always get NLL's weight 1, so the model learns to
+    stop whatever a is (the DFT authors' remedy for unlearned special tokens).
+
+    pbar: the training loop supplies it every step: the previous step's global mean target
+    probability (all micro-batches and processes; the first step's own batch measured before
+    its update); it is kept in the checkpoint. Left out (a direct ``token_loss`` call), it is
+    the mean over the tokens of the call, which makes the objective batch-level.
+    """
+    from dftune.vocab import SPECIAL
+
+    if pbar is not None and not 0.0 <= float(pbar) <= 1.0:
+        raise ObjectiveError(f"auto: pbar must be in [0, 1], got {pbar}")
+    fixed = None if pbar is None else auto_exponent(pbar)
+
+    def fn(logp: Tensor, ctx: TokenContext) -> Tensor:
+        cls = need(ctx.token_class, "token classes (token_loss(..., token_class=dftune.vocab.token_classes(tok, V)))",
+                   "auto")
+        lp = logp.detach()
+        a = fixed if fixed is not None else auto_exponent(float(lp.exp().mean()) if lp.numel() else 0.0)
+        w = torch.where(cls == SPECIAL, torch.ones_like(lp), (a * lp).exp())  # p^a; special tokens: 1
+        return -w * logp
+
+    name = "auto" if pbar is None else f"auto:pbar={float(pbar)!r}"
+    return Objective(name, fn, batch_level=pbar is None, needs_classes=True, protected=(SPECIAL,))
+
+
 OBJECTIVES: dict[str, Callable[..., Objective]] = {
     "nll": nll,
     "sft": nll,
@@ -356,4 +411,5 @@ OBJECTIVES: dict[str, Callable[..., Objective]] = {
     "psft": psft,
     "iw_sft": iw_sft,
     "asft": asft,
+    "auto": auto,
 }

@@ -81,19 +81,29 @@ def _param_groups(module, weight_decay: float):
 
 class StepStats:
     """Sums over one optimizer step's valid tokens (every micro-batch, every process), kept
-    on the device so that a step syncs with the host once."""
+    on the device so that a step syncs with the host once. Where the gradient goes: the
+    tokens below p = 0.1 (``LOW_P``; NLL gives them full weight, DFT almost none) and the
+    protected ones (``Objective.protected``: trained with NLL's weight), their counts and
+    their summed weights."""
 
-    FIELDS = ("objective", "nll", "prob", "entropy", "kl_ref", "weight", "tokens", "input_tokens")
+    FIELDS = ("objective", "nll", "prob", "entropy", "kl_ref", "weight", "tokens", "input_tokens", "low_p_tokens",
+              "low_p_weight", "protected_tokens", "protected_weight")
+    LOW_P = 0.1
 
     def __init__(self, device: torch.device):
         self.sums = torch.zeros(len(self.FIELDS), dtype=torch.float64, device=device)
 
-    def add(self, res, attention_mask: torch.Tensor) -> None:
+    def add(self, res, attention_mask: torch.Tensor, protected: torch.Tensor | None = None) -> None:
+        """protected: (N,) bool, the tokens of protected classes (None: no such tokens)."""
         m = res.mask
         kl = res.kl[m].sum() if res.kl is not None else torch.zeros((), device=m.device)
+        low = m & (res.logp < math.log(self.LOW_P))
+        prot = m & protected if protected is not None else torch.zeros_like(m)
+        w = res.weight.double()
         self.sums += torch.stack([res.objective_sum.double(), -res.logp[m].double().sum(), res.logp[m].double().exp().sum(),
                                   res.entropy[m].double().sum(), kl.double(), res.weight_sum.double(), m.sum().double(),
-                                  attention_mask.sum().double()])
+                                  attention_mask.sum().double(), low.sum().double(), w[low].sum(), prot.sum().double(),
+                                  w[prot].sum()])
 
     def reduce(self, rt: dist.Runtime) -> dict[str, float]:
         return dict(zip(self.FIELDS, rt.all_sum(self.sums).tolist()))
@@ -246,9 +256,10 @@ def _train(cfg: Config, rt: dist.Runtime, on_step) -> Path:
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(_param_groups(module, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2))
 
-    start = 0
+    start, data_prob = 0, None  # data_prob: the last step's global mean target p (auto follows it)
     if resume_from is not None:
-        start = dist.load_checkpoint(rt, module, opt, resume_from)["step"]
+        state = dist.load_checkpoint(rt, module, opt, resume_from)
+        start, data_prob = state["step"], state.get("data_prob")
         if rt.is_main:
             print(f"resumed from {resume_from} (step {start})")
         if start >= total and (out / "final" / "config.json").is_file():
@@ -272,6 +283,11 @@ def _train(cfg: Config, rt: dist.Runtime, on_step) -> Path:
             # step's divisor: valid target tokens over every micro-batch and process
             micro, global_count = step_batches(examples, plan[epoch][index], rt.rank, tokenizer.pad_token_id)
             objective = schedule.at(step / total)
+            follows = objective.with_data_prob is not None  # auto: the objective follows the data's mean p
+            if follows:
+                if data_prob is None:  # the first step: its own batch, measured before the update
+                    data_prob = _data_prob(rt, module, micro, autocast)
+                used_prob, objective = data_prob, objective.with_data_prob(data_prob)
             dist.unwrap(module).objective = objective
             # entropy is a logged statistic only (one more pass over the logits): logging steps
             logs_entropy = step == start or (step + 1) % log.every == 0 or step + 1 == total
@@ -285,8 +301,10 @@ def _train(cfg: Config, rt: dist.Runtime, on_step) -> Path:
                     with autocast:
                         res = module(**batch, num_items=global_count / rt.world)
                     res.loss.backward()
-                stats.add(res, batch["attention_mask"])
+                stats.add(res, batch["attention_mask"], _protected(objective, classes, batch["labels"]))
             sums = stats.reduce(rt)
+            if sums["tokens"] > 0:
+                data_prob = sums["prob"] / sums["tokens"]
 
             # norm=weight: divide by the step's summed weights instead of its token count
             factor = 1.0
@@ -315,6 +333,15 @@ def _train(cfg: Config, rt: dist.Runtime, on_step) -> Path:
                    "tokens_per_s": tokens_seen / (time.perf_counter() - t0)}
             if logs_entropy:
                 rec["entropy"] = sums["entropy"] / n
+            # where the gradient went: share of tokens and of the summed weight below p = 0.1 and protected
+            wsum = sums["weight"] if sums["weight"] > 0 else float("nan")
+            rec.update(low_p_tokens=sums["low_p_tokens"] / n, low_p_weight=sums["low_p_weight"] / wsum)
+            if objective.protected:
+                rec.update(protected_tokens=sums["protected_tokens"] / n, protected_weight=sums["protected_weight"] / wsum)
+            if follows:
+                from dftune.objectives import auto_exponent
+
+                rec.update(auto_pbar=used_prob, auto_exponent=auto_exponent(used_prob))
             if factor != 1.0:
                 rec["norm_factor"] = factor
             if not schedule.static:
@@ -325,7 +352,8 @@ def _train(cfg: Config, rt: dist.Runtime, on_step) -> Path:
                 bar.update(1)
             log.write(rec, bar)
             if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < total:
-                dist.save_checkpoint(rt, module, opt, out, step + 1, t.keep_checkpoints, {"objective": schedule.spec})
+                dist.save_checkpoint(rt, module, opt, out, step + 1, t.keep_checkpoints,
+                                     {"objective": schedule.spec, "data_prob": data_prob})
             if t.eval_every and (step + 1) % t.eval_every == 0:
                 _periodic_eval(rt, cfg, module, tokenizer, step + 1, out, precision)
             if on_step is not None:
@@ -334,8 +362,41 @@ def _train(cfg: Config, rt: dist.Runtime, on_step) -> Path:
         log.close()
         if bar is not None:
             bar.close()
-    dist.save_checkpoint(rt, module, opt, out, total, t.keep_checkpoints, {"objective": schedule.spec})
+    dist.save_checkpoint(rt, module, opt, out, total, t.keep_checkpoints, {"objective": schedule.spec,
+                                                                           "data_prob": data_prob})
     return _export(rt, module, tokenizer, out, save_dtype)
+
+
+def _protected(objective, classes, labels: torch.Tensor) -> torch.Tensor | None:
+    """(N,) bool over ``token_loss``'s targets: those of the objective's protected classes."""
+    if not objective.protected or classes is None:
+        return None
+    from dftune.loss import next_token_targets
+
+    _, targets = next_token_targets(labels, labels)  # (N,) the shifted targets, as the loss sees them
+    table = classes.to(labels.device)
+    return torch.isin(table[targets.clamp_min(0)], torch.tensor(objective.protected, device=labels.device))
+
+
+@torch.no_grad()
+def _data_prob(rt: dist.Runtime, module, micro: list, autocast) -> float:
+    """The global mean target probability of one step's batch under the current weights
+    (every micro-batch and process, no update): auto's statistic before its first step."""
+    from dftune.objective_spec import get_objective
+
+    inner = dist.unwrap(module)
+    kept, inner.objective, inner.entropy = (inner.objective, inner.entropy), get_objective("nll"), False
+    sums = torch.zeros(2, dtype=torch.float64, device=rt.device)
+    try:
+        for batch in micro:
+            batch = {k: v.to(rt.device) for k, v in batch.items()}
+            with autocast:
+                res = module(**batch)
+            sums += torch.stack([res.logp[res.mask].double().exp().sum(), res.mask.sum().double()])
+    finally:
+        inner.objective, inner.entropy = kept
+    prob, tokens = rt.all_sum(sums).tolist()
+    return prob / tokens if tokens > 0 else 0.0
 
 
 def module_reference(module) -> str:
