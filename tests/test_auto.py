@@ -10,7 +10,7 @@ import torch
 
 from dftune.loss import token_loss
 from dftune.objective_spec import get_objective
-from dftune.objectives import auto_exponent
+from dftune.objectives import auto_exponent, data_stats
 from dftune.vocab import SPECIAL
 
 
@@ -20,30 +20,43 @@ def test_the_exponent_follows_the_literatures_thresholds(pbar, a):
     assert auto_exponent(pbar) == pytest.approx(a)
 
 
-def test_bad_pbar_is_refused():
+def test_bad_parameters_are_refused():
     with pytest.raises(ValueError, match="pbar must be in"):
         get_objective("auto:pbar=1.5")
+    with pytest.raises(ValueError, match="mean must be one of geometric, arithmetic"):
+        get_objective("auto:mean=median")
+
+
+def test_the_geometric_mean_sees_the_unknown_tokens_the_arithmetic_mean_hides():
+    """Two thirds of the tokens known (p 0.99), a third never seen (p 1e-6): the weak base of
+    the demo. The arithmetic mean says strong prior (DFT), the geometric one weak (NLL)."""
+    lp = torch.log(torch.tensor([0.99] * 20 + [1e-6] * 10, dtype=torch.float64))
+    stats = data_stats(lp)
+    assert auto_exponent(stats["mean_p"]) == 1.0 and auto_exponent(stats["geo_p"]) == 0.0
 
 
 def _confident_problem(n=40, h=8, v=30, seed=0):
     """Logits sharp enough that the targets' mean p is between 0.1 and 0.5."""
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, h, generator=g)
-    weight = torch.randn(v, h, generator=g) * 1.2
+    weight = torch.randn(v, h, generator=g) * 0.8
     logits = hidden @ weight.T
-    labels = torch.where(torch.rand(n, generator=g) < 0.5, logits.argmax(-1), torch.randint(0, v, (n,), generator=g))
+    labels = torch.where(torch.rand(n, generator=g) < 0.9, logits.argmax(-1), torch.randint(0, v, (n,), generator=g))
     classes = torch.randint(0, 4, (v,), generator=g)
     return hidden, weight, labels, classes
 
 
+@pytest.mark.parametrize("mean", ["geometric", "arithmetic"])
 @pytest.mark.parametrize("backend", ["chunked", "naive"])
-def test_without_pbar_the_calls_own_mean_p_sets_the_exponent(backend):
+def test_without_pbar_the_calls_own_tokens_set_the_exponent(backend, mean):
     hidden, weight, labels, classes = _confident_problem()
     probe = token_loss(hidden, weight, labels, "nll", token_class=classes)
-    mean_p = float(probe.logp.exp().mean())
-    assert 0.15 < mean_p < 0.45  # the problem is in the blend, not at an end
+    special = classes[labels] == SPECIAL
+    stats = data_stats(probe.logp[~special])
+    mean_p = stats["geo_p" if mean == "geometric" else "mean_p"]
+    assert 0.12 < stats["geo_p"] < stats["mean_p"] < 0.48  # the problem is in the blend, not at an end
     results = {}
-    for spec in ("auto", f"auto:pbar={mean_p!r}"):
+    for spec in (f"auto:mean={mean}", f"auto:mean={mean},pbar={mean_p!r}"):
         h = hidden.clone().requires_grad_(True)
         r = token_loss(h, weight, labels, spec, token_class=classes, backend=backend, chunk_size=7)
         r.loss.backward()
@@ -53,7 +66,6 @@ def test_without_pbar_the_calls_own_mean_p_sets_the_exponent(backend):
     torch.testing.assert_close(ga, gb)
     # the weights: p^a off the special class, 1 on it
     expo = auto_exponent(mean_p)
-    special = classes[labels] == SPECIAL
     want = torch.where(special, torch.ones_like(a.logp), (expo * a.logp).exp())
     torch.testing.assert_close(a.weight, want)
 
@@ -78,11 +90,15 @@ def test_the_loop_supplies_the_data_prob_and_logs_the_decisions(tiny_dir, proble
     p is far below 0.1, so auto is NLL exactly (the same weights as an NLL run)."""
     from safetensors.torch import load_file
 
-    final = _run(tiny_dir, problems_file, tmp_path / "auto", objective="auto", max_steps=3)
-    log = _log(tmp_path / "auto")
-    assert log[0]["auto_pbar"] == pytest.approx(log[0]["mean_prob"], rel=1e-6)
-    for prev, rec in zip(log, log[1:]):
-        assert rec["auto_pbar"] == prev["mean_prob"]  # the previous step's statistic, exactly
+    out = tmp_path / "auto"
+    final = _run(tiny_dir, problems_file, out, objective="auto", max_steps=3, save_every=1, keep_checkpoints=5)
+    log = _log(out)
+    state = [json.loads((out / "checkpoints" / f"step_{s:07d}" / "state.json").read_text()) for s in (1, 2, 3)]
+    # the first step's statistic, measured before its update, is the step's own (over the unprotected tokens)
+    assert log[0]["auto_pbar"] == pytest.approx(state[0]["data_stats"]["geo_p"], rel=1e-6)
+    assert log[0]["auto_pbar"] < log[0]["mean_prob"]  # the geometric mean is below the arithmetic one
+    for st, rec in zip(state, log[1:]):
+        assert rec["auto_pbar"] == st["data_stats"]["geo_p"]  # the previous step's statistic, exactly
     for rec in log:
         assert rec["auto_exponent"] == auto_exponent(rec["auto_pbar"]) == 0.0
         assert rec["weight_mean"] == pytest.approx(1.0)
@@ -126,7 +142,7 @@ def test_auto_resumes_exactly(tiny_dir, problems_file, tmp_path):
     with pytest.raises(Killed):
         train(cfg, on_step=kill_after_2)
     state = json.loads((tmp_path / "b" / "checkpoints" / "step_0000002" / "state.json").read_text())
-    assert state["data_prob"] == _log(tmp_path / "b")[1]["mean_prob"]
+    assert set(state["data_stats"]) == {"mean_p", "geo_p"}
     cfg.train.resume = True
     resumed = train(cfg)
     la, lb = _log(tmp_path / "a"), _log(tmp_path / "b")

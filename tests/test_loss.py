@@ -32,6 +32,10 @@ def _low_ranks(lp, pct):
     return low
 
 
+def _auto_a(pbar):
+    return min(max((float(pbar) - 0.1) / 0.4, 0.0), 1.0)
+
+
 REFERENCE = {
     "nll": lambda r: -r.lp,
     "dft": lambda r: -_p(r) * r.lp,
@@ -66,8 +70,11 @@ REFERENCE = {
     "auto:pbar=0.05": lambda r: -r.lp,
     "auto:pbar=0.95": lambda r: torch.where(r.cls == 1, -r.lp, -_p(r) * r.lp),
     "auto:pbar=0.2,norm=weight": lambda r: torch.where(r.cls == 1, -r.lp, -_p(r) ** 0.25 * r.lp),
-    # no pbar given: the mean p over the call's own tokens (batch-level)
-    "auto": lambda r: torch.where(r.cls == 1, -r.lp, -_p(r) ** min(max((_p(r).mean().item() - 0.1) / 0.4, 0), 1) * r.lp),
+    # no pbar given: from the call's own tokens other than the special ones (batch-level);
+    # geometric mean exp(mean log p) by default, arithmetic mean of p with mean=arithmetic
+    "auto": lambda r: torch.where(r.cls == 1, -r.lp, -_p(r) ** _auto_a(r.lp.detach()[r.cls != 1].mean().exp()) * r.lp),
+    "auto:mean=arithmetic": lambda r: torch.where(r.cls == 1, -r.lp, -_p(r) ** _auto_a(_p(r)[r.cls != 1].mean()) * r.lp),
+    "auto:mean=arithmetic,pbar=0.4": lambda r: torch.where(r.cls == 1, -r.lp, -_p(r) ** 0.75 * r.lp),
 }
 
 

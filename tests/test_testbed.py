@@ -175,8 +175,9 @@ def test_the_bootstrap_covers_problems_and_seeds(seeds, seed_sd, noise_sd):
 # ---- the demos end to end, at toy size -------------------------------------------------------
 
 TINY = {"priors": "weak,strong", "pretrain_steps": 3, "pretrain_examples": 96, "pretrain_batch": 6,
-        "weak_objectives": "nll,dft:protect=special", "strong_objectives": "nll,dft", "seeds": 2, "finetune_examples": 16,
-        "finetune_steps": 2, "finetune_batch": 8, "splits": "id,ood_steps", "eval_problems": 3, "eval_n": 2,
+        "weak_objectives": "nll,auto", "strong_objectives": "nll,dft", "seeds": 2, "finetune_examples": 16,
+        "finetune_steps": 2, "weak_finetune_steps": 2, "weak_finetune_lr": 2e-3, "finetune_batch": 8,
+        "splits": "id,ood_steps", "eval_problems": 3, "eval_n": 2,
         "max_new_tokens": 12, "curve_priors": "strong", "curve_every": 1, "curve_problems": 2, "curve_n": 1, "hidden": 64,
         "layers": 1, "heads": 1, "analysis_examples": 6, "workers": 1}
 
@@ -195,7 +196,8 @@ def test_the_continuum_demo_end_to_end(tmp_path, capsys):
     assert "pretraining 3 steps on plain-text notes" in out and "pretraining 3 steps in the demonstrations' format" in out
     root = tmp_path / "demo"
     page = report.read_text()
-    for section in ("Evaluation", "Token probabilities", "Pre-flight probe", "Learning curves", "Tables (demo)"):
+    for section in ("Evaluation", "Token probabilities", "Pre-flight probe", "Learning curves", "Tables (demo)",
+                    "Where the gradient goes"):
         assert f"<h2>{section}</h2>" in page
 
     # the report's contract: sweep.json and the point folders
@@ -217,7 +219,13 @@ def test_the_continuum_demo_end_to_end(tmp_path, capsys):
     for prior in ("weak", "strong"):
         assert read_json(root / f"probe_{prior}.json")["recommendation"]["objective"]
         analysis = read_json(root / f"analysis_{prior}" / "token_probs.json")
-        assert set(analysis["end_of_turn"]) == {"base", "nll", "dft" if prior == "strong" else "dft:protect=special"}
+        assert set(analysis["end_of_turn"]) == {"base", "nll", "dft" if prior == "strong" else "auto"}
+    # each prior's runs used its own fine-tuning length and rate; auto logged its decisions every step
+    for prior, lr in (("weak", 2e-3), ("strong", 5e-4)):
+        log = read_jsonl(root / f"prior={prior}_objective=nll_seed=0" / "log.jsonl")
+        assert len(log) == 2 and max(r["lr"] for r in log) == pytest.approx(lr)
+    auto_log = read_jsonl(root / "prior=weak_objective=auto_seed=0" / "log.jsonl")
+    assert all(0 <= r["auto_exponent"] <= 1 and "protected_weight" in r for r in auto_log)
 
     # tables.json agrees with the per-sample files
     t = read_json(root / "tables.json")
@@ -266,19 +274,30 @@ def test_the_continuum_demo_end_to_end(tmp_path, capsys):
     assert row[-1] == tables.fmt_diff(diff)
     assert not any(d["objective"] == "base" for d in t["vs_baseline"])  # the base has no training seeds to pair
     stops = shown["Does the model learn to stop? (how samples end, all splits and seeds pooled)"]
-    eos = next(r for r in t["eos"] if (r["prior"], r["objective"]) == ("weak", "dft:protect=special"))
-    assert ["weak", "dft:protect=special", tables._pct(eos["stop"])] == next(
-        r for r in stops["rows"] if r[:2] == ["weak", "dft:protect=special"])[:3]
-    probe_rows = {r[0]: r for r in shown["Each base on the demonstrations, before training (the probe)"]["rows"]}
+    eos = next(r for r in t["eos"] if (r["prior"], r["objective"]) == ("weak", "auto"))
+    assert ["weak", "auto", tables._pct(eos["stop"])] == next(r for r in stops["rows"] if r[:2] == ["weak", "auto"])[:3]
+    probe_rows = {r[0]: r for r in shown["Each base on the demonstrations, before training (the probe), and the "
+                                         "outcome"]["rows"]}
+    checks = {c["prior"]: c for c in t["probe_check"]}
     for prior in ("weak", "strong"):
         assert 0 <= t["probe"][prior]["notes_accuracy"] <= 1
-        assert probe_rows[prior][6] == read_json(root / f"probe_{prior}.json")["recommendation"]["objective"]
+        rec = read_json(root / f"probe_{prior}.json")["recommendation"]
+        assert probe_rows[prior][7] == rec["objective"] == checks[prior]["recommended"]
+        assert t["probe"][prior]["geo_p"] == rec["geo_p"] and probe_rows[prior][1] == f"{rec['geo_p']:.3g}"
+        # the recommendation tested against the outcome: the best trained objective by mean accuracy
+        trained = {c["objective"]: c["mean"] for c in t["accuracy"]
+                   if c["prior"] == prior and c["split"] == "mean" and c["objective"] != "base"}
+        assert trained[checks[prior]["best"]] == max(trained.values())
+        want = ("not trained" if rec["objective"] not in trained else "best" if rec["objective"] == checks[prior]["best"]
+                else None)
+        assert checks[prior]["verdict"] == want or (want is None and checks[prior]["verdict"] in ("within noise",
+                                                                                                  "behind"))
     curves = next(tab for title, tab in shown.items() if title.startswith("Learning curves"))
     assert curves["columns"][2:] == ["step 0", "step 1", "step 2"] and len(curves["rows"]) == 2
     md = (root / "results.md").read_text()
     for title, tab in shown.items():
         assert f"## {title}" in md and tab["note"] in md and html.escape(title) in page
-    assert "| weak | dft:protect=special | 2 |" in md
+    assert "| weak | auto | 2 |" in md
 
     # a second run reuses the cached bases and every finished point; changed settings redo them
     def mtimes():

@@ -112,7 +112,7 @@ def get_objective(spec: str | Objective) -> Objective:
         obj = _protect(obj, protect)
     if norm == "weight":
         obj = replace(obj, name=_join(obj.name, "norm=weight"), normalize="weights")
-    if "pbar" in allowed and "pbar" not in raw:  # auto: the training loop supplies the data's mean p every step
+    if obj.follows and "pbar" not in raw:  # auto: the training loop supplies the data's statistic every step
         obj = replace(obj, with_data_prob=lambda pbar: get_objective(_join(str(spec), f"pbar={float(pbar)!r}")))
     return obj
 

@@ -77,9 +77,10 @@ class Objective:
     protected: the token classes (``dftune.vocab`` ids) trained with NLL's weight whatever
         the objective does elsewhere (``protect=``, auto's special tokens): the training
         loop logs their share of the tokens and of the weight.
-    with_data_prob: for objectives that follow the data's mean target probability under the
-        current model (auto): given it (global, detached), the objective for this step; the
-        training loop calls it every step (``objective_spec.get_objective`` sets it).
+    follows: the statistic of the data under the current model that the objective follows
+        (auto: "geo_p" or "mean_p", ``data_stats``); the training loop computes it every step.
+    with_data_prob: for such objectives, given that statistic (global, detached), the
+        objective for this step (``objective_spec.get_objective`` sets it).
     """
 
     name: str
@@ -91,6 +92,7 @@ class Objective:
     needs_classes: bool = False
     normalize: str = "tokens"
     protected: tuple[int, ...] = ()
+    follows: str = ""
     with_data_prob: Callable[[float], Objective] | None = None
 
     def __call__(self, logp: Tensor, ctx: TokenContext) -> Tensor:
@@ -354,6 +356,9 @@ def asft(lam: float = 0.05) -> Objective:
 # model above ~0.5 favours prior-leaning objectives (DFT), below ~0.1 favours NLL. The
 # literature's constants, not fitted to any dataset; the probe uses the same ones.
 AUTO_LOW, AUTO_HIGH = 0.1, 0.5
+# auto's statistic of the data, by its ``mean`` parameter: the key the training loop fills
+# (``train.StepStats.data_stats``), over the tokens the exponent acts on (not the protected ones)
+AUTO_MEANS = {"geometric": "geo_p", "arithmetic": "mean_p"}
 
 
 def auto_exponent(data_prob: float) -> float:
@@ -362,25 +367,44 @@ def auto_exponent(data_prob: float) -> float:
     return min(max((float(data_prob) - AUTO_LOW) / (AUTO_HIGH - AUTO_LOW), 0.0), 1.0)
 
 
-def auto(pbar: float | None = None) -> Objective:
-    """auto: NLL or DFT's weighting per token, as the model's prior for the data warrants.
+def data_stats(logp: Tensor) -> dict[str, float]:
+    """The statistics auto can follow, of the target log-probs ``logp`` (M,): the arithmetic
+    mean of p (``mean_p``) and the geometric one (``geo_p`` = exp(mean log p) = exp(-NLL))."""
+    lp = logp.detach().double()
+    if not lp.numel():
+        return {"mean_p": 0.0, "geo_p": 0.0}
+    return {"mean_p": float(lp.exp().mean()), "geo_p": float(lp.mean().exp())}
+
+
+def auto(pbar: float | None = None, mean: str = "geometric") -> Objective:
+    """auto: NLL's or DFT's weighting, as far as the model's prior for the data warrants.
 
     Weight sg(p_t^a) on -log p_t (the probability-power family of "Beyond Log Likelihood",
-    arXiv 2510.00526: a = 0 is NLL, a = 1 DFT), with the exponent following the data:
-    a = clip((pbar - 0.1) / 0.4, 0, 1), pbar the mean target probability of the training
-    data under the *current* model (that paper's thresholds: below ~0.1 NLL wins, above ~0.5
-    prior-leaning objectives do). A weak prior starts as NLL and moves towards DFT as it
-    learns the data; a strong prior is DFT from the first step. End-of-turn, EOS and
+    arXiv 2510.00526: a = 0 is NLL, a = 1 DFT) with one exponent for all tokens, following
+    the data: a = clip((pbar - 0.1) / 0.4, 0, 1), pbar the mean target probability of the
+    training data under the *current* model (that paper's thresholds: below ~0.1 NLL wins,
+    above ~0.5 prior-leaning objectives do). A weak prior starts as NLL and moves towards DFT
+    as it learns the data; a strong prior is DFT from the first step. End-of-turn, EOS and
     template tokens (class ``special``) always get NLL's weight 1, so the model learns to
-    stop whatever a is (the DFT authors' remedy for unlearned special tokens).
+    stop whatever a is (the DFT authors' remedy for unlearned special tokens), and pbar is
+    taken over the other tokens, those a acts on.
 
-    pbar: the training loop supplies it every step: the previous step's global mean target
-    probability (all micro-batches and processes; the first step's own batch measured before
-    its update); it is kept in the checkpoint. Left out (a direct ``token_loss`` call), it is
-    the mean over the tokens of the call, which makes the objective batch-level.
+    mean: "geometric" (default): pbar = exp(mean log p) = exp(-NLL), the data's per-token
+    likelihood (TALR, arXiv 2509.20758, also sets its exponent from the NLL): a share of
+    tokens the model has never seen (p ~ 1e-6: a new layout, new words) pulls it down
+    however well the rest is known. "arithmetic": the mean of p, the statistic that paper
+    measured; a base that knows most tokens perfectly and a third not at all has a high
+    arithmetic mean (docs/testbed.md: 0.60 on the weak base) and gets DFT's weighting.
+
+    pbar: the training loop supplies it every step: the previous step's global statistic
+    (all micro-batches and processes; before the first step, that step's own batch under the
+    initial weights); the checkpoint keeps it. Left out (a direct ``token_loss`` call), it
+    is computed from the call's own tokens, which makes the objective batch-level.
     """
     from dftune.vocab import SPECIAL
 
+    if mean not in AUTO_MEANS:
+        raise ObjectiveError(f"auto: mean must be one of {', '.join(AUTO_MEANS)}, got {mean!r}")
     if pbar is not None and not 0.0 <= float(pbar) <= 1.0:
         raise ObjectiveError(f"auto: pbar must be in [0, 1], got {pbar}")
     fixed = None if pbar is None else auto_exponent(pbar)
@@ -389,12 +413,16 @@ def auto(pbar: float | None = None) -> Objective:
         cls = need(ctx.token_class, "token classes (token_loss(..., token_class=dftune.vocab.token_classes(tok, V)))",
                    "auto")
         lp = logp.detach()
-        a = fixed if fixed is not None else auto_exponent(float(lp.exp().mean()) if lp.numel() else 0.0)
-        w = torch.where(cls == SPECIAL, torch.ones_like(lp), (a * lp).exp())  # p^a; special tokens: 1
+        special = cls == SPECIAL
+        a = fixed if fixed is not None else auto_exponent(data_stats(lp[~special])[AUTO_MEANS[mean]])
+        w = torch.where(special, torch.ones_like(lp), (a * lp).exp())  # p^a; special tokens: 1
         return -w * logp
 
-    name = "auto" if pbar is None else f"auto:pbar={float(pbar)!r}"
-    return Objective(name, fn, batch_level=pbar is None, needs_classes=True, protected=(SPECIAL,))
+    name = "auto" + (f":mean={mean}" if mean != "geometric" else "")
+    if pbar is not None:
+        name += ("," if ":" in name else ":") + f"pbar={float(pbar)!r}"
+    return Objective(name, fn, batch_level=pbar is None, needs_classes=True, protected=(SPECIAL,),
+                     follows=AUTO_MEANS[mean])
 
 
 OBJECTIVES: dict[str, Callable[..., Objective]] = {

@@ -87,7 +87,7 @@ class StepStats:
     their summed weights."""
 
     FIELDS = ("objective", "nll", "prob", "entropy", "kl_ref", "weight", "tokens", "input_tokens", "low_p_tokens",
-              "low_p_weight", "protected_tokens", "protected_weight")
+              "low_p_weight", "protected_tokens", "protected_weight", "protected_nll", "protected_prob")
     LOW_P = 0.1
 
     def __init__(self, device: torch.device):
@@ -100,13 +100,24 @@ class StepStats:
         low = m & (res.logp < math.log(self.LOW_P))
         prot = m & protected if protected is not None else torch.zeros_like(m)
         w = res.weight.double()
-        self.sums += torch.stack([res.objective_sum.double(), -res.logp[m].double().sum(), res.logp[m].double().exp().sum(),
+        lp = res.logp.double()
+        self.sums += torch.stack([res.objective_sum.double(), -lp[m].sum(), lp[m].exp().sum(),
                                   res.entropy[m].double().sum(), kl.double(), res.weight_sum.double(), m.sum().double(),
                                   attention_mask.sum().double(), low.sum().double(), w[low].sum(), prot.sum().double(),
-                                  w[prot].sum()])
+                                  w[prot].sum(), -lp[prot].sum(), lp[prot].exp().sum()])
 
     def reduce(self, rt: dist.Runtime) -> dict[str, float]:
         return dict(zip(self.FIELDS, rt.all_sum(self.sums).tolist()))
+
+    @staticmethod
+    def data_stats(sums: dict[str, float]) -> dict[str, float] | None:
+        """What auto follows (``objectives.data_stats``) from reduced sums, over the tokens
+        that are not protected: the mean of p and exp(-NLL). None without such tokens."""
+        n = sums["tokens"] - sums["protected_tokens"]
+        if n <= 0:
+            return None
+        return {"mean_p": (sums["prob"] - sums["protected_prob"]) / n,
+                "geo_p": math.exp(-(sums["nll"] - sums["protected_nll"]) / n)}
 
 
 class RunLog:
@@ -256,10 +267,10 @@ def _train(cfg: Config, rt: dist.Runtime, on_step) -> Path:
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(_param_groups(module, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2))
 
-    start, data_prob = 0, None  # data_prob: the last step's global mean target p (auto follows it)
+    start, data = 0, None  # data: the last step's global statistics of the data (auto follows one)
     if resume_from is not None:
         state = dist.load_checkpoint(rt, module, opt, resume_from)
-        start, data_prob = state["step"], state.get("data_prob")
+        start, data = state["step"], state.get("data_stats")
         if rt.is_main:
             print(f"resumed from {resume_from} (step {start})")
         if start >= total and (out / "final" / "config.json").is_file():
@@ -285,9 +296,10 @@ def _train(cfg: Config, rt: dist.Runtime, on_step) -> Path:
             objective = schedule.at(step / total)
             follows = objective.with_data_prob is not None  # auto: the objective follows the data's mean p
             if follows:
-                if data_prob is None:  # the first step: its own batch, measured before the update
-                    data_prob = _data_prob(rt, module, micro, autocast)
-                used_prob, objective = data_prob, objective.with_data_prob(data_prob)
+                if data is None:  # the first step: its own batch, measured before the update
+                    data = _data_stats(rt, module, micro, autocast, objective, classes)
+                used_prob = data[objective.follows] if data else 0.0
+                objective = objective.with_data_prob(used_prob)
             dist.unwrap(module).objective = objective
             # entropy is a logged statistic only (one more pass over the logits): logging steps
             logs_entropy = step == start or (step + 1) % log.every == 0 or step + 1 == total
@@ -303,8 +315,7 @@ def _train(cfg: Config, rt: dist.Runtime, on_step) -> Path:
                     res.loss.backward()
                 stats.add(res, batch["attention_mask"], _protected(objective, classes, batch["labels"]))
             sums = stats.reduce(rt)
-            if sums["tokens"] > 0:
-                data_prob = sums["prob"] / sums["tokens"]
+            data = StepStats.data_stats(sums) or data
 
             # norm=weight: divide by the step's summed weights instead of its token count
             factor = 1.0
@@ -353,7 +364,7 @@ def _train(cfg: Config, rt: dist.Runtime, on_step) -> Path:
             log.write(rec, bar)
             if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < total:
                 dist.save_checkpoint(rt, module, opt, out, step + 1, t.keep_checkpoints,
-                                     {"objective": schedule.spec, "data_prob": data_prob})
+                                     {"objective": schedule.spec, "data_stats": data})
             if t.eval_every and (step + 1) % t.eval_every == 0:
                 _periodic_eval(rt, cfg, module, tokenizer, step + 1, out, precision)
             if on_step is not None:
@@ -363,7 +374,7 @@ def _train(cfg: Config, rt: dist.Runtime, on_step) -> Path:
         if bar is not None:
             bar.close()
     dist.save_checkpoint(rt, module, opt, out, total, t.keep_checkpoints, {"objective": schedule.spec,
-                                                                           "data_prob": data_prob})
+                                                                           "data_stats": data})
     return _export(rt, module, tokenizer, out, save_dtype)
 
 
@@ -379,24 +390,23 @@ def _protected(objective, classes, labels: torch.Tensor) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def _data_prob(rt: dist.Runtime, module, micro: list, autocast) -> float:
-    """The global mean target probability of one step's batch under the current weights
-    (every micro-batch and process, no update): auto's statistic before its first step."""
+def _data_stats(rt: dist.Runtime, module, micro: list, autocast, objective, classes) -> dict[str, float] | None:
+    """``StepStats.data_stats`` of one step's batch under the current weights (every
+    micro-batch and process, no update): what auto follows before its first step."""
     from dftune.objective_spec import get_objective
 
     inner = dist.unwrap(module)
     kept, inner.objective, inner.entropy = (inner.objective, inner.entropy), get_objective("nll"), False
-    sums = torch.zeros(2, dtype=torch.float64, device=rt.device)
+    stats = StepStats(rt.device)
     try:
         for batch in micro:
             batch = {k: v.to(rt.device) for k, v in batch.items()}
             with autocast:
                 res = module(**batch)
-            sums += torch.stack([res.logp[res.mask].double().exp().sum(), res.mask.sum().double()])
+            stats.add(res, batch["attention_mask"], _protected(objective, classes, batch["labels"]))
     finally:
         inner.objective, inner.entropy = kept
-    prob, tokens = rt.all_sum(sums).tolist()
-    return prob / tokens if tokens > 0 else 0.0
+    return StepStats.data_stats(stats.reduce(rt))
 
 
 def module_reference(module) -> str:

@@ -50,7 +50,7 @@ CHAT_TEMPLATE = (
 )
 SUFFIX = "\n" + INSTRUCTION
 PROMPT = "chat"
-FORMAT = 5  # bump when the recipe below changes in a way the cache key does not see
+FORMAT = 6  # bump when the recipe below changes in a way the cache key does not see
 MAX_LENGTH = 320
 PRIORS = ("weak", "strong")
 
@@ -85,8 +85,9 @@ def initial_model(cache: Path, rows: list[dict], *, hidden: int, layers: int, he
     from transformers import AutoTokenizer, GenerationConfig
 
     texts = [f"system\n{SYSTEM}\nuser\n{r['problem']}{SUFFIX}\nassistant\n{r['solution']}" for r in rows[:1500]]
-    # both notations of the notes: one tokenizer (and initialisation) whichever weak base is built
-    texts += [tasks.notes_document(r, n) for n in tasks.NOTATIONS for r in rows[:1500]]
+    # the notes in words, as the first weak base had them: the tokenizer, the initialisation and so
+    # the strong base stay those of earlier versions (the symbols notation adds no new strings)
+    texts += [tasks.notes_document(r, "words") for r in rows[:1500]]
     tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")  # two processes may build it at once
     shutil.rmtree(tmp, ignore_errors=True)
     make_tiny(tmp, texts, vocab_size=512, split_digits=True, hidden=hidden, layers=layers, heads=heads,

@@ -203,11 +203,13 @@ def continuum_tables(root: Path, cfg: DemoConfig, points: list[dict], priors: li
     probes = {}
     for prior in priors:
         pr = read_json(root / f"probe_{prior}.json")
-        probes[prior] = {"content_p": pr["classes"]["content_all"]["mean_prob"], "all_p": pr["stats"]["mean_prob"],
+        rec = pr["recommendation"]
+        probes[prior] = {"geo_p": rec["geo_p"], "mean_p": rec["mean_p"], "alpha": rec["alpha"],
+                         "content_p": pr["classes"]["content_all"]["mean_prob"], "all_p": pr["stats"]["mean_prob"],
+                         "below_0.1": pr["stats"]["frac_below_0.1"],
                          "punct_below_0.1": pr["classes"]["punct"]["frac_below_0.1"],
-                         "eot_p": pr["end_of_turn"]["mean_prob"], "objective": pr["recommendation"]["objective"],
-                         "warnings": [w["code"] for w in pr["recommendation"]["warnings"]],
-                         "notes_accuracy": own_form.get(prior)}
+                         "eot_p": pr["end_of_turn"]["mean_prob"], "objective": rec["objective"],
+                         "warnings": [w["code"] for w in rec["warnings"]], "notes_accuracy": own_form.get(prior)}
     eos = []
     for (prior, obj), seeds in tables._groups(points, "prior").items():
         folders = [root / seeds[s] / "eval" for s in sorted(seeds)]
@@ -226,7 +228,9 @@ def continuum_tables(root: Path, cfg: DemoConfig, points: list[dict], priors: li
                                                         "weak_notes", "weak_finetune_steps", "weak_finetune_lr",
                                                         "finetune_examples", "wrong_demos", "max_new_tokens",
                                                         "curve_every", "curve_problems", "curve_n")},
-            "probe": probes, "accuracy": accuracy, "vs_baseline": diffs, "eos": eos, "curves": curves,
+            "probe": probes, "probe_check": tables.probe_check(root, points, splits, "prior",
+                                                                {p: v["objective"] for p, v in probes.items()}),
+            "accuracy": accuracy, "vs_baseline": diffs, "eos": eos, "curves": curves,
             "steps_to_reach": tables.steps_to_reach(curves, "prior", "nll")}
 
 
@@ -257,16 +261,22 @@ def report_tables(t: dict) -> list[dict]:
                              f"{r['sign_test']['b_better']} behind, p = {r['sign_test']['p']:.2g}"
                              for r in t["vs_baseline"] if r["split"] == "mean") + "."),
     }, {
-        "title": "Each base on the demonstrations, before training (the probe)",
-        "columns": ["prior", "content-token p", "all-token p", "end-of-turn p", "punct/layout p<0.1",
-                    "own-form accuracy", "probe recommends", "warnings"],
-        "rows": [[p, f"{v['content_p']:.3f}", f"{v['all_p']:.3f}", f"{v['eot_p']:.2g}", pct(v["punct_below_0.1"]) + "%",
-                  "" if v.get("notes_accuracy") is None else pct(v["notes_accuracy"]) + "%", v["objective"],
-                  ", ".join(v["warnings"]) or "none"] for p, v in t["probe"].items()],
-        "note": ("Mean probability the base gives the demonstrations' response tokens (content: words and numbers; "
-                 "end-of-turn: EOS and <|im_end|>). Own-form accuracy: greedy completions of the id split's problems "
-                 "as plain-text notes (the weak base's pretraining form), checked step by step: the arithmetic the "
-                 "base knows, whatever the surface form."),
+        "title": "Each base on the demonstrations, before training (the probe), and the outcome",
+        "columns": ["prior", "geometric mean p", "arithmetic mean p", "tokens p<0.1", "content-token p",
+                    "end-of-turn p", "own-form accuracy", "probe recommends", "warnings", "measured best",
+                    "recommended − best, points"],
+        "rows": [[p, f"{v['geo_p']:.3g}", f"{v['mean_p']:.3f}", pct(v["below_0.1"]) + "%", f"{v['content_p']:.3f}",
+                  f"{v['eot_p']:.2g}", "" if v.get("notes_accuracy") is None else pct(v["notes_accuracy"]) + "%",
+                  v["objective"], ", ".join(v["warnings"]) or "none"] + _check_cells(t, p)
+                 for p, v in t["probe"].items()],
+        "note": ("The base's target probabilities on the demonstrations' response tokens. Geometric mean: exp(-NLL) "
+                 "over the tokens other than the special ones, the statistic auto's exponent follows and the probe "
+                 "decides by (>= 0.5: dft, <= 0.1: nll, between: auto); arithmetic mean over the same tokens beside "
+                 "it; content: words and numbers; end-of-turn: EOS and <|im_end|>. Own-form accuracy: greedy "
+                 "completions of the id split's problems as plain-text notes (the weak base's pretraining form), "
+                 "checked step by step. Measured best: the fine-tuned objective with the highest mean accuracy; the "
+                 "recommended one's paired difference to it [95% bootstrap interval] (\"best\" when they are the "
+                 "same)."),
     }, {
         "title": "Does the model learn to stop? (how samples end, all splits and seeds pooled)",
         "columns": ["prior", "objective", "stopped (EOS) %", "hit the token limit %", "mean tokens", "boxed answer %",
@@ -296,3 +306,16 @@ def report_tables(t: dict) -> list[dict]:
                      "95% t-interval over seeds; step 0 is the base. " + "; ".join(reach) + "."),
         })
     return out
+
+
+def _check_cells(t: dict, prior: str) -> list[str]:
+    """The probe-versus-outcome cells of a prior: the measured best, and the recommended
+    objective's paired difference to it (or its verdict)."""
+    row = next((r for r in t.get("probe_check", []) if r["prior"] == prior), None)
+    if row is None:
+        return ["", ""]
+    best = f"{row['best']} ({tables._pct(row['best_mean'])}%)"
+    if "diff" not in row:
+        return [best, row["verdict"]]
+    lo, hi = row["ci95"]
+    return [best, f"{100 * row['diff']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]: {row['verdict']}"]

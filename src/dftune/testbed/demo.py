@@ -72,9 +72,9 @@ class DemoConfig:
 
     mode: continuum (weak and strong prior: accuracy, EOS failure, learning curves) or
         offline (the offline-RL table); `dftune demo offline` is mode=offline.
-    full: firmer numbers: 5 seeds, 100 problems per split, curves at both priors (13 min
-        on 2 cores with the bases cached); settings you give explicitly win (unless equal
-        to the default).
+    full: firmer numbers: 5 seeds, 100 problems per split, curves at both priors, and the
+        DFT authors' remedies at the weak prior (dft:floor=0.1, dft:protect=special);
+        settings you give explicitly win (unless equal to the default).
     out: the demo's folder (data, runs, evaluations, analysis, tables, report.html);
         empty: out/demo (continuum) or out/demo-offline.
     cache_dir: where pretrained bases are kept between runs (default: ~/.cache/dftune/testbed).
@@ -112,8 +112,8 @@ class DemoConfig:
     out: str = ""
     cache_dir: str = ""
     priors: str = "weak,strong"
-    weak_objectives: str = "nll,dft,dft:floor=0.1,dft:protect=special"
-    strong_objectives: str = "nll,dft"
+    weak_objectives: str = "nll,dft,auto"
+    strong_objectives: str = "nll,dft,auto"
     seeds: int = 3
     pretrain_steps: int = 600
     pretrain_examples: int = 8000
@@ -146,7 +146,8 @@ class DemoConfig:
 
 
 # full=true: what changes (explicit settings equal to the default are replaced too)
-FULL = {"seeds": 5, "eval_problems": 100, "curve_priors": "weak,strong", "curve_problems": 64, "analysis_examples": 128}
+FULL = {"seeds": 5, "eval_problems": 100, "curve_priors": "weak,strong", "curve_problems": 64, "analysis_examples": 128,
+        "weak_objectives": "nll,dft,auto,dft:floor=0.1,dft:protect=special"}
 FULL_OFFLINE = {"questions": 512, "grpo_steps": 32}
 
 
