@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dftune.config import Config, ConfigError, describe, load, load_config, save_config
+from dftune.config import Config, load_config
+from dftune.settings import ConfigError, describe, load, save_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

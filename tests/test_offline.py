@@ -9,11 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dftune.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig, load_config
+from dftune.config import Config, DataConfig, ModelConfig, TrainConfig, load_config
 from dftune.data import DataError
 from dftune.eval.generate import HFBackend, SamplingConfig
 from dftune.files import read_json, read_jsonl
 from dftune.offline.sample import gold_answer, load_questions, render_prompt, sample
+from dftune.settings import ConfigError
 from dftune.train import train
 from tests.conftest import write_jsonl
 

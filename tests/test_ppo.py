@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from dftune.config import ConfigError
 from dftune.files import read_jsonl
+from dftune.settings import ConfigError
 from dftune.offline.ppo import (REWARD_MODULE, PPOConfig, _hydra, check, collect, load_ppo_config, verl_command,
                                 verl_overrides, write_verl_data)
 from tests.conftest import write_jsonl

@@ -14,11 +14,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dftune.config import Config, DataConfig, ModelConfig, TrainConfig, load
+from dftune.config import Config, DataConfig, ModelConfig, TrainConfig
 from dftune.data import build_dataset, collate
 from dftune.interop import compute_loss_func
 from dftune.model import CausalLMLoss
 from dftune.objective_spec import get_objective
+from dftune.settings import load
 from dftune.train import NonFiniteError, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -267,7 +268,7 @@ def test_periodic_evaluation_writes_a_learning_curve(tiny_dir, problems_file, tm
 ])
 def test_periodic_evaluation_settings_it_cannot_honour_are_refused_first(tiny_dir, problems_file, tmp_path, override,
                                                                          match):
-    from dftune.config import ConfigError
+    from dftune.settings import ConfigError
 
     cfg = _cfg(tiny_dir, problems_file, tmp_path / "run", eval_every=2)
     section, _, rest = override.partition(".")
@@ -319,7 +320,7 @@ def test_bf16_pure_loses_small_updates(tiny_dir, problems_file, tmp_path):
 
 
 def test_fp16_is_refused_before_anything_loads(tiny_dir, problems_file, tmp_path):
-    from dftune.config import ConfigError
+    from dftune.settings import ConfigError
 
     with pytest.raises(ConfigError, match="fp16 is not supported"):
         _cfg(tiny_dir, problems_file, tmp_path / "x", precision="fp16-mixed")
@@ -368,7 +369,7 @@ def test_resume_ignores_unfinished_checkpoints_and_replays_log_once(tiny_dir, pr
 
 
 def test_keep_checkpoints_must_be_positive(tiny_dir, problems_file, tmp_path):
-    from dftune.config import ConfigError
+    from dftune.settings import ConfigError
 
     with pytest.raises(ConfigError, match="keep_checkpoints"):
         _cfg(tiny_dir, problems_file, tmp_path, keep_checkpoints=0)

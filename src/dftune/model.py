@@ -13,9 +13,10 @@ import copy
 import torch
 from torch import nn
 
-from dftune.config import ConfigError, ModelConfig
+from dftune.config import ModelConfig
 from dftune.loss import LossResult, next_token_targets, token_loss
 from dftune.objectives import Objective
+from dftune.settings import ConfigError
 
 PRECISIONS = ("auto", "bf16-mixed", "fp32", "bf16-pure")
 

@@ -18,16 +18,9 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dftune.config import (
-    Config,
-    ConfigError,
-    config_diff,
-    load_config,
-    parse_scalar,
-    read_yaml,
-    resolve_key,
-)
+from dftune.config import Config, load_config
 from dftune.eval.run import EvalConfig
+from dftune.settings import ConfigError, config_diff, parse_scalar, read_yaml, resolve_key
 
 
 @dataclass

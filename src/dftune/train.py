@@ -31,12 +31,13 @@ from pathlib import Path
 import torch
 
 from dftune import dist
-from dftune.config import Config, ConfigError, config_diff, save_config
+from dftune.config import Config
 from dftune.data import DataError, build_dataset, epoch_steps, step_batches
 from dftune.errors import UserError
 from dftune.eval.run import check_periodic_eval
 from dftune.files import read_jsonl, write_json, write_text
 from dftune.loss import normalize_gradients_
+from dftune.settings import ConfigError, config_diff, save_config
 from dftune.model import (
     CausalLMLoss,
     load_model,

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dftune.config import ConfigError
+from dftune.settings import ConfigError
 
 
 @dataclass

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from dftune.config import ConfigError, load
+from dftune.settings import ConfigError, load
 
 
 @dataclass

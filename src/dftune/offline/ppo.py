@@ -34,8 +34,8 @@ from pathlib import Path
 
 import yaml
 
-from dftune.config import ConfigError, load
 from dftune.files import read_jsonl, write_jsonl, write_text
+from dftune.settings import ConfigError, load
 
 # verl imports pkg:// paths as modules (on every Ray node, from its own dftune install)
 REWARD_MODULE = "pkg://dftune.offline.verl_reward"

@@ -24,7 +24,7 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from dftune.config import ConfigError
+from dftune.settings import ConfigError
 from dftune.data import (
     DataError,
     detect_format,

@@ -20,12 +20,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from dftune.config import ConfigError, DataConfig
+from dftune.config import DataConfig
 from dftune.files import write_jsonl
+from dftune.settings import ConfigError
 from dftune.testbed import bases, tables, tasks
 from dftune.testbed.bases import PROMPT
-from dftune.testbed.demo import (
-    DemoConfig,
+from dftune.testbed.demo_config import DemoConfig
+from dftune.testbed.stages import (
     build_bases,
     elapsed,
     evaluate_model,
