@@ -370,7 +370,7 @@ def answering_base(tiny_dir, tmp_path):
     data = write_jsonl(tmp_path / "teach.jsonl", teach * 2)
     cfg = Config(model=ModelConfig(name_or_path=str(tiny_dir)), data=DataConfig(path=str(data), instruction_suffix=SUFFIX),
                  train=TrainConfig(objective="nll", lr=1e-2, min_lr_ratio=1.0, global_batch=16, micro_batch=16,
-                                   max_steps=80, warmup_ratio=0.0, out_dir=str(tmp_path / "teach"), tensorboard=False))
+                                   max_steps=80, warmup_ratio=0.0, out=str(tmp_path / "teach"), tensorboard=False))
     return train(cfg)
 
 

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cfg(tiny_dir, data, out, **train_kw):
-    t = dict(objective="dft", lr=3e-3, global_batch=8, micro_batch=4, max_steps=4, out_dir=str(out),
+    t = dict(objective="dft", lr=3e-3, global_batch=8, micro_batch=4, max_steps=4, out=str(out),
              tensorboard=False, warmup_ratio=0.25)
     t.update(train_kw)
     return Config(model=ModelConfig(name_or_path=str(tiny_dir)), data=DataConfig(path=str(data), max_length=128),
@@ -104,7 +104,7 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(tiny_dir, problem
     for name, nproc in (("single", 1), ("ddp", 2)):
         out = tmp_path / name
         args = [f"model.name_or_path={tiny_dir}", f"data.path={problems_file}", "data.max_length=128",
-                "train.global_batch=8", "train.micro_batch=4", "train.max_steps=2", f"train.out_dir={out}",
+                "train.global_batch=8", "train.micro_batch=4", "train.max_steps=2", f"train.out={out}",
                 "train.tensorboard=false", "train.lr=3e-3", "train.objective=dft"]
         script.write_text("{}\n")
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}

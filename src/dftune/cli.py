@@ -169,9 +169,8 @@ def cmd_baseline_trl(kind: str):
 
 
 def cmd_baseline_ppo(cfg) -> None:
-    from dftune.offline.ppo import check_extra, run_ppo
+    from dftune.offline.ppo import run_ppo
 
-    check_extra(cfg)
     print(f"result: {run_ppo(cfg)}")
 
 

@@ -89,69 +89,79 @@ class DataConfig:
 
 
 @dataclass
-class TrainConfig:
-    """The optimisation (defaults: the paper's recipe, PAPER.md).
+class TrainingSection:
+    """The training settings every trainer shares: ``dftune train``, ``baseline dpo/grpo`` (TRL)
+    and ``baseline ppo`` (verl) read the same keys, with the same meaning and type."""
 
-    objective: NAME or NAME:key=value,... e.g. nll, dft, dft:floor=0.1, dft:protect=special,
-        eaft:k=20, chord_phi, prob_power:alpha=2, thresholded:q=0.2, talr, iw_sft, asft:lam=0.05;
-        every objective also takes norm=weight (divide by the step's summed weights instead of
-        its token count) and protect=special (NLL on special tokens). The list is below.
-    objective_schedule: the objective changing over training, e.g. prob_power:alpha=0->1 or
-        nll@0.2,dft (NLL for the first 20% of steps); empty: objective throughout.
-    precision: auto (bf16-mixed on CUDA, fp32 on CPU), bf16-mixed (fp32 master weights and
-        optimizer state, bf16 compute: the paper's setting), fp32, or bf16-pure (bf16
-        weights: small updates are lost; only when memory forces it). fp16 is refused.
-    parallel: auto (ddp with several processes), ddp, or fsdp (FSDP2: parameters, gradients
-        and optimizer state sharded over processes). Launch several with torchrun.
-    loss_backend: chunked (default), naive, cce or liger (CUDA).
-    chunk_size: tokens per loss chunk; 0 picks one from the vocabulary size.
-    lr, beta1, beta2, weight_decay: AdamW.
-    warmup_ratio: linear warm-up over this fraction of the steps, then cosine decay.
-    min_lr_ratio: the cosine schedule's floor, as a fraction of lr.
-    grad_clip: max global gradient norm; 0 disables clipping.
-    global_batch: sequences per optimizer step = micro_batch x accumulation x processes.
-    micro_batch: sequences per forward pass on one process.
-    epochs: passes over the data (fractions allowed); max_steps > 0 overrides it.
-    seed: data order, initialisation of anything random, dropout.
-    out_dir: the run folder (config, log, checkpoints, final model).
-    save_every: checkpoint every N optimizer steps (0: only at the end).
-    keep_checkpoints: how many recent checkpoints to keep (>= 1).
-    resume: continue the run in out_dir from its newest checkpoint (same settings required).
-    overwrite: delete the run already in out_dir and start again.
-    log_every: print a log line every N steps (the JSONL log gets every step).
-    tensorboard: also write TensorBoard events (needs the tensorboard package).
-    log_kl: keep a frozen reference to log KL(initial || current) every step, also for
-        objectives that do not need one (costs a second forward pass).
-    eval_every: run the periodic evaluation (the ``eval`` section) every N steps (0: never).
-    """
+    lr: float = 5e-5
+    """Peak learning rate (AdamW), reached after the warm-up."""
+    warmup_ratio: float = 0.1
+    """Linear warm-up over this fraction of the steps, in [0, 1); then the schedule's decay."""
+    weight_decay: float = 0.01
+    """AdamW's decoupled weight decay (not applied to biases and norms)."""
+    grad_clip: float = 1.0
+    """Max global gradient norm; 0 disables clipping."""
+    global_batch: int = 256
+    """Sequences per optimizer step over all processes (DPO: pairs; GRPO: completions; PPO: questions)."""
+    micro_batch: int = 4
+    """Sequences per forward pass on one process; the accumulation is global_batch / (micro_batch x processes)."""
+    epochs: float = 1.0
+    """Passes over the data (fractions allowed where the trainer supports them); max_steps > 0 overrides it."""
+    max_steps: int = 0
+    """Optimizer steps to run; 0: as many as epochs make."""
+    seed: int = 0
+    """Data order, initialisation of anything random, dropout."""
+    out: str = "runs/dft"
+    """The run folder: config.yaml, log.jsonl, checkpoints, and the final model in OUT/final."""
+    log_every: int = 10
+    """Print a log line every N steps (log.jsonl gets every step)."""
+
+
+@dataclass
+class TrainConfig(TrainingSection):
+    """The optimisation (defaults: the paper's recipe, PAPER.md): the shared training settings
+    and dftune's own loop's."""
 
     objective: str = "dft"
+    """NAME or NAME:key=value,... e.g. nll, dft, dft:floor=0.1, dft:protect=special, eaft:k=20,
+    chord_phi, prob_power:alpha=2, thresholded:q=0.2, talr, iw_sft, asft:lam=0.05; every objective
+    also takes norm=weight (divide by the step's summed weights instead of its token count) and
+    protect=special (NLL on special tokens). The list is below."""
     objective_schedule: str = ""
+    """The objective changing over training, e.g. prob_power:alpha=0->1 or nll@0.2,dft (NLL for
+    the first 20% of steps); empty: objective throughout."""
     precision: str = "auto"
+    """auto (bf16-mixed on CUDA, fp32 on CPU), bf16-mixed (fp32 master weights and optimizer
+    state, bf16 compute: the paper's setting), fp32, or bf16-pure (bf16 weights: small updates
+    are lost; only when memory forces it). fp16 is refused."""
     parallel: str = "auto"
+    """auto (ddp with several processes), ddp, or fsdp (FSDP2: parameters, gradients and optimizer
+    state sharded over processes). Launch several with torchrun."""
     loss_backend: str = "chunked"
+    """chunked (default), naive, cce or liger (CUDA)."""
     chunk_size: int = 0
-    lr: float = 5e-5
+    """Tokens per loss chunk; 0 picks one from the vocabulary size."""
     beta1: float = 0.9
+    """AdamW's first-moment decay."""
     beta2: float = 0.95
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
+    """AdamW's second-moment decay."""
     min_lr_ratio: float = 0.0
-    grad_clip: float = 1.0
-    global_batch: int = 256
-    micro_batch: int = 4
-    epochs: float = 1.0
-    max_steps: int = 0
-    seed: int = 0
-    out_dir: str = "runs/dft"
+    """The cosine schedule's floor after the warm-up, as a fraction of lr."""
     save_every: int = 0
+    """Checkpoint every N optimizer steps (0: only at the end)."""
     keep_checkpoints: int = 2
+    """How many recent checkpoints to keep (>= 1)."""
     resume: bool = False
+    """Continue the run in train.out from its newest checkpoint (same settings required)."""
     overwrite: bool = False
-    log_every: int = 10
+    """Delete the run already in train.out and start again."""
     tensorboard: bool = True
+    """Also write TensorBoard events (needs the tensorboard package)."""
     log_kl: bool = False
+    """Keep a frozen reference to log KL(initial || current) every step, also for objectives that
+    do not need one (costs a second forward pass)."""
     eval_every: int = 0
+    """Run the periodic evaluation (the ``eval`` section) every N steps (0: never)."""
 
     def __post_init__(self):
         if self.precision.startswith("fp16"):
@@ -169,6 +179,19 @@ class TrainConfig:
             raise ConfigError("train.resume and train.overwrite exclude each other")
 
 
+# the ``eval`` keys that the periodic evaluation cannot honour: it scores the live model in the
+# training process, with transformers, one benchmark at a time
+PERIODIC_OMITS = {
+    "model": "periodic evaluation scores the model being trained (dftune eval evaluates a saved one)",
+    "out": "periodic evaluation writes eval_curve.jsonl in the run folder (train.out)",
+    "backend": "periodic evaluation generates with the live model in the training process (hf); "
+               "evaluate saved checkpoints with vLLM by dftune eval",
+    "engine": "periodic evaluation generates with the live model as it is (no engine options)",
+    "chunk": "periodic evaluation keeps no samples file",
+    "warn_failures": "periodic evaluation writes accuracies only",
+}
+
+
 @dataclass
 class Config:
     """A training run: model, data and train sections, and ``eval``: the periodic evaluation
@@ -179,7 +202,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=lambda: periodic_eval_defaults())
+    eval: EvalConfig = field(default_factory=lambda: periodic_eval_defaults(), metadata={"omit": PERIODIC_OMITS})
+
 
 
 def periodic_eval_defaults() -> EvalConfig:

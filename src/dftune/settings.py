@@ -13,9 +13,12 @@ command); this module imports none of them, so every module may import it.
 
 from __future__ import annotations
 
+import ast
 import copy
 import dataclasses
 import difflib
+import inspect
+import textwrap
 import typing
 from pathlib import Path
 
@@ -63,7 +66,14 @@ def _hints(cls) -> dict:
     return typing.get_type_hints(cls)
 
 
-def from_dict(cls, data: dict, where: str = "", base=None):
+def _omitted(f: dataclasses.Field) -> dict[str, str]:
+    """Keys of the section held by field ``f`` that its command does not honour, with the
+    reason (field metadata ``omit``: the periodic evaluation inside training has no model or
+    out of its own). They are refused, and ``--show`` leaves them out."""
+    return dict(f.metadata.get("omit", {}))
+
+
+def from_dict(cls, data: dict, where: str = "", base=None, omit: dict | None = None):
     """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and bad types.
 
     Keys not given keep ``base``'s values: a section's own defaults are those of the field
@@ -73,15 +83,19 @@ def from_dict(cls, data: dict, where: str = "", base=None):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
     hints = _hints(cls)
     fields_ = {f.name: f for f in dataclasses.fields(cls)}
-    names = list(fields_)
-    unknown = [k for k in data if k not in names]
+    omit = omit or {}
+    for key in data:
+        if key in omit:
+            raise ConfigError(f"{where}.{key}: not a setting here: {omit[key]}")
+    unknown = [k for k in data if k not in fields_]
     if unknown:
-        raise ConfigError(f"{where or 'config'}: unknown key(s) {unknown}; known: {sorted(names)}")
+        raise ConfigError(f"{where or 'config'}: unknown key(s) {unknown}; known: "
+                          f"{sorted(k for k in fields_ if k not in omit)}")
     kwargs = {}
     for key, value in data.items():
         typ, path = hints[key], f"{where}.{key}" if where else key
         if dataclasses.is_dataclass(typ):
-            kwargs[key] = from_dict(typ, value or {}, path, _section_default(fields_[key], base))
+            kwargs[key] = from_dict(typ, value or {}, path, _section_default(fields_[key], base), _omitted(fields_[key]))
         else:
             kwargs[key] = _coerce(value, typ, path, fields_[key].metadata.get("split", True))
     if base is not None:
@@ -91,6 +105,22 @@ def from_dict(cls, data: dict, where: str = "", base=None):
         return cls(**kwargs)
     except TypeError as e:  # a required field without a default
         raise ConfigError(f"{where or cls.__name__}: {e}") from None
+
+
+def known_keys(cls, prefix: str = "", omit: dict | None = None) -> dict[str, object]:
+    """Every key a command honours, dotted (``train.lr``), with its type; sections' keys
+    included, the keys a section's field omits left out."""
+    out = {}
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in (omit or {}):
+            continue
+        typ = hints[f.name]
+        if dataclasses.is_dataclass(typ):
+            out.update(known_keys(typ, f"{prefix}{f.name}.", _omitted(f)))
+        else:
+            out[f"{prefix}{f.name}"] = typ
+    return out
 
 
 def _section_default(f: dataclasses.Field, base):
@@ -122,28 +152,42 @@ def parse_scalar(raw: str):
 
 def resolve_key(cls, key: str) -> list[str]:
     """The field path a ``key`` names: ``train.lr``, or a bare ``lr`` when exactly one
-    section has it. Unknown or ambiguous keys are errors naming them."""
-    parts = key.split(".")
-    path, typ = [], cls
-    for i, part in enumerate(parts):
-        hints = _hints(typ) if dataclasses.is_dataclass(typ) else {}
-        if part in hints:
-            path.append(part)
-            typ = hints[part]
-            continue
-        if i == 0 and len(parts) == 1:  # a bare key: look in the sections
-            found = [f"{sec}.{part}" for sec, t in hints.items() if dataclasses.is_dataclass(t) and part in _hints(t)]
-            if len(found) == 1:
-                return found[0].split(".")
-            if len(found) > 1:
-                raise ConfigError(f"key {key!r} is ambiguous: say {' or '.join(found)}")
-        known = sorted(hints) if hints else []
-        close = difflib.get_close_matches(part, known, n=3, cutoff=0.5)
-        hint = f" (did you mean {' or '.join('.'.join(path + [c]) for c in close)}?)" if close else ""
-        raise ConfigError(f"unknown key {key!r}{hint}" + (f"; known here: {', '.join(known)}" if known else ""))
-    if dataclasses.is_dataclass(typ):
+    section has it. Unknown or ambiguous keys are errors naming them, with the closest
+    known keys for a typo (``lrr`` -> ``train.lr``)."""
+    known = known_keys(cls)
+    if key in known:
+        return key.split(".")
+    sections = {k.rpartition(".")[0] for k in known} - {""}
+    sections |= {".".join(s.split(".")[:i]) for s in sections for i in range(1, s.count(".") + 1)}
+    if key in sections:
         raise ConfigError(f"{key!r} is a section; set one of its keys ({key}.KEY=VALUE)")
-    return path
+    head = key.split(".")[0]
+    for f in dataclasses.fields(cls):  # a key of a section that this command does not honour
+        sub = key.partition(".")[2].split(".")[0]
+        if f.name == head and sub in _omitted(f):
+            raise ConfigError(f"{head}.{sub}: not a setting here: {_omitted(f)[sub]}")
+    if "." not in key:  # a bare key: the one top-level section that has it
+        found = [k for k in known if k.count(".") == 1 and k.rpartition(".")[2] == key]
+        if len(found) == 1:
+            return found[0].split(".")
+        if len(found) > 1:
+            raise ConfigError(f"key {key!r} is ambiguous: say {' or '.join(found)}")
+    raise ConfigError(f"unknown key {key!r}{did_you_mean(key, known)}")
+
+
+def did_you_mean(key: str, known) -> str:
+    """`` (did you mean train.lr?)`` for the known keys closest to ``key``: by name within its
+    section for a dotted key, by name in any section for a bare one (``lrr`` finds
+    ``train.lr``), else by the whole dotted key; '' when none is close."""
+    known = list(known)
+    section, _, name = key.rpartition(".")
+    pool = [k for k in known if k.rpartition(".")[0] == section] if section else known
+    by_name: dict[str, list[str]] = {}
+    for k in pool:
+        by_name.setdefault(k.rpartition(".")[2], []).append(k)
+    close = [k for n in difflib.get_close_matches(name, list(by_name), n=3, cutoff=0.5) for k in by_name[n]]
+    close = close or difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(close[:3])}?)" if close else ""
 
 
 def apply_overrides(cls, data: dict, items) -> dict:
@@ -202,8 +246,15 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+def to_dict(cfg, omit: dict | None = None) -> dict:
+    """The config as plain data (what config.yaml holds): the keys it honours, no others."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        if f.name in (omit or {}):
+            continue
+        value = getattr(cfg, f.name)
+        out[f.name] = to_dict(value, _omitted(f)) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+    return out
 
 
 def save_config(cfg, path: str | Path) -> None:
@@ -214,6 +265,25 @@ def save_config(cfg, path: str | Path) -> None:
 
 
 def field_docs(cls) -> dict[str, str]:
+    """Each field's help: the string literal right after the field in the class body (its
+    own docstring, as in litgpt's ``args.py``), a base class's for inherited fields. Fields
+    not yet documented that way fall back to ``name: text`` lines of the class docstring."""
+    docs = _class_docstring_docs(cls)
+    for klass in reversed(cls.__mro__):  # a subclass's text wins over its base's
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        except (OSError, TypeError, IndexError):  # no source (built in a REPL): no help
+            continue
+        for node, after in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                    and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+                docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def _class_docstring_docs(cls) -> dict[str, str]:
     """``name: text`` lines of a dataclass docstring (continuation lines indented)."""
     docs, current = {}, None
     for line in (cls.__doc__ or "").splitlines():
@@ -232,16 +302,19 @@ def field_docs(cls) -> dict[str, str]:
     return docs
 
 
-def describe(cls, prefix: str = "", base=None) -> str:
+def describe(cls, prefix: str = "", base=None, omit: dict | None = None) -> str:
     """Every key with its default and meaning: the ``--show`` of each command. A nested
-    section shows the defaults of the field that holds it (``base``), as ``from_dict`` uses."""
+    section shows the defaults of the field that holds it (``base``), as ``from_dict`` uses,
+    and only the keys its command honours."""
     hints, docs = _hints(cls), field_docs(cls)
-    summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else cls.__name__
-    out = [f"[{prefix.rstrip('.') or cls.__name__}] {summary}"]
+    paragraph = " ".join((cls.__doc__ or cls.__name__).strip().split("\n\n")[0].split())
+    out = [f"[{prefix.rstrip('.') or cls.__name__}] {paragraph}"]
     sections = []
     for f in dataclasses.fields(cls):
+        if f.name in (omit or {}):
+            continue
         if dataclasses.is_dataclass(hints[f.name]):
-            sections.append((f.name, hints[f.name], _section_default(f, base)))
+            sections.append((f.name, hints[f.name], _section_default(f, base), _omitted(f)))
             continue
         if base is not None:
             default = getattr(base, f.name)
@@ -252,7 +325,30 @@ def describe(cls, prefix: str = "", base=None) -> str:
         if f.name in docs:
             line += f"\n      {docs[f.name]}"
         out.append(line)
-    for name, sub, sub_base in sections:
+    for name, sub, sub_base, sub_omit in sections:
         out.append("")
-        out.append(describe(sub, f"{prefix}{name}.", sub_base))
+        out.append(describe(sub, f"{prefix}{name}.", sub_base, sub_omit))
     return "\n".join(out)
+
+
+class Problems(list):
+    """Every problem with a command's settings, collected and then raised together as one
+    ``ConfigError`` (litgpt's ``validate_args``): the user fixes them all in one go. One line
+    per problem; a single problem is a single line."""
+
+    def check(self, ok: bool, message: str) -> bool:
+        if not ok:
+            self.append(message)
+        return ok
+
+    def at_least(self, where: str, value, low) -> bool:
+        return self.check(value >= low, f"{where}: must be >= {low}; got {value}")
+
+    def one_of(self, where: str, value, choices) -> bool:
+        return self.check(value in choices, f"{where}: must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+    def raise_all(self) -> None:
+        if len(self) == 1:
+            raise ConfigError(self[0])
+        if self:
+            raise ConfigError(f"{len(self)} problems with the settings:\n  " + "\n  ".join(self))

@@ -41,7 +41,9 @@ class SweepConfig:
     set: list[str] = field(default_factory=list, metadata={"split": False})
     out: str = ""
     print_only: bool = False
-    eval: EvalConfig = field(default_factory=lambda: EvalConfig(benchmarks=[]))
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(benchmarks=[]), metadata={"omit": {
+        "model": "each point's model is its run's final model (OUT/POINT/final)",
+        "out": "each point is evaluated into OUT/POINT/eval"}})
 
 
 def split_values(raw: str) -> list[str]:
@@ -104,7 +106,7 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
     plan = []
     for values in points:
         name = point_name(values)
-        ovr = list(cfg.set) + [f"{k}={v}" for k, v in values.items()] + [f"train.out_dir={out_dir / name}"]
+        ovr = list(cfg.set) + [f"{k}={v}" for k, v in values.items()] + [f"train.out={out_dir / name}"]
         plan.append({"name": name, "values": values, "overrides": ovr,
                      "cfg": load_config(cfg.config, ovr)})  # every point is checked before any training
     evaluate_points = bool(cfg.eval.benchmarks)

@@ -158,7 +158,7 @@ def open_run_folder(cfg: Config, rt: dist.Runtime) -> Path | None:
     """
     import yaml
 
-    t, out = cfg.train, Path(cfg.train.out_dir)
+    t, out = cfg.train, Path(cfg.train.out)
     present = [n for n in RUN_FILES if (out / n).exists()]
     rt.barrier()  # every process has looked before the main one changes anything
     if present and t.overwrite:
@@ -177,7 +177,7 @@ def open_run_folder(cfg: Config, rt: dist.Runtime) -> Path | None:
         if diff:
             lines = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, a, b in diff[:6])
             raise RunFolderError(f"cannot resume {out} with different settings ({lines}); use another "
-                                 "train.out_dir, or --overwrite to start again")
+                                 "train.out, or --overwrite to start again")
     if rt.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
@@ -212,7 +212,7 @@ def _train(cfg: Config, rt: dist.Runtime, on_step) -> Path:
                          "evaluate saved checkpoints with dftune eval instead")
     if t.eval_every:
         check_periodic_eval(cfg.eval)
-    out = Path(t.out_dir)
+    out = Path(t.out)
     resume_from = open_run_folder(cfg, rt)
     random.seed(t.seed)
     torch.manual_seed(t.seed)
