@@ -331,7 +331,7 @@ def test_fp16_is_refused_before_anything_loads(tiny_dir, problems_file, tmp_path
 
 
 def test_run_folder_is_never_mixed(tiny_dir, problems_file, tmp_path):
-    from dftune.train import RunFolderError
+    from dftune.run_folder import RunFolderError
 
     out = tmp_path / "run"
     train(_cfg(tiny_dir, problems_file, out, max_steps=2, save_every=1))
