@@ -240,7 +240,8 @@ def recommend(stats: dict, classes: dict | None = None, end_of_turn: dict | None
                "updates on the few low-probability tokens, which NLL would up-weight by 1/p.")
     elif alpha == 0:
         why = (f"{measure}: <= {LOW}, little prior for this data as a whole. DFT multiplies each token's gradient by "
-               "its probability and would barely learn the tokens the model does not know; NLL is the right choice.")
+               "its probability and would barely learn the tokens the model does not know; NLL is the right choice "
+               "(auto starts as NLL here and moves towards DFT as the model learns the data).")
         if mp > HIGH:
             why += (f" (The arithmetic mean is high because most tokens are known; the {strength['below']:.0%} below "
                     f"p = {UNKNOWN} are what fine-tuning has to teach.)")

@@ -102,7 +102,7 @@ class DemoConfig:
     """Fine-tuning learning rate at the weak prior (finetune_lr is the strong prior's)."""
     wrong_demos: float = 0.2
     splits: str = "id,ood_ops,ood_steps"
-    eval_problems: int = 40
+    eval_problems: int = 80
     eval_n: int = 4
     max_new_tokens: int = 80
     eval_batch: int = 512
