@@ -25,6 +25,11 @@ def test_bad_parameters_are_refused():
         get_objective("auto:pbar=1.5")
     with pytest.raises(ValueError, match="mean must be one of geometric, arithmetic"):
         get_objective("auto:mean=median")
+    with pytest.raises(ValueError, match="floor must be in"):
+        get_objective("auto:floor=2")
+    # the name shows what differs from the defaults (geometric mean, floor 0.1)
+    assert get_objective("auto:floor=0.1").name == "auto"
+    assert get_objective("auto:floor=0,mean=arithmetic").name == "auto:mean=arithmetic,floor=0"
 
 
 def test_the_geometric_mean_sees_the_unknown_tokens_the_arithmetic_mean_hides():
@@ -66,7 +71,7 @@ def test_without_pbar_the_calls_own_tokens_set_the_exponent(backend, mean):
     torch.testing.assert_close(ga, gb)
     # the weights: p^a off the special class, 1 on it
     expo = auto_exponent(mean_p)
-    want = torch.where(special, torch.ones_like(a.logp), (expo * a.logp).exp())
+    want = torch.where(special, torch.ones_like(a.logp), (expo * a.logp).exp().clamp_min(0.1))
     torch.testing.assert_close(a.weight, want)
 
 

@@ -137,7 +137,7 @@ def cmd_demo(cfg) -> None:
     """The laptop-scale testbed: pretrain tiny bases (weak and strong prior, cached), fine-tune them with
     several objectives and seeds, evaluate in and out of distribution, analyse, and write report.html.
 
-    example: dftune demo                       # the continuum, weak and strong prior: about 6 minutes on 2 CPU cores
+    example: dftune demo                       # the continuum, weak and strong prior: 792 s of CPU (under 10 minutes on 2 cores)
              dftune demo --full                # firmer numbers: 5 seeds, 100 problems per split (about 16 minutes)
              dftune demo offline               # RFT, DFT-on-RFT, DPO and GRPO from the strong base: about 5 minutes
     """

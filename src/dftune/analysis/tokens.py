@@ -246,8 +246,8 @@ def recommend(stats: dict, classes: dict | None = None, end_of_turn: dict | None
             why += (f" (The arithmetic mean is high because most tokens are known; the {strength['below']:.0%} below "
                     f"p = {UNKNOWN} are what fine-tuning has to teach.)")
     else:
-        why = (f"{measure}: between {LOW} and {HIGH}, neither end clearly right. auto weights each token by p^a with a "
-               f"following this statistic as the model learns (a = {alpha:.2f} at the start), special tokens at NLL's "
+        why = (f"{measure}: between {LOW} and {HIGH}, neither end clearly right. auto weights each token by max(p^a, 0.1) with "
+               f"a following this statistic as the model learns (a = {alpha:.2f} at the start), special tokens at NLL's "
                "weight; compare it with nll and dft on a short run.")
     warnings, protect, floor = [], False, False
     eot = end_of_turn or {}

@@ -1,6 +1,6 @@
 """`dftune demo`: the capability continuum and DFT's failure modes on a CPU in minutes.
 
-    dftune demo                      # the continuum: weak and strong prior, 5.7 min on 2 cores
+    dftune demo                      # the continuum: weak and strong prior, nll/dft/auto, 792 s of CPU
     dftune demo offline              # the paper's offline-RL table in miniature (demo_offline.py)
     dftune demo --full               # firmer numbers: more seeds and problems
 
