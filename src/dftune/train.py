@@ -392,7 +392,7 @@ def _periodic_eval(rt: dist.Runtime, cfg: Config, module, tokenizer, step: int, 
         model.eval()
         amp = torch.autocast(rt.device.type, dtype=torch.bfloat16) if precision == "bf16-mixed" else nullcontext()
         with amp:
-            result = quick_eval(model, tokenizer, cfg.eval)
+            result = quick_eval(model, tokenizer, cfg.eval, cfg.data.chat_template, cfg.model.name_or_path)
         model.train()
         append_jsonl(out / "eval_curve.jsonl", [{"step": step, **result}])
     rt.barrier()

