@@ -29,6 +29,7 @@ multi-answer golds are one string, the parts joined by commas, compared as one a
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 from dftune.eval.scan import MAX_ANSWER_CHARS
 
@@ -62,6 +63,8 @@ _UNITS = [
     "d", "less", "Surface", "litre", "pi sq m", "s .", "metre", "meter", "inch",
 ]
 _UNIT_PATTERNS = [re.compile(r"(^|\W)" + u + r"($|\W)") for u in _UNITS + [u + "s" for u in _UNITS]]
+# any of them, anywhere: a text it does not match is left alone by every one (the usual case)
+_ANY_UNIT = re.compile(r"(^|\W)(?:" + "|".join(_UNITS + [u + "s" for u in _UNITS]) + r")($|\W)")
 _DROPPED = ("x=", "y=", "z=", "x\\in", "y\\in", "z\\in", "x\\to", "y\\to", "z\\to")
 
 
@@ -112,7 +115,12 @@ def _slash_fraction(s: str) -> str:
 def normalize(text, keep_units: bool = False) -> str:
     """An answer or gold as the harness normalises it before comparing (its string
     normaliser, step by step; the order matters)."""
-    s = str(text).strip().replace("\n", "").rstrip(".")
+    return _normalize(str(text), keep_units)
+
+
+@lru_cache(maxsize=16384)
+def _normalize(text: str, keep_units: bool) -> str:
+    s = text.strip().replace("\n", "").rstrip(".")
     s = s.replace("\\!", "")
     s = re.sub(r"\\begin\{array\}\{.*?\}", r"\\begin{pmatrix}", s)
     s = re.sub(r"\\end\{array\}", r"\\end{pmatrix}", s).replace("bmatrix", "pmatrix")
@@ -122,7 +130,7 @@ def normalize(text, keep_units: bool = False) -> str:
     cut = re.sub(r"\\text{.*?}$", "", s).strip()  # a trailing \text{...}: a unit
     if cut and cut != s:
         s = cut
-    if not keep_units:
+    if not keep_units and _ANY_UNIT.search(s):
         for _ in range(2):
             for pattern in _UNIT_PATTERNS:
                 cut = pattern.sub(r"\1\2", s)

@@ -204,6 +204,20 @@ def _latex_grammar():
     return antlr4, Lexer, Parser, converter
 
 
+@lru_cache(maxsize=1)
+def warm() -> None:
+    """Import what comparing needs (sympy, its LaTeX grammar, latex2sympy2, word2number):
+    seconds on a first call, which must not count against a comparison's time limit."""
+    import sympy  # noqa: F401
+    import word2number  # noqa: F401
+    from latex2sympy2_extended import latex2sympy  # noqa: F401
+
+    from dftune.eval.paper_python import _names
+
+    _latex_grammar()
+    _names()
+
+
 def _parse_latex(s: str):
     antlr4, Lexer, Parser, converter = _latex_grammar()
     errors = converter.MathErrorListener(s)

@@ -42,12 +42,13 @@ def grade_paper(completion, golds, benchmark: str = "", timeout: float = 5):
     """
     from dftune.eval.grade import Verdict
     from dftune.eval.paper_answer import AnswerTooLong, paper_answer, paper_gold
-    from dftune.eval.paper_equal import Deadline, deadline
+    from dftune.eval.paper_equal import Deadline, deadline, warm
 
     if not isinstance(completion, str):
         return Verdict(False, "no_answer", None, "not a string", "none")
     if is_empty_gold(golds):
         return Verdict(False, "ok", None, "empty gold", "none")
+    warm()  # imports: outside the time limit
     try:
         with deadline(timeout):
             gold = paper_gold(golds, benchmark)
@@ -83,8 +84,9 @@ def grade_failed(payload, status: str) -> dict:
 def cluster_task(answers: list[str], timeout: int) -> list[int]:
     """Cluster labels of distinct (normalised) answers by the paper's equality, greedily
     against each cluster's first member (maj@n under the paper grader)."""
-    from dftune.eval.paper_equal import Deadline, deadline
+    from dftune.eval.paper_equal import Deadline, deadline, warm
 
+    warm()
     labels, firsts = [], []
     for a in answers:
         for label, f in enumerate(firsts):
