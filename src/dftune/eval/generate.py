@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-from dftune.eval.prompts import adds_bos, prompt_ids
+from dftune.eval.prompts import adds_bos, end_of_turn_ids, prompt_ids  # noqa: F401  (end_of_turn_ids: also here)
 
 
 @dataclass
@@ -78,44 +78,6 @@ class Completion:
 
 def request_seed(seed: int, key: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:4], "little")
-
-
-# Qwen's evaluation stops chat-format prompts at these, besides the model's EOS.
-QWEN_END_OF_TURN = ("<|im_end|>", "<|endoftext|>")
-
-
-def _token_id(tok, token: str) -> int | None:
-    """The id of ``token`` if the tokenizer has it as one token, else None."""
-    tid = tok.get_vocab().get(token)
-    return tid if isinstance(tid, int) else None
-
-
-def _template_end_of_turn(tok) -> int | None:
-    """The special token the chat template puts right after an assistant message."""
-    if not getattr(tok, "chat_template", None):
-        return None
-    mark = "dftune-end-of-turn-probe"
-    try:
-        text = tok.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": mark}],
-                                       tokenize=False)
-    except Exception:  # templates may refuse this conversation shape: no end-of-turn known
-        return None
-    after = text[text.rfind(mark) + len(mark):] if mark in text else ""
-    ids = tok(after, add_special_tokens=False)["input_ids"] if after else []
-    specials = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
-    return ids[0] if ids and ids[0] in specials else None
-
-
-def end_of_turn_ids(tok, prompt_style: str) -> list[int]:
-    """Token ids that end a completion besides EOS, for prompts of ``prompt_style``.
-
-    qwen-boxed / chat: the chat template's end-of-turn token (from the tokenizer) and
-    Qwen's ``<|im_end|>`` / ``<|endoftext|>`` where the vocabulary has them; plain: none.
-    """
-    if prompt_style == "plain":
-        return []
-    ids = [_template_end_of_turn(tok)] + [_token_id(tok, t) for t in QWEN_END_OF_TURN]
-    return sorted({i for i in ids if i is not None and i != tok.eos_token_id})
 
 
 def is_repetitive(text: str, window: int = 32, repeats: int = 6, tail: int = 4000) -> bool:
@@ -287,6 +249,6 @@ def make_backend(name: str, model: str, engine: EngineConfig | None = None, seed
         return VLLMBackend(model, **kwargs)
     if name == "hf":
         return HFBackend(model, **kwargs)
-    from dftune.config import ConfigError
+    from dftune.settings import ConfigError
 
     raise ConfigError(f"unknown generation backend {name!r}; choose vllm or hf")

@@ -37,6 +37,7 @@ from dftune.eval.scan import (  # boxed_contents, split_top_level: also imported
     MAX_ANSWER_CHARS,
     boxed_contents,
     defuse,
+    is_empty_gold,
     split_top_level,
     strip_thinking,
 )
@@ -313,8 +314,6 @@ def grade_one(completion: str, golds: list[str], timeout: int = 5, strip_think: 
 
     In-process; call it from a main thread (math-verify's timeouts use SIGALRM).
     """
-    from dftune.eval.paper_grade import is_empty_gold
-
     TimeoutException = _mv()[2]
     if not isinstance(completion, str):
         return Verdict(False, "no_answer", None, "not a string", "none")

@@ -29,7 +29,6 @@ under a time limit (``Deadline``) and an address-space limit.
 
 from __future__ import annotations
 
-import ast
 import math
 import re
 import signal

@@ -13,19 +13,12 @@ harness's own verdicts on the case table is listed in docs/design.md.
 
 from __future__ import annotations
 
-import re
 from functools import lru_cache
+
+from dftune.eval.scan import is_empty_gold
 
 # Bump when a change can flip verdicts: an evaluation refuses to mix rows of two versions.
 PAPER_GRADER_VERSION = "1"
-
-
-def is_empty_gold(golds) -> bool:
-    """A gold with nothing in it: blank once ``$`` signs and ``\\text{}``-style wrappers go
-    (both graders refuse to match it, even with an empty answer)."""
-    golds = [golds] if isinstance(golds, str) else [str(g) for g in golds]
-    text = re.sub(r"\\(?:text|textbf|mathrm|mbox)\s*\{([^{}]*)\}", r"\1", "".join(golds))
-    return not text.replace("$", "").strip()
 
 
 @lru_cache(maxsize=8192)

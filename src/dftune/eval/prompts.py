@@ -129,6 +129,44 @@ def prompt_ids(tok, text: str, bos: bool | None = None) -> list[int]:
     return ids
 
 
+# Qwen's evaluation stops chat-format prompts at these, besides the model's EOS.
+QWEN_END_OF_TURN = ("<|im_end|>", "<|endoftext|>")
+
+
+def _token_id(tok, token: str) -> int | None:
+    """The id of ``token`` if the tokenizer has it as one token, else None."""
+    tid = tok.get_vocab().get(token)
+    return tid if isinstance(tid, int) else None
+
+
+def _template_end_of_turn(tok) -> int | None:
+    """The special token the chat template puts right after an assistant message."""
+    if not getattr(tok, "chat_template", None):
+        return None
+    mark = "dftune-end-of-turn-probe"
+    try:
+        text = tok.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": mark}],
+                                       tokenize=False)
+    except Exception:  # templates may refuse this conversation shape: no end-of-turn known
+        return None
+    after = text[text.rfind(mark) + len(mark):] if mark in text else ""
+    ids = tok(after, add_special_tokens=False)["input_ids"] if after else []
+    specials = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
+    return ids[0] if ids and ids[0] in specials else None
+
+
+def end_of_turn_ids(tok, prompt_style: str) -> list[int]:
+    """Token ids that end a completion besides EOS, for prompts of ``prompt_style``.
+
+    qwen-boxed / chat: the chat template's end-of-turn token (from the tokenizer) and
+    Qwen's ``<|im_end|>`` / ``<|endoftext|>`` where the vocabulary has them; plain: none.
+    """
+    if prompt_style == "plain":
+        return []
+    ids = [_template_end_of_turn(tok)] + [_token_id(tok, t) for t in QWEN_END_OF_TURN]
+    return sorted({i for i in ids if i is not None and i != tok.eos_token_id})
+
+
 def _ids(tok, tokens) -> list[int]:
     vocab = tok.get_vocab()
     return [vocab[t] for t in tokens if isinstance(vocab.get(t), int)]
@@ -137,8 +175,6 @@ def _ids(tok, tokens) -> list[int]:
 def stop_settings(tok, style: str, policy: str, model_path: str = "") -> tuple[list[int], list[str]]:
     """(stop token ids besides EOS, stop strings) for prompts of ``style`` under ``policy``
     (see the module docstring); ``model_path`` matters only to the paper policy."""
-    from dftune.eval.generate import end_of_turn_ids
-
     if policy == "eos":
         return [], []
     if policy == "paper":

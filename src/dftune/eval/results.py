@@ -12,10 +12,16 @@ from __future__ import annotations
 import time
 from dataclasses import asdict
 
-from dftune.eval.grade import FAILURES, PROTOCOLS, STATUSES, failure_counts
+from dftune.eval.grade import FAILURES, GRADER_VERSION, PROTOCOLS, STATUSES, failure_counts
+from dftune.eval.paper_grade import PAPER_GRADER_VERSION
 from dftune.eval.metrics import bootstrap_means, generation_stats, interval, summarize
 from dftune.eval.paper_numbers import paper_rows
 from dftune.eval.vote import majority_correct
+
+def grader_versions() -> dict:
+    """Each grader's version (an evaluation refuses to mix rows graded by two versions)."""
+    return {"math-verify": GRADER_VERSION, "paper": PAPER_GRADER_VERSION}
+
 
 CLUSTER_TASKS = {"math-verify": "dftune.eval.vote:_cluster_task", "paper": "dftune.eval.paper_grade:cluster_task"}
 
@@ -44,8 +50,6 @@ def summarize_rows(cfg, problems: dict, done: dict) -> dict:
     summary = {"model": cfg.model, "prompt": cfg.prompt, "backend": cfg.backend, "sampling": asdict(cfg.sampling),
                "n": n, "primary": primary, "grader": cfg.grader, "graders": {}, "benchmarks": {}, "mean": {},
                "mean_by_grader": {}, "warnings": [], "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    from dftune.eval.run import grader_versions
-
     summary["graders"] = grader_versions()
     graders = [cfg.grader] + [g for g in PROTOCOLS if g != cfg.grader]
     per_problem = {g: [] for g in graders}

@@ -33,15 +33,7 @@ from dftune.eval.generate import (
     is_repetitive,
     make_backend,
 )
-from dftune.eval.grade import (
-    FAILURES,
-    GRADER_VERSION,
-    PROTOCOLS,
-    STATUSES,
-    failure_counts,
-    grade_batch,
-)
-from dftune.eval.paper_grade import PAPER_GRADER_VERSION
+from dftune.eval.grade import PROTOCOLS, grade_batch
 from dftune.eval.prompts import (
     build_prompt,
     check_prompt_settings,
@@ -49,7 +41,7 @@ from dftune.eval.prompts import (
     stop_description,
     stop_settings,
 )
-from dftune.eval.results import markdown_table, summarize_rows  # noqa: F401  (re-exported: cli, tests)
+from dftune.eval.results import grader_versions, markdown_table, summarize_rows  # noqa: F401  (cli, tests)
 from dftune.files import (
     append_jsonl,
     read_json,
@@ -137,10 +129,6 @@ def check_eval_config(cfg: EvalConfig, where: str = "eval") -> None:
         raise EvalError(f"{where}.grader: unknown grader {cfg.grader!r}; choose from {', '.join(PROTOCOLS)}")
     if cfg.backend not in BACKENDS:
         raise EvalError(f"{where}.backend: unknown generation backend {cfg.backend!r}; choose from {', '.join(BACKENDS)}")
-
-
-def grader_versions() -> dict:
-    return {"math-verify": GRADER_VERSION, "paper": PAPER_GRADER_VERSION}
 
 
 def read_samples(path) -> list[dict]:
@@ -305,7 +293,7 @@ def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None, backend=None, p
 def check_periodic_eval(cfg: EvalConfig) -> None:
     """Refuse ``eval`` settings that periodic evaluation inside training cannot honour, before
     any training: it evaluates the live model, in the training process, with transformers."""
-    from dftune.config import ConfigError
+    from dftune.settings import ConfigError
 
     try:
         check_eval_config(cfg)
