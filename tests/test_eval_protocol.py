@@ -170,3 +170,16 @@ def test_the_papers_numbers_beside_ours(toy):
     table = markdown_table(summarize_rows(cfg, problems, done))
     assert "| **mean** | 20.00 | 15.92 | 31.58 | +4.08 |" in table
     assert "| math500 | 100.00 | n/a | n/a |  |" in table
+
+
+def test_the_report_shows_both_graders_the_papers_numbers_and_unlike_settings(tiny_dir, toy, tmp_path):
+    from dftune.analysis.report import build_report
+
+    a, b = _two(tiny_dir, toy, tmp_path, grader="paper")
+    summary = json.loads((a / "summary.json").read_text())
+    summary["model"] = "meta-llama/Llama-3.2-3B"  # as if the paper's base model had been evaluated
+    (a / "summary.json").write_text(json.dumps(summary))
+    page = build_report([a, b], base=tmp_path)
+    assert "Under both graders" in page and "<td>paper</td>" in page and "<td>math-verify</td>" in page
+    assert "is the paper's meta-llama/Llama-3.2-3B" in page and "<td>1.19</td><td>4.65</td>" in page
+    assert "Unlike evaluations" in page and "grader:" in page  # compared anyway, and said so

@@ -44,10 +44,10 @@ def paper_model(model: str) -> str | None:
 
 
 def paper_rows(summary: dict) -> list[dict]:
-    """Per paper benchmark in the summary, and their mean: ours (avg@n under the paper
-    grader, as a fraction), the paper's base and DFT numbers (%), and ours - the paper's
-    base (a fraction; None where either is missing). Empty when the model is not one of
-    the paper's base models."""
+    """Per paper benchmark in the summary, and the mean over the five: ours (avg@n under
+    the paper grader, as a fraction; the mean only when all five were evaluated), the
+    paper's base and DFT numbers (%), and ours - the paper's base (a fraction; None where
+    either is missing). Empty when the model is not one of the paper's base models."""
     hub_id = paper_model(summary.get("model", ""))
     if hub_id is None:
         return []
@@ -60,8 +60,9 @@ def paper_rows(summary: dict) -> list[dict]:
             continue
         ours = m.get("by_grader", {}).get("paper", {}).get(key)
         rows.append((b, ours))
-    if len(rows) == len(BENCHMARKS):
-        rows.append(("mean", summary.get("mean_by_grader", {}).get("paper", {}).get(key)))
+    # the paper's mean is over its five: ours beside it only when all five were evaluated
+    complete = len(rows) == len(BENCHMARKS)
+    rows.append(("mean", summary.get("mean_by_grader", {}).get("paper", {}).get(key) if complete else None))
     out = []
     for b, ours in rows:
         base, dft = paper["base"][b], paper["dft"][b]
