@@ -395,6 +395,48 @@ def test_checkpoint_metadata_cannot_run_code(tiny_dir, problems_file, tmp_path):
     assert not marker.exists()
 
 
+class _RunsCode:
+    """Unpickled, it creates ``marker``: what a hostile checkpoint item would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_checkpoint_items_cannot_run_code(tiny_dir, problems_file, tmp_path):
+    """A checkpoint whose non-tensor items (AdamW's lr) are pickles that run code: DCP's own
+    loader would run them (checked, so the payload is real); resume refuses, and nothing runs."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from dftune.dist import UnsafeCheckpointError, _safe_reader
+
+    out = tmp_path / "run"
+    train(_cfg(tiny_dir, problems_file, out, max_steps=2, save_every=1))
+    ckpt = out / "checkpoints" / "step_0000001"
+    shutil.rmtree(out / "checkpoints" / "step_0000002")
+    dcp_to_torch_save(ckpt, tmp_path / "whole.pt")  # our own clean checkpoint, as one dict
+    sd = torch.load(tmp_path / "whole.pt", weights_only=True)
+    marker = tmp_path / "pwned"
+    groups = sd["optim"]["param_groups"]
+    groups[0]["lr"] = _RunsCode(marker)  # the item DCP stores as a pickle, not a tensor
+    for f in list(ckpt.glob("*.distcp")) + [ckpt / ".metadata"]:
+        f.unlink()
+    dcp.save(sd, checkpoint_id=str(ckpt), no_dist=True)
+
+    with pytest.raises(UnsafeCheckpointError, match=r"lr.*not plain data"):
+        train(_cfg(tiny_dir, problems_file, out, max_steps=2, save_every=1, resume=True))
+    assert not marker.exists()
+
+    # DCP's default planner would have run it: the test's payload is a real one
+    target = {"optim": {"param_groups": [{"lr": 0.0}]}}
+    dcp.load(target, storage_reader=_safe_reader(ckpt), planner=dcp.DefaultLoadPlanner(allow_partial_load=True),
+             no_dist=True)
+    assert marker.exists()
+
+
 def test_final_model_is_saved_in_the_base_checkpoints_dtype(tiny_dir, problems_file, tmp_path):
     """A bf16 release fine-tuned with fp32 master weights ships as bf16 (config and tensors)."""
     base = tmp_path / "bf16_base"

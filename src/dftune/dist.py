@@ -20,8 +20,12 @@ Parallel modes:
 
 Checkpoints are ``torch.distributed.checkpoint`` folders (each process writes its own
 shards, so FSDP never gathers the model to save it) plus each process's RNG state and a
-``state.json`` written last. Nothing in a checkpoint is unpickled as code: tensors and
-plain data only (``weights_only=True``).
+``state.json`` written last. Nothing in a checkpoint is unpickled as code: DCP's own loader
+unpickles the ``.metadata`` file with plain ``pickle`` and every non-tensor item (AdamW's
+``lr``, ``betas``, ...) with ``torch.load(weights_only=False)``; dftune reads the first
+through an allow-list of DCP's metadata classes (``_safe_reader``) and the second with
+``weights_only=True`` (``_SafeLoadPlanner``), and the RNG files with ``weights_only=True``.
+A file that asks for anything else stops the resume with ``UnsafeCheckpointError``.
 """
 
 from __future__ import annotations
@@ -244,6 +248,30 @@ class UnsafeCheckpointError(UserError, ValueError):
     """A checkpoint file asks to build something other than checkpoint metadata."""
 
 
+def _safe_planner():
+    """DCP's default load planner, except that non-tensor items are read with
+    ``weights_only=True`` (plain numbers, strings, tuples, lists, dicts, tensors)."""
+    import pickle
+
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint._traverse import set_element  # what DefaultLoadPlanner.load_bytes uses
+
+    class SafeLoadPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):
+            fqn = read_item.dest_index.fqn
+            try:
+                obj = torch.load(value, weights_only=True)
+            except pickle.UnpicklingError as e:
+                raise UnsafeCheckpointError(f"checkpoint item {fqn!r} is not plain data ({str(e).splitlines()[0]}); "
+                                            "refusing to load it") from None
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[fqn], obj)
+            else:
+                self.state_dict[fqn] = obj
+
+    return SafeLoadPlanner()
+
+
 def _safe_reader(folder: Path):
     import pickle
 
@@ -275,6 +303,7 @@ def _safe_reader(folder: Path):
 def load_checkpoint(rt: Runtime, module: nn.Module, opt, folder: Path) -> dict:
     """Restore weights, optimizer and this process's RNG from ``folder``; return state.json."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     state = json.loads((folder / "state.json").read_text())
@@ -287,7 +316,13 @@ def load_checkpoint(rt: Runtime, module: nn.Module, opt, folder: Path) -> dict:
     sd = {"model": model_sd, "optim": optim_sd}
     with warnings.catch_warnings():
         warnings.filterwarnings(**_QUIET)
-        dcp.load(sd, storage_reader=reader)
+        try:
+            dcp.load(sd, storage_reader=reader, planner=_safe_planner())
+        except CheckpointException as e:  # DCP gathers every process's failure into one
+            unsafe = [exc for exc, _ in e.failures.values() if isinstance(exc, UnsafeCheckpointError)]
+            if unsafe:
+                raise unsafe[0] from None
+            raise
     set_state_dict(module, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
     rng = folder / f"rng_{rt.rank}.pt"
     if rng.is_file():
