@@ -130,3 +130,69 @@ def test_resuming_with_another_process_count_is_refused(tied_dir, problems_file,
 
     with pytest.raises(ValueError, match="written by 2 processes"):
         train(load_config(None, _args(tied_dir, problems_file, out, ["train.max_steps=2", "train.resume=true"])))
+
+
+REFERENCE_RUNNER = """
+import json, sys
+import torch
+from dftune import dist
+from dftune.model import CausalLMLoss, load_pretrained, load_tokenizer
+from dftune.objective_spec import get_objective
+
+rt = dist.init_runtime()
+model = load_pretrained(sys.argv[1])
+tok = load_tokenizer(sys.argv[1])
+module = CausalLMLoss(model, get_objective("iw_sft:level=token"), reference="copy", ref_dtype=torch.bfloat16)
+module = dist.parallelize(module, model, rt, "fsdp", mixed_bf16=True)
+ref = module._ref[0]
+
+def facts():
+    ps = list(ref.parameters())
+    return {"sharded": all(type(p).__name__ == "DTensor" for p in ps), "dtypes": sorted({str(p.dtype) for p in ps}),
+            "local": sum(p.to_local().numel() for p in ps), "full": sum(p.numel() for p in ps)}
+
+before = facts()
+enc = tok(["What is 3 plus 4? We add 3 and 4 to get 7.", "What is 5 plus 2? 7"], return_tensors="pt", padding=True)
+labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+res = module(enc["input_ids"], enc["attention_mask"], labels)
+res.loss.backward()
+m = res.mask
+print(json.dumps({"rank": rt.rank, "before": before, "after": facts(), "kl": res.kl[m].abs().max().item(),
+                  "weight_min": res.weight[m].min().item(), "weight_max": res.weight[m].max().item()}))
+rt.close()
+"""
+
+
+def test_fsdp_reference_is_sharded_in_the_policys_precision(tied_dir, tmp_path):
+    """The frozen reference under FSDP with bf16-mixed: sharded over the processes, stored in
+    bf16 (what the policy gathers), released after the forward, and equal to the policy at
+    step 1 to the last bit: KL exactly 0, iw-SFT weights exactly 1."""
+    runner = tmp_path / "ref_runner.py"
+    runner.write_text(REFERENCE_RUNNER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        f"--master_port={_free_port()}", str(runner), str(tied_dir)],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    facts = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
+    assert sorted(f["rank"] for f in facts) == [0, 1]
+    for f in facts:
+        for when in ("before", "after"):  # gathered for the forward, sharded again after it
+            assert f[when]["sharded"] and f[when]["dtypes"] == ["torch.bfloat16"], f
+            assert f[when]["local"] <= f[when]["full"] // 2 + 64, f  # each process holds half
+        assert f["kl"] == 0.0 and f["weight_min"] == 1.0 == f["weight_max"], f
+
+
+def test_fsdp_reference_objectives_start_exact_as_in_one_process(tied_dir, problems_file, tmp_path):
+    """iw_sft trained by 2 FSDP processes in bf16-mixed: step 1's KL to the reference is 0 and
+    every importance weight 1, exactly, as in one process; the reference stays the initial
+    model (step 2's KL is not 0)."""
+    out = tmp_path / "iw"
+    args = _args(tied_dir, problems_file, out, ["train.parallel=fsdp", "train.precision=bf16-mixed",
+                                                "train.objective=iw_sft", "train.max_steps=2", "train.save_every=0",
+                                                "train.warmup_ratio=0"])
+    r = _launch(tmp_path, 2, args)
+    assert r.returncode == 0, r.stderr[-4000:]
+    log = _log(out)
+    assert log[0]["kl_ref"] == 0.0 and log[0]["weight_mean"] == 1.0, log[0]
+    assert log[1]["kl_ref"] > 0 and log[1]["weight_mean"] != 1.0, log[1]

@@ -161,7 +161,7 @@ def test_reference_objectives_against_float64(tiny_dir, problems_file, spec):
             p.add_(torch.randn_like(p) * 0.05)
     batch = _batch(tiny_dir, problems_file)
     res = wrapped(**batch)
-    ref_model = wrapped._ref[0]
+    ref_model = wrapped._ref[0].model
     with torch.no_grad():
         lp = model(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits.double().log_softmax(-1)[:, :-1]
         rlp = ref_model(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits.double().log_softmax(-1)[:, :-1]

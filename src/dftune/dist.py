@@ -16,7 +16,10 @@ Parallel modes:
   forward to its backward, which is where ``token_loss`` reads the head. With
   ``bf16-mixed`` the parameters are gathered in bf16 and gradients reduced in fp32
   (``MixedPrecisionPolicy``), the paper's setting; the sharded fp32 parameters are the
-  master weights the optimizer updates.
+  master weights the optimizer updates. A frozen reference model (``model.Reference``) is
+  sharded the same way, as a root of its own, stored in bf16 under ``bf16-mixed`` (the
+  precision the policy computes in, so step-1 KL is exactly 0), and released after each
+  forward.
 
 Checkpoints are ``torch.distributed.checkpoint`` folders (each process writes its own
 shards, so FSDP never gathers the model to save it) plus each process's RNG state and a
@@ -140,6 +143,12 @@ def parallelize(module: nn.Module, model: nn.Module, rt: Runtime, mode: str, mix
     for layer in decoder_layers(model):
         fully_shard(layer, mp_policy=mp)
     fully_shard(module, mp_policy=mp)
+    # the frozen reference (iw_sft, asft, psft, KL logging): sharded the same way, a root of its
+    # own, gathered in the policy's precision, so its step-1 log-probs equal the policy's
+    for ref in getattr(module, "_ref", []):
+        for layer in decoder_layers(ref.model):
+            fully_shard(layer, mp_policy=mp)
+        fully_shard(ref, mp_policy=mp)
     return module
 
 

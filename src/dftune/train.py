@@ -237,7 +237,8 @@ def _train(cfg: Config, rt: dist.Runtime, on_step) -> Path:
         classes = token_classes(tokenizer, vocab_size=model.get_output_embeddings().weight.shape[0])
     module = CausalLMLoss(model, schedule.at(0.0), backend=t.loss_backend, chunk_size=t.chunk_size,
                           reference=reference_kind(schedule.needs_ref, cfg.model.lora_r > 0, t.log_kl),
-                          token_class=classes)
+                          token_class=classes,  # FSDP gathers bf16 copies: a bf16 reference is the same
+                          ref_dtype=torch.bfloat16 if parallel == "fsdp" and precision == "bf16-mixed" else None)
     module.train()
     module = dist.parallelize(module, model, rt, parallel, mixed_bf16=precision == "bf16-mixed")
     # FSDP's MixedPrecisionPolicy computes in bf16 itself; elsewhere autocast does
