@@ -77,13 +77,13 @@ def test_two_processes_equal_one_with_accumulation_and_resume_exactly(parallel, 
     from dftune.config import load_config
     from dftune.train import train
 
-    # one process, accumulation 2: the reference step
+    # one process, accumulation 4: the reference step
     single = tmp_path / "single"
-    train(load_config(None, _args(tied_dir, problems_file, single)))
+    train(load_config(None, _args(tied_dir, problems_file, single, ["train.micro_batch=2"])))
 
-    # two processes, uninterrupted
+    # two processes, accumulation 2 each (FSDP reduces every micro-batch, DDP the last), uninterrupted
     full = tmp_path / "full"
-    r = _launch(tmp_path, 2, _args(tied_dir, problems_file, full, [f"train.parallel={parallel}"]))
+    r = _launch(tmp_path, 2, _args(tied_dir, problems_file, full, [f"train.parallel={parallel}", "train.micro_batch=2"]))
     assert r.returncode == 0, r.stderr[-4000:]
     a, b = _log(single), _log(full)
     assert [x["step"] for x in b] == [1, 2, 3, 4]
@@ -99,7 +99,7 @@ def test_two_processes_equal_one_with_accumulation_and_resume_exactly(parallel, 
 
     # two processes killed after step 2, then resumed: bit-identical to the uninterrupted run
     part = tmp_path / "part"
-    args = _args(tied_dir, problems_file, part, [f"train.parallel={parallel}"])
+    args = _args(tied_dir, problems_file, part, [f"train.parallel={parallel}", "train.micro_batch=2"])
     r = _launch(tmp_path, 2, args, stop=2)
     assert r.returncode != 0 and not (part / "final").exists(), r.stderr[-3000:]
     assert "SystemExit" in r.stderr or "exitcode  : 3" in r.stderr or True

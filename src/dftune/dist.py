@@ -10,7 +10,8 @@ FSDP2 with 2 gloo processes).
 
 Parallel modes:
 - ``ddp``: every process holds the model; gradients are averaged after each step's last
-  micro-batch (``no_sync`` before).
+  micro-batch (``no_sync`` before). FSDP2 reduce-scatters after every micro-batch instead
+  (``grad_sync``), so that no process holds unsharded gradients between them.
 - ``fsdp``: FSDP2 (``fully_shard``) on every decoder layer, then on the root, which holds
   the embeddings, final norm and LM head: the root's parameters stay gathered from its
   forward to its backward, which is where ``token_loss`` reads the head. With
@@ -159,20 +160,18 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 @contextmanager
 def grad_sync(module: nn.Module, enabled: bool):
-    """Gradient reduction on (the step's last micro-batch) or off (the others)."""
-    if enabled:
+    """DDP: gradient reduction on (the step's last micro-batch) or off (the others).
+
+    FSDP2 reduces on every micro-batch: without reduction it would keep each parameter's
+    whole (unsharded) gradient until the last one, upcast to fp32 under bf16-mixed: 4 bytes x
+    every parameter on every GPU (28 GiB at 7B), where reducing leaves 4 / world. The sharded
+    fp32 gradients accumulate across micro-batches; the extra reduce-scatters overlap with
+    the backward (docs/design.md, memory per GPU)."""
+    if enabled or not hasattr(module, "no_sync"):  # FSDP2 has no no_sync: it always reduces
         yield
-    elif hasattr(module, "no_sync"):  # DDP
+    else:
         with module.no_sync():
             yield
-    elif hasattr(module, "set_requires_gradient_sync"):  # FSDP2
-        module.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            module.set_requires_gradient_sync(True)
-    else:
-        yield
 
 
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
