@@ -243,7 +243,7 @@ def stage_fsdp(a) -> list:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_port=29533", "-m", "dftune.cli",
            "train", f"model.name_or_path={_tiny_model(a)}", f"data.path={_toy_data(a)}", "data.max_length=64",
            "train.parallel=fsdp", f"train.precision={'bf16-mixed' if a.device == 'cuda' else 'fp32'}",
-           "train.global_batch=8", "train.micro_batch=4", "train.max_steps=3", f"train.out_dir={out}",
+           "train.global_batch=8", "train.micro_batch=4", "train.max_steps=3", f"train.out={out}",
            "train.overwrite=true", "train.tensorboard=false", "train.lr=1e-3"]
     t = time.perf_counter()
     r = _run(a, cmd, 300)
@@ -281,15 +281,20 @@ def stage_eval(a) -> list:
     return [("eval", what, f"{n} problems x 4 samples in {time.perf_counter() - t:.0f} s", "runs", n == 16)]
 
 
+def ppo_command(a, share: float, launch: bool = True) -> list[str]:
+    """``dftune baseline ppo``, 2 steps on the tiny model (``launch=false``: data and launch.sh
+    only, which the test suite runs on a CPU to check the command's keys)."""
+    return [sys.executable, "-m", "dftune.cli", "baseline", "ppo", "configs/paper/ppo.yaml", f"model={_tiny_model(a)}",
+            f"data={_toy_data(a, 256)}", "select=first:256", "global_batch=16", "mini_batch=16", "micro_batch=2",
+            "gpus_per_node=1", "max_steps=2", "save_every=2", "max_completion_length=64",
+            f"gpu_memory_utilization={share}", "grade_workers=2", f"out={a.work / 'ppo'}", f"launch={str(launch).lower()}"]
+
+
 def stage_ppo(a) -> list:
     """PPO on verl (the paper's online baseline): 2 steps on a tiny model."""
     _, free, total = gpu_memory()
-    share = vllm_share(free, total, cap=0.3)
     out = a.work / "ppo"
-    cmd = [sys.executable, "-m", "dftune.cli", "baseline", "ppo", "configs/paper/ppo.yaml", f"model={_tiny_model(a)}",
-           f"data={_toy_data(a, 256)}", "select=first:256", "global_batch=16", "mini_batch=16", "micro_batch=2",
-           "gpus_per_node=1", "max_steps=2", "save_every=2", "max_completion_length=64",
-           f"gpu_memory_utilization={share}", "grade_workers=2", f"out_dir={out}"]
+    cmd = ppo_command(a, vllm_share(free, total, cap=0.3))
     t = time.perf_counter()
     r = _run(a, cmd, 900)
     ok = r.returncode == 0 and (out / "final" / "config.json").is_file() and (out / "log.jsonl").stat().st_size > 0

@@ -58,3 +58,19 @@ def test_vllm_share_is_set_from_free_memory_and_peak_from_the_card():
         vllm_share(1 * gib, 80 * gib)
     assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and peak_tflops("NVIDIA H100 PCIe") == 756.0
     assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+
+
+def test_gpu_check_ppo_command_resolves_on_a_cpu(tmp_path):
+    """The PPO stage runs only with verl on a GPU: its command's keys are checked here, with
+    launch=false (the data and verl's command are written, nothing is launched)."""
+    import os
+    import types
+
+    from gpu_check import ppo_command
+
+    a = types.SimpleNamespace(work=tmp_path)
+    r = subprocess.run(ppo_command(a, 0.3, launch=False), capture_output=True, text=True, timeout=600, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert r.returncode == 0, r.stderr[-3000:]
+    launch = (tmp_path / "ppo" / "launch.sh").read_text()
+    assert "trainer.total_training_steps=2" in launch and "gpu_memory_utilization=0.3" in launch

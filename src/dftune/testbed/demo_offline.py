@@ -20,12 +20,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from dftune.config import ConfigError, DataConfig
+from dftune.config import DataConfig
 from dftune.files import write_jsonl
+from dftune.settings import ConfigError
 from dftune.testbed import bases, tables, tasks
 from dftune.testbed.bases import PROMPT
-from dftune.testbed.demo import (
-    DemoConfig,
+from dftune.testbed.demo_config import DemoConfig
+from dftune.testbed.stages import (
     build_bases,
     elapsed,
     evaluate_model,
@@ -68,7 +69,7 @@ def write_questions(cfg: DemoConfig, root: Path) -> Path:
 
 def _offline_job(cfg: DemoConfig, root: Path, files: dict, base: Path, obj: str, seed: int) -> None:
     """One method's run from the base (objective "base": its evaluation only), in a worker."""
-    from dftune.offline.baselines import BaselineConfig, run_dpo, run_grpo
+    from dftune.offline.baselines import BaselineConfig, baseline_training, run_dpo, run_grpo
 
     o, sampled = cfg.offline, root / "sampled"
     out = root / folder_name({"setting": "offline", "objective": obj, "seed": seed})
@@ -80,17 +81,17 @@ def _offline_job(cfg: DemoConfig, root: Path, files: dict, base: Path, obj: str,
         final = finetune(base, rft, out, objective="nll" if obj == "rft" else "dft", lr=cfg.finetune_lr,
                          batch=cfg.finetune_batch, steps=cfg.finetune_steps, seed=seed)
     elif not (final / "config.json").is_file():
-        common = {"model": str(base), "seed": seed, "out_dir": str(out), "max_length": bases.MAX_LENGTH,
-                  "logging_steps": 1}
+        common = {"model": str(base), "max_length": bases.MAX_LENGTH}
         if obj == "dpo":
-            final = run_dpo(BaselineConfig(data=str(sampled / "dpo.jsonl"), lr=o.dpo_lr, warmup_ratio=0.05,
-                                           global_batch=o.dpo_batch, micro_batch=o.dpo_batch, max_steps=o.dpo_steps,
-                                           beta=o.dpo_beta, **common))
+            train = baseline_training(lr=o.dpo_lr, warmup_ratio=0.05, global_batch=o.dpo_batch, micro_batch=o.dpo_batch,
+                                      max_steps=o.dpo_steps, seed=seed, out=str(out), log_every=1)
+            final = run_dpo(BaselineConfig(data=str(sampled / "dpo.jsonl"), train=train, beta=o.dpo_beta, **common))
         else:
+            train = baseline_training(lr=o.grpo_lr, warmup_ratio=0.1, global_batch=o.grpo_questions * o.k,
+                                      micro_batch=o.grpo_questions * o.k, max_steps=o.grpo_steps, seed=seed,
+                                      out=str(out), log_every=1)
             final = run_grpo(BaselineConfig(data=str(root / "data" / "questions.jsonl"), instruction_suffix=bases.SUFFIX,
-                                            lr=o.grpo_lr, warmup_ratio=0.1, global_batch=o.grpo_questions * o.k,
-                                            micro_batch=o.grpo_questions * o.k, num_generations=o.k,
-                                            max_steps=o.grpo_steps, max_completion_length=o.sample_tokens,
+                                            train=train, num_generations=o.k, max_completion_length=o.sample_tokens,
                                             temperature=1.0, beta=o.grpo_beta, **common))
     if not (out / "eval" / "summary.json").is_file():
         evaluate_model(cfg, final, out / "eval", files["benchmarks"], PROMPT)
