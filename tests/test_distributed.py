@@ -24,7 +24,8 @@ def on_step(step, rec):
     if step == stop:
         raise SystemExit(3)  # a kill right after step `stop` (its checkpoint is on disk)
 
-train(load_config(None, sys.argv[2:]), on_step=on_step if stop else None)
+if __name__ == "__main__":  # the grader's spawned workers import this file again
+    train(load_config(None, sys.argv[2:]), on_step=on_step if stop else None)
 """
 
 
@@ -196,3 +197,74 @@ def test_fsdp_reference_objectives_start_exact_as_in_one_process(tied_dir, probl
     log = _log(out)
     assert log[0]["kl_ref"] == 0.0 and log[0]["weight_mean"] == 1.0, log[0]
     assert log[1]["kl_ref"] > 0 and log[1]["weight_mean"] != 1.0, log[1]
+
+
+GENERATE_RUNNER = """
+import json, sys
+import torch
+import torch.distributed as dist_
+from dftune import dist
+from dftune.eval.generate import HFBackend, SamplingConfig
+from dftune.model import CausalLMLoss, load_pretrained, load_tokenizer
+from dftune.objective_spec import get_objective
+
+rt = dist.init_runtime()
+model = load_pretrained(sys.argv[1])
+tok = load_tokenizer(sys.argv[1])
+module = CausalLMLoss(model, get_objective("dft"))
+if sys.argv[2] == "fsdp":
+    module = dist.parallelize(module, model, rt, "fsdp", mixed_bf16=False)
+prompts = json.loads(sys.argv[3])
+cfg = SamplingConfig(n=2, temperature=1.0, max_new_tokens=8, seed=0)
+with dist.gathered_root(module):
+    outs = HFBackend(model, tok, batch_size=2).generate(prompts, [str(i) for i in range(len(prompts))], cfg, [],
+                                                        rank=rt.rank, world=rt.world, synced=sys.argv[2] == "fsdp")
+mine = {i: [c.text for c in cs] for i, cs in enumerate(outs) if cs is not None}
+gathered = [None] * rt.world
+dist_.all_gather_object(gathered, mine)
+if rt.is_main:
+    print(json.dumps({"shares": [sorted(g) for g in gathered], "texts": {k: v for g in gathered for k, v in g.items()}}))
+rt.close()
+"""
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_generation_is_shared_over_processes_and_equals_one_process(mode, tied_dir, tmp_path):
+    """The periodic evaluation's generation over 2 processes (a replica each, or one FSDP-sharded
+    model): each takes its batches, uneven ones included, and together they sample exactly
+    what one process samples."""
+    from dftune.eval.generate import HFBackend, SamplingConfig
+    from dftune.model import load_pretrained, load_tokenizer
+
+    prompts = [f"What is {i} plus {i + 2}?" for i in range(5)]
+    runner = tmp_path / "gen_runner.py"
+    runner.write_text(GENERATE_RUNNER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        f"--master_port={_free_port()}", str(runner), str(tied_dir), mode, json.dumps(prompts)],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    got = json.loads(next(x for x in r.stdout.splitlines() if x.startswith("{")))
+    assert got["shares"] == [[0, 2, 4], [1, 3]]  # one prompt per batch (n=2, batch_size=2), dealt in turn
+    one = HFBackend(load_pretrained(str(tied_dir)), load_tokenizer(str(tied_dir)), batch_size=2).generate(
+        prompts, [str(i) for i in range(5)], SamplingConfig(n=2, temperature=1.0, max_new_tokens=8, seed=0), [])
+    assert got["texts"] == {str(i): [c.text for c in cs] for i, cs in enumerate(one)}
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_periodic_evaluation_under_several_processes(parallel, tied_dir, problems_file, tmp_path):
+    """train.eval_every with 2 processes, DDP and FSDP: every process evaluates its share (no
+    barrier around one process's evaluation) and the curve is written once per evaluation."""
+    bench = tmp_path / "bench" / "toy"
+    bench.mkdir(parents=True)
+    (bench / "test.jsonl").write_text("".join(json.dumps({"id": str(i), "question": f"What is {i} plus 2?",
+                                                          "answer": str(i + 2)}) + "\n" for i in range(6)))
+    out = tmp_path / "run"
+    args = _args(tied_dir, problems_file, out, [f"train.parallel={parallel}", "train.save_every=0", "train.eval_every=2",
+                                                "eval.benchmarks=toy", f"eval.data_dir={tmp_path / 'bench'}",
+                                                "eval.sampling.n=2", "eval.sampling.max_new_tokens=8",
+                                                "eval.grade_workers=1"])
+    r = _launch(tmp_path, 2, args)
+    assert r.returncode == 0, r.stderr[-4000:]
+    curve = [json.loads(x) for x in (out / "eval_curve.jsonl").read_text().splitlines()]
+    assert [c["step"] for c in curve] == [2, 4] and all(0.0 <= c["toy"] <= 1.0 for c in curve)

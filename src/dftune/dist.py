@@ -153,6 +153,21 @@ def parallelize(module: nn.Module, model: nn.Module, rt: Runtime, mode: str, mix
     return module
 
 
+@contextmanager
+def gathered_root(module: nn.Module):
+    """FSDP2: the root's parameters (embeddings, final norm, LM head) gathered for a use of the
+    model outside the root's forward (generation); the decoder layers gather themselves in
+    their own forward. Elsewhere nothing to do."""
+    if not hasattr(module, "unshard"):
+        yield
+        return
+    module.unshard()
+    try:
+        yield
+    finally:
+        module.reshard()
+
+
 def unwrap(module: nn.Module) -> nn.Module:
     """The module under a DDP wrapper (FSDP2 wraps in place: it is the module itself)."""
     return getattr(module, "module", module) if type(module).__name__ == "DistributedDataParallel" else module

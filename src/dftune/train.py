@@ -132,9 +132,6 @@ def setup(cfg: Config, rt: dist.Runtime) -> Setup:
     parallel = dist.resolve_parallel(t.parallel, rt.world)
     if parallel == "fsdp" and cfg.model.lora_r > 0:
         raise ConfigError("LoRA with FSDP is not supported (LoRA's trainable state is small): use train.parallel=ddp")
-    if parallel == "fsdp" and t.eval_every:
-        raise ConfigError("periodic evaluation (train.eval_every) needs the whole model in one process; with FSDP "
-                          "evaluate saved checkpoints with dftune eval instead")
     if t.eval_every:
         from dftune.eval.run import check_periodic_eval
 
@@ -276,15 +273,16 @@ def _train(cfg: Config, rt: dist.Runtime, on_step) -> Path:
 
 
 def _periodic_eval(s: Setup, step: int) -> None:
-    """A short evaluation (subset, few samples) for learning curves; main process only."""
-    if s.rt.is_main:
-        from dftune.eval.run import quick_eval
-        from dftune.files import append_jsonl
+    """A short evaluation (subset, few samples) for learning curves. Every process generates
+    and grades its share and the counts are summed (``quick_eval``), so no process sits in a
+    barrier, which a long evaluation would time out; the main process writes the curve."""
+    from dftune.eval.run import quick_eval
+    from dftune.files import append_jsonl
 
-        model = dist.unwrap(s.module).model
-        model.eval()
-        with s.precision.eval_autocast():
-            result = quick_eval(model, s.tokenizer, s.cfg.eval)
-        model.train()
+    model = dist.unwrap(s.module).model
+    model.eval()
+    with dist.gathered_root(s.module), s.precision.eval_autocast():
+        result = quick_eval(model, s.tokenizer, s.cfg.eval, s.rt, synced=s.precision.fsdp and s.rt.world > 1)
+    model.train()
+    if s.rt.is_main:
         append_jsonl(s.out / "eval_curve.jsonl", [{"step": step, **result}])
-    s.rt.barrier()
