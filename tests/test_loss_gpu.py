@@ -92,3 +92,14 @@ def test_installed_liger_kernel_takes_the_call_dftune_makes():
     assert list(inspect.signature(fn.forward).parameters)[:4] == ["lin_weight", "_input", "target", "bias"]
     with pytest.raises(BackendError, match="nll and dft only"):
         check("liger", ["dft:floor=0.1"])
+
+
+def test_training_refuses_a_backend_spec_before_anything_loads(tmp_path):
+    from dftune.config import Config, DataConfig, ModelConfig, TrainConfig
+    from dftune.train import train
+
+    cfg = Config(model=ModelConfig(name_or_path=str(tmp_path / "absent")), data=DataConfig(path=str(tmp_path / "x")),
+                 train=TrainConfig(loss_backend="liger:compute=fp8", out=str(tmp_path / "run")))
+    with pytest.raises(BackendError, match="compute must be one of fp32|bf16"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()

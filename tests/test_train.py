@@ -438,7 +438,7 @@ def test_checkpoint_items_cannot_run_code(tiny_dir, problems_file, tmp_path):
     assert marker.exists()
 
 
-def test_final_model_is_saved_in_the_base_checkpoints_dtype(tiny_dir, problems_file, tmp_path):
+def test_final_model_is_saved_in_the_base_checkpoints_dtype(tiny_dir, problems_file, tmp_path, capsys):
     """A bf16 release fine-tuned with fp32 master weights ships as bf16 (config and tensors)."""
     base = tmp_path / "bf16_base"
     AutoModelForCausalLM.from_pretrained(tiny_dir).to(torch.bfloat16).save_pretrained(base)
@@ -446,6 +446,19 @@ def test_final_model_is_saved_in_the_base_checkpoints_dtype(tiny_dir, problems_f
     final = train(_cfg(base, problems_file, tmp_path / "run", max_steps=1, precision="bf16-mixed"))
     assert json.loads((final / "config.json").read_text())["dtype"] == "bfloat16"
     assert all(v.dtype == torch.bfloat16 for v in _weights(final).values())
+    said = capsys.readouterr().out
+    assert f"final model: {final}, written in bfloat16, the base checkpoint's stored dtype; training kept " \
+           "float32 master weights (train.save_dtype=fp32 writes them as trained)" in said
+
+    # train.save_dtype=fp32: the master weights as trained, said so
+    final = train(_cfg(base, problems_file, tmp_path / "run32", max_steps=1, precision="bf16-mixed", save_dtype="fp32"))
+    assert json.loads((final / "config.json").read_text())["dtype"] == "float32"
+    assert all(v.dtype == torch.float32 for v in _weights(final).values())
+    assert "written in float32 (train.save_dtype=fp32)" in capsys.readouterr().out
+    from dftune.settings import ConfigError
+
+    with pytest.raises(ConfigError, match="train.save_dtype"):
+        _cfg(base, problems_file, tmp_path / "run", save_dtype="int8")
 
 
 def test_schedule_weight_normalisation_and_protect_in_the_loop(tiny_dir, problems_file, tmp_path):

@@ -236,10 +236,6 @@ class CausalLMLoss(nn.Module):
         self.entropy = True  # the per-token entropy statistic; the loop turns it off between logging steps
         self.token_class = token_class  # (V,) class per vocabulary id (protect=, probe classes); not a buffer
         self.backend = backend
-        if backend.partition(":")[0] in ("cce", "liger"):  # a spec the installed library cannot honour: now
-            from dftune import loss_gpu
-
-            loss_gpu.check(backend)
         self.chunk_size = chunk_size or None
         self.reference = reference  # none | copy | adapters
         if reference == "copy":
