@@ -9,7 +9,9 @@ Per GPU, with W GPUs and P parameters (bf16-mixed: fp32 master weights, bf16 com
   gathered      the root's bf16 parameters (input embedding, final norm, LM head), kept from
                 forward to backward, + two decoder layers in bf16 (the one computing, the one
                 prefetched): 2 x (root + 2 x layer)
-  loss          the chunked loss's fp32 (V, H) LM-head gradient buffer: 4 V H
+  loss          the chunked loss's fp32 (V, H) LM-head gradient buffer and its bf16 copy handed to
+                FSDP's gathered head: 6 V H (one GPU, no FSDP: the buffer becomes the fp32 gradient
+                itself, already counted in the states)
   reference     a frozen reference (iw_sft, asft, psft, train.log_kl), sharded in bf16: 2P/W
                 (one GPU, no FSDP: an fp32 copy, 4P)
   no reduction  what FSDP2's accumulation without reduction would add (``set_requires_gradient_sync
@@ -59,7 +61,8 @@ def counts(arch, hidden, layers, heads, kv, inter, vocab, tie) -> dict:
 
 def per_gpu(c: dict, world: int) -> dict:
     p = c["P"]
-    return {"states": 16 * p / world, "gathered": 2 * (c["root"] + 2 * c["layer"]), "loss": 4 * c["V"] * c["H"],
+    return {"states": 16 * p / world, "gathered": 2 * (c["root"] + 2 * c["layer"]),
+            "loss": 6 * c["V"] * c["H"] if world > 1 else 0,
             # one GPU (no FSDP): the reference is an fp32 copy, read under autocast as the model is
             "reference": 2 * p / world if world > 1 else 4 * p, "no_reduction": 4 * p}
 
