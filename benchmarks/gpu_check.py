@@ -324,7 +324,7 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="toy sizes (CPU is fine): checks the script itself")
     ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     ap.add_argument("--budget", type=float, default=0,
-                    help="seconds for the whole run (default 600 on a GPU, 900 with --smoke); a stage whose estimate "
+                    help="seconds for the whole run (default 660 on a GPU, 900 with --smoke); a stage whose estimate "
                          "does not fit in what is left is skipped, and said")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--loss-child", action="store_true", help=argparse.SUPPRESS)
@@ -337,7 +337,7 @@ def main(argv=None) -> int:
         return loss_child(a) or 0
     t0 = time.monotonic()
     a.device = "cuda" if torch.cuda.is_available() else "cpu"  # no CUDA context is created here
-    a.budget = a.budget or (900 if a.smoke else 600)
+    a.budget = a.budget or (900 if a.smoke else 660)
     a.deadline = t0 + a.budget
     a.work = a.work or Path(tempfile.mkdtemp(prefix="dftune_gpu_check_"))
     a.work.mkdir(parents=True, exist_ok=True)

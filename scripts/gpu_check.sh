@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU acceptance check: gpu tests, loss and training benchmarks (MFU), FSDP2 on one GPU,
 # an evaluation smoke; one table. It prints its time estimate first and keeps to --budget
-# (default 600 s: a stage that would not fit is skipped, and said). Its data is made in its
+# (default 660 s: a stage that would not fit is skipped, and said). Its data is made in its
 # scratch folder: a clone with nothing beside it is enough. Record its figures, with the
 # card, in docs/benchmarks.md ("What the first GPU run will record").
 #   bash scripts/gpu_check.sh                 # uses .venv if present, else the current python
