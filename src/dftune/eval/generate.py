@@ -180,24 +180,38 @@ class HFBackend:
                 "attention_mask": torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])}
 
     def generate(self, prompts: list[str], keys: list[str], cfg: SamplingConfig,
-                 stop_token_ids: list[int] | None = None, stop_strings=()) -> list[list[Completion]]:
+                 stop_token_ids: list[int] | None = None, stop_strings=(), *, rank: int = 0, world: int = 1,
+                 synced: bool = False) -> list[list[Completion] | None]:
         """``n`` completions per prompt. stop_token_ids: ids that end a completion besides
         EOS; None: the tokenizer's chat end-of-turn tokens (``end_of_turn_ids``);
-        stop_strings: besides ``cfg.stop``."""
+        stop_strings: besides ``cfg.stop``.
+
+        Several processes (periodic evaluation under DDP/FSDP): the prompts' batches are dealt
+        round-robin, and this process generates batches rank, rank + world, ...; the others'
+        prompts get None. A batch is the same batch, with the same seed, whichever process
+        takes it, so the union equals one process's output. Batches shrink (if need be) so that
+        every process has one. synced: the model is sharded (FSDP), so every process must run
+        the same forward passes: each runs the same number of batches (repeating its first
+        when it has fewer) and ``generate(synced_gpus=True)`` steps until all are done.
+        """
         import torch
 
         if stop_token_ids is None:
             stop_token_ids = end_of_turn_ids(self.tok, "chat")
         strings = list(dict.fromkeys(list(cfg.stop) + list(stop_strings)))
-        model, out = self.model, []
+        model, out = self.model, [None] * len(prompts)
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
-        per_batch = max(1, self.batch_size // cfg.n)
+        per_batch = max(1, min(self.batch_size // cfg.n, -(-len(prompts) // world)))
+        starts = list(range(0, len(prompts), per_batch))
+        mine = starts[rank::world]
+        if synced:  # the same number of generate calls everywhere; the extra ones are discarded
+            mine += starts[:1] * (-(-len(starts) // world) - len(mine))
         stops = list(dict.fromkeys(i for i in [*self.eos, *stop_token_ids] if i is not None))
-        for s in range(0, len(prompts), per_batch):
+        for k, s in enumerate(mine):
             chunk = prompts[s:s + per_batch]
-            enc = {k: v.to(device) for k, v in self.encode(chunk).items()}
+            enc = {name: v.to(device) for name, v in self.encode(chunk).items()}
             torch.manual_seed(request_seed(cfg.seed, keys[s]))
             sample = cfg.temperature > 0
             with torch.no_grad():
@@ -205,11 +219,13 @@ class HFBackend:
                     **enc, do_sample=sample, temperature=cfg.temperature if sample else None,
                     top_p=cfg.top_p if sample else None, top_k=0 if sample else None, max_new_tokens=cfg.max_new_tokens,
                     num_return_sequences=cfg.n, pad_token_id=self.tok.pad_token_id, eos_token_id=stops,
-                    use_cache=True,
+                    use_cache=True, **({"synced_gpus": True} if synced else {}),
                 )
+            if k >= len(starts[rank::world]):
+                continue  # a repeat that only kept the processes in step
             new = gen[:, enc["input_ids"].shape[1]:].tolist()
             for i in range(len(chunk)):
-                out.append([self._completion(ids, strings, set(stops)) for ids in new[i * cfg.n:(i + 1) * cfg.n]])
+                out[s + i] = [self._completion(ids, strings, set(stops)) for ids in new[i * cfg.n:(i + 1) * cfg.n]]
         model.train(was_training)
         return out
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -309,7 +310,8 @@ def check_periodic_eval(cfg: EvalConfig) -> None:
         raise ConfigError("eval.benchmarks: name at least one benchmark for the periodic evaluation")
 
 
-def quick_eval(model, tokenizer, cfg: EvalConfig, chat_template: str = "", model_path: str = "") -> dict:
+def quick_eval(model, tokenizer, cfg: EvalConfig, runtime=None, synced: bool = False, chat_template: str = "",
+               model_path: str = "") -> dict:
     """A short evaluation of a live model: {benchmark: avg@n, ...} by the primary grader,
     with the settings of an ``EvalConfig`` (benchmarks, data_dir, limit, prompt, sampling,
     stops, grading). chat_template: the run's ``data.chat_template`` (prompt auto follows
@@ -317,20 +319,32 @@ def quick_eval(model, tokenizer, cfg: EvalConfig, chat_template: str = "", model
     reads it).
 
     Used by training every ``train.eval_every`` steps for learning curves (its ``eval`` section).
+    runtime (``dftune.dist.Runtime``, several processes): every process generates and grades
+    its share of the batches (``HFBackend.generate``) and the counts are summed over processes,
+    so no process waits while another evaluates alone; synced: the model is FSDP-sharded.
     """
+    import torch
+
     from dftune.eval.generate import HFBackend
 
+    rank, world = (runtime.rank, runtime.world) if runtime is not None else (0, 1)
     backend = HFBackend(model, tokenizer)
     style = resolve_prompt(cfg.prompt, tokenizer, chat_template)
     stop_ids, stop_strings = stop_settings(tokenizer, style, cfg.stops, model_path)
+    # the processes of one machine share its cores: grader workers per process, not per machine
+    workers = cfg.grade_workers or max(1, (os.cpu_count() or 1) // world)
     out = {}
     for b in cfg.benchmarks:
         problems = load_benchmark(b, cfg.data_dir or None, cfg.limit or None)
         outs = backend.generate([build_prompt(p.question, style, tokenizer) for p in problems],
                                 [f"{b}:{p.id}" for p in problems], cfg.sampling, stop_token_ids=stop_ids,
-                                stop_strings=stop_strings)
-        verdicts = grade_batch([(c.text, p.golds, b) for p, cs in zip(problems, outs) for c in cs],
-                               protocol=cfg.grader, workers=cfg.grade_workers, timeout=cfg.grade_timeout,
+                                stop_strings=stop_strings, rank=rank, world=world, synced=synced)
+        verdicts = grade_batch([(c.text, p.golds, b) for p, cs in zip(problems, outs) if cs is not None for c in cs],
+                               protocol=cfg.grader, workers=workers, timeout=cfg.grade_timeout,
                                strip_think=cfg.strip_think)
-        out[b] = sum(v.correct for v in verdicts) / max(len(verdicts), 1)
+        counts = torch.tensor([sum(v.correct for v in verdicts), len(verdicts)], dtype=torch.float64,
+                              device=next(model.parameters()).device)
+        if world > 1:
+            runtime.all_sum(counts)
+        out[b] = float(counts[0] / counts[1].clamp_min(1))
     return out
