@@ -205,7 +205,8 @@ class Config:
     """A training run: model, data and train sections, and ``eval``: the periodic evaluation
     for learning curves (every ``train.eval_every`` steps, on the live model with transformers;
     the same settings as ``dftune eval``, with short defaults: 32 problems of math500, one
-    sample of up to 512 tokens at temperature 1.0)."""
+    sample of up to 512 tokens at temperature 1.0, the prompt of the run's own layout:
+    ``prompt: auto``)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -216,7 +217,7 @@ class Config:
 
 def periodic_eval_defaults() -> EvalConfig:
     """The ``eval`` section's defaults: short, because it runs inside training."""
-    return EvalConfig(benchmarks=["math500"], backend="hf", limit=32,
+    return EvalConfig(benchmarks=["math500"], backend="hf", limit=32, prompt="auto",
                       sampling=SamplingConfig(n=1, temperature=1.0, max_new_tokens=512))
 
 

@@ -289,7 +289,8 @@ def _periodic_eval(s: Setup, step: int) -> None:
     model = dist.unwrap(s.module).model
     model.eval()
     with dist.gathered_root(s.module), s.precision.eval_autocast():
-        result = quick_eval(model, s.tokenizer, s.cfg.eval, s.rt, synced=s.precision.fsdp and s.rt.world > 1)
+        result = quick_eval(model, s.tokenizer, s.cfg.eval, s.rt, synced=s.precision.fsdp and s.rt.world > 1,
+                            chat_template=s.cfg.data.chat_template, model_path=s.cfg.model.name_or_path)
     model.train()
     if s.rt.is_main:
         append_jsonl(s.out / "eval_curve.jsonl", [{"step": step, **result}])
