@@ -317,7 +317,7 @@ def test_compare_command_writes_json_and_markdown(tmp_path):
     assert (tmp_path / "cmp" / "compare.md").read_text().startswith("A = ")
     r = subprocess.run([sys.executable, "-m", "dftune.cli", "compare", str(tmp_path / "a"), str(tmp_path / "zzz"),
                         "--out", str(tmp_path / "cmp2")], capture_output=True, text=True, env=env)
-    assert r.returncode == 2 and "no summary.json" in r.stderr
+    assert r.returncode == 2 and "zzz not found" in r.stderr
 
 
 def test_vllm_eval_end_to_end_on_cpu(tiny_dir, shared_data, tmp_path):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -264,7 +265,7 @@ def test_periodic_evaluation_writes_a_learning_curve(tiny_dir, problems_file, tm
 @pytest.mark.parametrize("override, match", [
     ("eval.backend=vllm", "live model"),
     ("eval.model=some/model", "being trained"),
-    ("eval.benchmarks=", "at least one"),
+    ("eval.benchmarks=", "name at least one"),
 ])
 def test_periodic_evaluation_settings_it_cannot_honour_are_refused_first(tiny_dir, problems_file, tmp_path, override,
                                                                          match):
@@ -323,7 +324,7 @@ def test_fp16_is_refused_before_anything_loads(tiny_dir, problems_file, tmp_path
     from dftune.settings import ConfigError
 
     with pytest.raises(ConfigError, match="fp16 is not supported"):
-        _cfg(tiny_dir, problems_file, tmp_path / "x", precision="fp16-mixed")
+        train(_cfg(tiny_dir, problems_file, tmp_path / "x", precision="fp16-mixed"))
     assert not (tmp_path / "x").exists()
 
 
@@ -331,13 +332,13 @@ def test_fp16_is_refused_before_anything_loads(tiny_dir, problems_file, tmp_path
 
 
 def test_run_folder_is_never_mixed(tiny_dir, problems_file, tmp_path):
-    from dftune.run_folder import RunFolderError
+    from dftune.settings import ConfigError
 
     out = tmp_path / "run"
     train(_cfg(tiny_dir, problems_file, out, max_steps=2, save_every=1))
-    with pytest.raises(RunFolderError, match="already holds a run"):
+    with pytest.raises(ConfigError, match="already holds a run"):
         train(_cfg(tiny_dir, problems_file, out, max_steps=2))
-    with pytest.raises(RunFolderError, match=r"train.lr: saved 0.003, now 0.001"):
+    with pytest.raises(ConfigError, match=r"train.lr: saved 0.003, now 0.001"):
         train(_cfg(tiny_dir, problems_file, out, max_steps=2, lr=1e-3, resume=True))
     # harmless differences are allowed; a finished run resumed is returned as it is
     final = train(_cfg(tiny_dir, problems_file, out, max_steps=2, resume=True, log_every=5, keep_checkpoints=1))
@@ -346,6 +347,56 @@ def test_run_folder_is_never_mixed(tiny_dir, problems_file, tmp_path):
     train(_cfg(tiny_dir, problems_file, out, max_steps=1, overwrite=True, lr=1e-3))
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_0000001"]
     assert [r["step"] for r in _log(out)] == [1]
+
+
+def test_a_failed_start_does_not_block_the_corrected_one(tiny_dir, problems_file, tmp_path):
+    """A start that fails after claiming the folder (the weights do not load) leaves no
+    progress: the corrected command runs there without --overwrite."""
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"not weights")
+    out = tmp_path / "run"
+    with pytest.raises(Exception):
+        train(_cfg(broken, problems_file, out, max_steps=1))
+    assert (out / "config.yaml").is_file() and not (out / "log.jsonl").exists()
+    assert train(_cfg(tiny_dir, problems_file, out, max_steps=1)) == out / "final"
+    assert yaml.safe_load((out / "config.yaml").read_text())["model"]["name_or_path"] == str(tiny_dir)
+
+
+def test_resume_needs_a_complete_checkpoint(tiny_dir, problems_file, tmp_path):
+    from dftune.settings import ConfigError
+
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match="holds no run to resume; start it without --resume"):
+        train(_cfg(tiny_dir, problems_file, out, max_steps=3, resume=True))
+    assert not out.exists()
+
+    def stop(step, rec):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(tiny_dir, problems_file, out, max_steps=3), on_step=stop)  # save_every=0: no checkpoint
+    with pytest.raises(ConfigError, match="saved no complete checkpoint .log.jsonl reaches step 2"):
+        train(_cfg(tiny_dir, problems_file, out, max_steps=3, resume=True))
+    assert [r["step"] for r in _log(out)] == [1, 2]  # the refusal kept the log as it was
+
+
+def test_ctrl_c_names_the_checkpoint_and_the_command(tiny_dir, problems_file, tmp_path):
+    from dftune.cli import interrupted_message
+    from dftune.errors import Interrupted
+
+    def stop(step, rec):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted) as e:
+        train(_cfg(tiny_dir, problems_file, out, max_steps=5, save_every=2), on_step=stop)
+    assert e.value.resume == out / "checkpoints" / "step_0000002"
+    text = interrupted_message("train", ["cfg.yaml", "lr=1e-3", "--overwrite"], e.value, "")
+    assert f"the last checkpoint is {out / 'checkpoints' / 'step_0000002'}" in text
+    assert text.endswith("continue with: dftune train cfg.yaml lr=1e-3 --resume")
 
 
 def test_resume_ignores_unfinished_checkpoints_and_replays_log_once(tiny_dir, problems_file, tmp_path):
@@ -372,7 +423,8 @@ def test_keep_checkpoints_must_be_positive(tiny_dir, problems_file, tmp_path):
     from dftune.settings import ConfigError
 
     with pytest.raises(ConfigError, match="keep_checkpoints"):
-        _cfg(tiny_dir, problems_file, tmp_path, keep_checkpoints=0)
+        train(_cfg(tiny_dir, problems_file, tmp_path / "run", keep_checkpoints=0))
+    assert not (tmp_path / "run").exists()
 
 
 def test_checkpoint_metadata_cannot_run_code(tiny_dir, problems_file, tmp_path):

@@ -49,7 +49,9 @@ def cmd_eval(cfg) -> None:
     paper:   dftune eval --model Qwen/Qwen2.5-Math-1.5B --out evals/base
     """
     from dftune.eval.run import evaluate, markdown_table
+    from dftune.eval.validate import validate_eval
 
+    validate_eval(cfg)
     summary = evaluate(cfg)
     print(markdown_table(summary))
     print(f"per-sample results: {cfg.out}/samples.jsonl; summary: {cfg.out}/summary.json")
@@ -62,7 +64,9 @@ def cmd_compare(cfg) -> None:
     example: dftune compare evals/dft evals/nll --out evals/dft-vs-nll
     """
     from dftune.eval.compare import compare_markdown, run_compare
+    from dftune.eval.validate import validate_compare
 
+    validate_compare(cfg)
     print(compare_markdown(run_compare(cfg)))
     if cfg.out:
         print(f"wrote {cfg.out}/compare.json and compare.md")
@@ -116,8 +120,9 @@ def cmd_report(cfg) -> None:
 
     example: dftune report runs/tiny-dft analysis/tiny -o report.html
     """
-    from dftune.analysis.report import write_report
+    from dftune.analysis.report import validate_report, write_report
 
+    validate_report(cfg)
     print(f"wrote {write_report(cfg.inputs, cfg.output, cfg.title)}")
 
 
@@ -161,8 +166,9 @@ def cmd_sample(cfg) -> None:
 
 def cmd_baseline_trl(kind: str):
     def run(cfg) -> None:
-        from dftune.offline.baselines import run_dpo, run_grpo
+        from dftune.offline.baselines import run_dpo, run_grpo, validate_baseline
 
+        validate_baseline(cfg, kind)
         print(f"final model: {(run_dpo if kind == 'dpo' else run_grpo)(cfg)}")
 
     return run
@@ -198,6 +204,7 @@ class Command:
     positional: str = ""  # the field bare ARGs fill
     flags: dict = field(default_factory=dict)  # short flag -> key
     yaml_field: str = ""  # a CONFIG.yaml argument is this field's value, not settings (sweep's training config)
+    on_interrupt: str = ""  # what Ctrl-C leaves behind, printed with "interrupted"
 
 
 def _cfg(module: str, name: str):
@@ -216,9 +223,11 @@ BASELINE_DOC = """DPO or GRPO baselines on TRL, PPO on verl, with configs mirror
              dftune baseline ppo configs/paper/ppo.yaml launch=false   # write verl's data and command only
     """
 
+RERUN_CONTINUES = "finished samples are kept in OUT/samples.jsonl: the same command continues"
+
 COMMANDS: dict[str, Command] = {
     "train": Command(_cfg("dftune.config", "Config"), cmd_train, cmd_train.__doc__),
-    "eval": Command(_cfg("dftune.eval.run", "EvalConfig"), cmd_eval, cmd_eval.__doc__,
+    "eval": Command(_cfg("dftune.eval.run", "EvalConfig"), cmd_eval, cmd_eval.__doc__, on_interrupt=RERUN_CONTINUES,
                     flags={"--tensor-parallel": "tensor_parallel_size", "--data-parallel": "data_parallel_size",
                            "--no-end-of-turn-stop": "stop_at_end_of_turn=false"}),
     "compare": Command(_cfg("dftune.eval.compare", "CompareConfig"), cmd_compare, cmd_compare.__doc__,
@@ -228,9 +237,12 @@ COMMANDS: dict[str, Command] = {
     "analyze": Command(_cfg("dftune.analysis.run", "AnalyzeConfig"), cmd_analyze, cmd_analyze.__doc__),
     "report": Command(_cfg("dftune.analysis.report", "ReportConfig"), cmd_report, cmd_report.__doc__,
                       positional="inputs", flags={"-o": "output"}),
-    "sweep": Command(_cfg("dftune.sweep", "SweepConfig"), cmd_sweep, cmd_sweep.__doc__, yaml_field="config"),
+    "sweep": Command(_cfg("dftune.sweep", "SweepConfig"), cmd_sweep, cmd_sweep.__doc__, yaml_field="config",
+                     on_interrupt="finished points are kept and an interrupted one resumes from its last checkpoint: "
+                                  "the same command continues"),
     "demo": Command(_cfg("dftune.testbed.demo_config", "DemoConfig"), cmd_demo, cmd_demo.__doc__, positional="mode"),
-    "sample": Command(_cfg("dftune.offline.sample", "SampleConfig"), cmd_sample, cmd_sample.__doc__),
+    "sample": Command(_cfg("dftune.offline.sample", "SampleConfig"), cmd_sample, cmd_sample.__doc__,
+                      on_interrupt=RERUN_CONTINUES),
     "baseline dpo": Command(_cfg("dftune.offline.baselines", "BaselineConfig"), cmd_baseline_trl("dpo"), BASELINE_DOC),
     "baseline grpo": Command(_cfg("dftune.offline.baselines", "BaselineConfig"), cmd_baseline_trl("grpo"), BASELINE_DOC),
     "baseline ppo": Command(_cfg("dftune.offline.ppo", "PPOConfig"), cmd_baseline_ppo, BASELINE_DOC),
@@ -415,10 +427,28 @@ def main(argv=None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(interrupted_message(name, argv, e, cmd.on_interrupt), file=sys.stderr)
         return 130
     return 0
+
+
+def interrupted_message(name: str, argv: list[str], e: KeyboardInterrupt, hint: str) -> str:
+    """What Ctrl-C leaves and the command that continues (a training run: from its last
+    checkpoint with --resume, or again with --overwrite when it saved none)."""
+    import shlex
+
+    from dftune.errors import Interrupted
+
+    if not isinstance(e, Interrupted) or name != "train":  # (sweep's points resume by themselves)
+        return f"interrupted{': ' + hint if hint else ''}"
+    keep = [a for a in argv if a not in ("--resume", "--overwrite") and a.partition("=")[0].split(".")[-1]
+            not in ("resume", "overwrite")]
+    if e.resume is not None:
+        again = shlex.join(["dftune", *name.split(), *keep, "--resume"])
+        return f"interrupted: {e.message}; the last checkpoint is {e.resume}; continue with: {again}"
+    again = shlex.join(["dftune", *name.split(), *keep, "--overwrite"])
+    return f"interrupted: {e.message}, before any checkpoint was saved (train.save_every); start again with: {again}"
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from dftune.eval.generate import SamplingConfig
 from dftune.eval.run import EvalConfig
-from dftune.settings import ConfigError, load
-from dftune.settings import choice as _choice
+from dftune.paths import data_problem, model_problem
+from dftune.settings import Problems, load
 
 
 @dataclass
@@ -163,21 +163,6 @@ class TrainConfig(TrainingSection):
     eval_every: int = 0
     """Run the periodic evaluation (the ``eval`` section) every N steps (0: never)."""
 
-    def __post_init__(self):
-        if self.precision.startswith("fp16"):
-            raise ConfigError("train.precision: fp16 is not supported: fp16 gradients underflow without loss scaling, "
-                              "which dftune does not do; use bf16-mixed (GPUs since Ampere) or fp32")
-        _choice("train.precision", self.precision, ("auto", "bf16-mixed", "fp32", "bf16-pure"))
-        _choice("train.parallel", self.parallel, ("auto", "none", "ddp", "fsdp"))
-        for key in ("global_batch", "micro_batch", "keep_checkpoints"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"train.{key}: must be >= 1; got {getattr(self, key)}")
-        if self.global_batch % self.micro_batch:
-            raise ConfigError(f"train.global_batch ({self.global_batch}) must be a multiple of train.micro_batch "
-                              f"({self.micro_batch}) x processes")
-        if self.resume and self.overwrite:
-            raise ConfigError("train.resume and train.overwrite exclude each other")
-
 
 # the ``eval`` keys that the periodic evaluation cannot honour: it scores the live model in the
 # training process, with transformers, one benchmark at a time
@@ -215,3 +200,66 @@ def periodic_eval_defaults() -> EvalConfig:
 def load_config(path: str | Path | None, overrides=()) -> Config:
     """The training run's config (YAML sections model/data/train, plus overrides)."""
     return load(Config, path, overrides)
+
+
+# ---- checks: every problem with the values, collected before anything loads ---------------
+
+
+def check_model(m: ModelConfig, p: Problems, where: str = "model") -> None:
+    p.add(model_problem(f"{where}.name_or_path", m.name_or_path, m.gguf_file))
+    p.at_least(f"{where}.lora_r", m.lora_r, 0)
+    if m.lora_r:
+        p.positive(f"{where}.lora_alpha", m.lora_alpha)
+        p.fraction(f"{where}.lora_dropout", m.lora_dropout)
+
+
+def check_data(d: DataConfig, p: Problems, where: str = "data") -> None:
+    from dftune.records import FORMATS, DataError, parse_select
+
+    p.add(data_problem(f"{where}.path", d.path))
+    p.one_of(f"{where}.format", d.format, ("auto", *FORMATS))
+    try:
+        parse_select(d.select)
+    except DataError:
+        p.append(f"{where}.select: must be all, first:N or random:N; got {d.select!r}")
+    p.at_least(f"{where}.max_length", d.max_length, 2)
+    p.one_of(f"{where}.on_bad_row", d.on_bad_row, ("error", "skip"))
+    if d.chat_template not in ("auto", "plain"):
+        p.check(Path(d.chat_template).is_file(), f"{where}.chat_template: {d.chat_template} not found "
+                                                 "(auto, plain, or a .jinja file)")
+    p.at_least(f"{where}.workers", d.workers, 0)
+
+
+def check_training(t: TrainingSection, p: Problems, world: int = 1, where: str = "train") -> None:
+    """The shared training section, the same for every trainer."""
+    p.positive(f"{where}.lr", t.lr)
+    p.fraction(f"{where}.warmup_ratio", t.warmup_ratio)
+    p.at_least(f"{where}.weight_decay", t.weight_decay, 0)
+    p.at_least(f"{where}.grad_clip", t.grad_clip, 0)
+    p.positive(f"{where}.epochs", t.epochs)
+    p.at_least(f"{where}.max_steps", t.max_steps, 0)
+    p.at_least(f"{where}.log_every", t.log_every, 1)
+    p.nonempty(f"{where}.out", t.out, "the run folder")
+    if p.at_least(f"{where}.global_batch", t.global_batch, 1) & p.at_least(f"{where}.micro_batch", t.micro_batch, 1):
+        p.check(t.global_batch % (t.micro_batch * world) == 0,
+                f"{where}.global_batch {t.global_batch} is not a multiple of {where}.micro_batch {t.micro_batch} x "
+                f"{world} process(es) = {t.micro_batch * world}")
+
+
+def check_train(t: TrainConfig, p: Problems, world: int = 1) -> None:
+    """The train section (the objective and its schedule are parsed by the caller, once)."""
+    from dftune.loss import BACKENDS
+    from dftune.precision import precision_problem
+
+    check_training(t, p, world)
+    p.add(precision_problem(t.precision))
+    p.one_of("train.parallel", t.parallel, ("auto", "none", "ddp", "fsdp"))
+    p.one_of("train.loss_backend", t.loss_backend, BACKENDS)
+    p.at_least("train.chunk_size", t.chunk_size, 0)
+    p.fraction("train.beta1", t.beta1)
+    p.fraction("train.beta2", t.beta2)
+    p.fraction("train.min_lr_ratio", t.min_lr_ratio, one=True)
+    p.at_least("train.save_every", t.save_every, 0)
+    p.at_least("train.keep_checkpoints", t.keep_checkpoints, 1)
+    p.at_least("train.eval_every", t.eval_every, 0)
+    p.check(not (t.resume and t.overwrite), "train.resume and train.overwrite exclude each other")

@@ -29,7 +29,11 @@ def load_tokenizer(name_or_path: str | ModelConfig, *, gguf_file: str = "", trus
     if not name_or_path:
         raise ConfigError("model.name_or_path is empty: give a Hub id or a local model folder")
     kw = {"gguf_file": gguf_file} if gguf_file else {}
-    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kw)
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kw)
+    except OSError as e:  # not a folder here, and not a model the Hub has (or the Hub is out of reach)
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{name_or_path}: not a model folder here, and not loadable from the Hub ({why})") from None
     if tok.eos_token_id is None:
         raise ConfigError(f"{name_or_path}: the tokenizer has no EOS token; responses must end with one")
     if tok.pad_token_id is None:

@@ -74,37 +74,53 @@ def _omitted(f: dataclasses.Field) -> dict[str, str]:
 
 
 def from_dict(cls, data: dict, where: str = "", base=None, omit: dict | None = None):
-    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and bad types.
+    """Build dataclass ``cls`` from a nested dict; every unknown key and wrong type is
+    collected, then raised together (one line each).
 
     Keys not given keep ``base``'s values: a section's own defaults are those of the field
     that holds it (``Config.eval``'s short periodic evaluation, not ``EvalConfig()``'s).
     """
+    problems = Problems()
+    built = _build(cls, data, where, base, omit or {}, problems)
+    problems.raise_all()
+    return built
+
+
+def _build(cls, data, where: str, base, omit: dict, problems: Problems):
+    before = len(problems)
     if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+        problems.append(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+        return None
     hints = _hints(cls)
     fields_ = {f.name: f for f in dataclasses.fields(cls)}
-    omit = omit or {}
-    for key in data:
-        if key in omit:
-            raise ConfigError(f"{where}.{key}: not a setting here: {omit[key]}")
-    unknown = [k for k in data if k not in fields_]
-    if unknown:
-        raise ConfigError(f"{where or 'config'}: unknown key(s) {unknown}; known: "
-                          f"{sorted(k for k in fields_ if k not in omit)}")
     kwargs = {}
     for key, value in data.items():
-        typ, path = hints[key], f"{where}.{key}" if where else key
-        if dataclasses.is_dataclass(typ):
-            kwargs[key] = from_dict(typ, value or {}, path, _section_default(fields_[key], base), _omitted(fields_[key]))
+        path = f"{where}.{key}" if where else key
+        if key in omit:
+            problems.append(f"{path}: not a setting here: {omit[key]}")
+        elif key not in fields_:
+            known = [f"{where}.{k}" if where else k for k in fields_ if k not in omit]
+            problems.append(f"unknown key {path!r}{did_you_mean(path, known)}; known here: {', '.join(sorted(known))}")
+        elif dataclasses.is_dataclass(hints[key]):
+            kwargs[key] = _build(hints[key], value or {}, path, _section_default(fields_[key], base),
+                                 _omitted(fields_[key]), problems)
         else:
-            kwargs[key] = _coerce(value, typ, path, fields_[key].metadata.get("split", True))
+            try:
+                kwargs[key] = _coerce(value, hints[key], path, fields_[key].metadata.get("split", True))
+            except ConfigError as e:
+                problems.append(str(e))
+    if len(problems) > before:  # nothing built from a section with problems
+        return None
     if base is not None:
         kept = copy.deepcopy({f.name: getattr(base, f.name) for f in fields_.values() if f.init and f.name not in kwargs})
         kwargs = {**kept, **kwargs}
     try:
         return cls(**kwargs)
     except TypeError as e:  # a required field without a default
-        raise ConfigError(f"{where or cls.__name__}: {e}") from None
+        problems.append(f"{where or cls.__name__}: {e}")
+    except ConfigError as e:  # a dataclass that checks itself
+        problems.append(str(e))
+    return None
 
 
 def known_keys(cls, prefix: str = "", omit: dict | None = None) -> dict[str, object]:
@@ -341,8 +357,24 @@ class Problems(list):
             self.append(message)
         return ok
 
+    def add(self, problem: str | None) -> None:
+        """A check's result: its problem, or None when there is none."""
+        if problem:
+            self.append(problem)
+
     def at_least(self, where: str, value, low) -> bool:
         return self.check(value >= low, f"{where}: must be >= {low}; got {value}")
+
+    def positive(self, where: str, value) -> bool:
+        return self.check(value > 0, f"{where}: must be > 0; got {value}")
+
+    def fraction(self, where: str, value, *, one: bool = False) -> bool:
+        """``value`` in [0, 1), or [0, 1] with ``one``."""
+        ok = 0 <= value <= 1 if one else 0 <= value < 1
+        return self.check(ok, f"{where}: must be in [0, 1{']' if one else ')'}; got {value}")
+
+    def nonempty(self, where: str, value, what: str) -> bool:
+        return self.check(bool(value), f"{where}: empty; give {what}")
 
     def one_of(self, where: str, value, choices) -> bool:
         return self.check(value in choices, f"{where}: must be one of {', '.join(map(str, choices))}; got {value!r}")

@@ -111,10 +111,16 @@ class TinyConfig:
 
 
 def make_tiny_from(cfg: TinyConfig) -> Path:
-    from dftune.settings import ConfigError
+    from dftune.paths import data_problem
+    from dftune.settings import Problems
 
-    if not cfg.out or not cfg.data:
-        raise ConfigError("tiny-model needs out (the folder to write) and data (text for the tokenizer)")
+    p = Problems()
+    p.nonempty("out", cfg.out, "the folder to write")
+    p.add(data_problem("data", cfg.data))
+    for key in ("limit", "vocab_size", "hidden", "layers", "heads"):
+        p.at_least(key, getattr(cfg, key), 1)
+    p.check(cfg.heads < 1 or cfg.hidden % cfg.heads == 0, f"hidden: {cfg.hidden} is not a multiple of heads {cfg.heads}")
+    p.raise_all()
     return make_tiny(cfg.out, texts_from(cfg.data, cfg.limit), vocab_size=cfg.vocab_size, seed=cfg.seed,
                      hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads, intermediate=2 * cfg.hidden)
 

@@ -286,6 +286,19 @@ def build_report(paths: list[str | Path], title: str = "dftune report", base: st
             f"{body}<h2>Inputs</h2><ul>{inputs}</ul><script>{P.JS}</script></body></html>")
 
 
+def validate_report(cfg: ReportConfig) -> None:
+    """`dftune report`'s settings: inputs that exist, an output file to write."""
+    from dftune.settings import Problems
+
+    p = Problems()
+    if p.nonempty("inputs", cfg.inputs, "run, evaluation, analysis or sweep folders (or probe.json files)"):
+        for path in cfg.inputs:
+            p.check(Path(path).exists(), f"inputs: {path} not found")
+    if p.nonempty("output", cfg.output, "the HTML file to write (-o report.html)"):
+        p.check(not Path(cfg.output).is_dir(), f"output: {cfg.output} is a folder; give the HTML file to write")
+    p.raise_all()
+
+
 def write_report(paths, out: str | Path, title: str = "dftune report") -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

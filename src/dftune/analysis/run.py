@@ -69,6 +69,46 @@ class AnalyzeConfig:
     sample: SampleDataConfig = field(default_factory=SampleDataConfig)
 
 
+def check_sample(s: SampleDataConfig, p) -> None:
+    from dftune.paths import data_problem
+
+    p.add(data_problem("sample.data", s.data))
+    p.at_least("sample.limit", s.limit, 1)
+    p.at_least("sample.max_length", s.max_length, 2)
+    p.at_least("sample.batch_size", s.batch_size, 1)
+
+
+def validate_probe(cfg: ProbeConfig) -> None:
+    """`dftune probe`'s settings, every problem raised together before anything loads."""
+    from dftune.paths import model_problem
+    from dftune.settings import Problems
+
+    p = Problems()
+    p.add(model_problem("model", cfg.model))
+    check_sample(cfg.sample, p)
+    p.raise_all()
+
+
+def validate_analyze(cfg: AnalyzeConfig) -> None:
+    """`dftune analyze`'s settings, every problem raised together before anything loads."""
+    from dftune.paths import model_problem
+    from dftune.settings import Problems
+
+    p = Problems()
+    try:
+        models = parse_models(cfg.models)
+    except ConfigError as e:
+        p.append(str(e))
+        models = {}
+    for name, path in models.items():
+        p.add(model_problem(f"models ({name})", path))
+    if models:
+        p.check(not cfg.base or cfg.base in models, f"base: {cfg.base!r} is not one of models ({', '.join(models)})")
+    p.nonempty("out", cfg.out, "the output folder")
+    check_sample(cfg.sample, p)
+    p.raise_all()
+
+
 def sample_examples(tokenizer, s: SampleDataConfig):
     """The sample as training examples (rows that cannot be used are skipped and counted)."""
     from dftune.config import DataConfig
@@ -91,8 +131,7 @@ def run_probe(cfg: ProbeConfig) -> dict:
     from dftune.model import load_pretrained, load_tokenizer
     from dftune.precision import inference_dtype
 
-    if not cfg.model:
-        raise ConfigError("model is empty: give the base model's folder or Hub id")
+    validate_probe(cfg)
     tok = load_tokenizer(cfg.model)
     exs = sample_examples(tok, cfg.sample)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -126,12 +165,9 @@ def run_analyze(cfg: AnalyzeConfig, progress: bool = True) -> dict:
     from dftune.model import load_pretrained, load_tokenizer
     from dftune.precision import inference_dtype
 
+    validate_analyze(cfg)
     models = parse_models(cfg.models)
     base = cfg.base or next(iter(models))
-    if base not in models:
-        raise ConfigError(f"base {base!r} is not one of models ({', '.join(models)})")
-    if not cfg.out:
-        raise ConfigError("out is empty: give the output folder")
     tok = load_tokenizer(models[base])
     exs = sample_examples(tok, cfg.sample)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

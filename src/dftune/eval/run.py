@@ -140,7 +140,7 @@ def _check_settings(out: Path, settings: dict) -> dict:
     """The stored settings merged with these; a difference that would mix results is an error."""
     path = out / "eval_config.json"
     old = read_json(path)
-    if old is None:
+    if old is None or not read_samples(out / "samples.jsonl"):  # a start that sampled nothing binds nothing
         return settings
     for key in CHECKED:
         if old.get(key) != settings[key]:
@@ -317,21 +317,6 @@ def markdown_table(summary: dict) -> str:
     for b, m in summary["benchmarks"].items():
         text += f"| {b} | " + " | ".join(str(m.get("grader", {}).get(s, 0)) for s in STATUSES) + " |\n"
     return text
-
-
-def check_periodic_eval(cfg: EvalConfig) -> None:
-    """Refuse ``eval`` settings that periodic evaluation inside training cannot honour, before
-    any training: it evaluates the live model, in the training process, with transformers."""
-    from dftune.settings import ConfigError
-
-    if cfg.model or cfg.out:
-        raise ConfigError("eval.model / eval.out: periodic evaluation scores the model being trained and writes "
-                          "eval_curve.jsonl in the run folder; leave them empty (dftune eval evaluates a saved model)")
-    if cfg.backend != "hf":
-        raise ConfigError(f"eval.backend={cfg.backend}: periodic evaluation generates with the live model in the "
-                          "training process (hf); evaluate checkpoints with vLLM by dftune eval")
-    if not cfg.benchmarks:
-        raise ConfigError("eval.benchmarks: name at least one benchmark for the periodic evaluation")
 
 
 def quick_eval(model, tokenizer, cfg: EvalConfig) -> dict:

@@ -65,6 +65,32 @@ class BaselineConfig:
 SCHEDULERS = {"cosine": "cosine", "constant": "constant_with_warmup"}  # ours -> transformers' names
 
 
+def validate_baseline(cfg: BaselineConfig, kind: str) -> None:
+    """Every problem with a DPO (``kind`` dpo) or GRPO run's settings, raised together before
+    anything loads."""
+    from dftune.config import check_training
+    from dftune.paths import data_problem, model_problem
+    from dftune.settings import Problems
+
+    p = Problems()
+    p.add(model_problem("model", cfg.model))
+    p.add(data_problem("data", cfg.data))
+    check_training(cfg.train, p, world_size())
+    p.one_of("lr_scheduler", cfg.lr_scheduler, tuple(SCHEDULERS))
+    p.at_least("beta", cfg.beta, 0)
+    p.one_of("dtype", cfg.dtype, ("auto", "bf16", "fp32"))
+    if kind == "dpo":
+        p.at_least("max_length", cfg.max_length, 2)
+    else:
+        p.at_least("num_generations", cfg.num_generations, 2)
+        p.at_least("max_completion_length", cfg.max_completion_length, 1)
+        p.at_least("temperature", cfg.temperature, 0)
+        p.check(cfg.train.global_batch % max(cfg.num_generations, 1) == 0,
+                f"train.global_batch {cfg.train.global_batch} (completions) must be a multiple of num_generations "
+                f"{cfg.num_generations}: each question's group is in one step")
+    p.raise_all()
+
+
 def load_baseline_config(path: str | None, overrides: list[str]) -> BaselineConfig:
     """YAML (optional) + key=value overrides, checked (dftune.config.load)."""
     return load(BaselineConfig, path, overrides)

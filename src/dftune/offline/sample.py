@@ -42,7 +42,7 @@ from dftune.files import (
     write_jsonl,
 )
 from dftune.records import gsm8k_final
-from dftune.settings import ConfigError
+from dftune.settings import ConfigError, Problems
 
 PROMPT_FIELD = {"problem_solution": "problem", "question_answer": "question", "prompt_completion": "prompt"}
 
@@ -143,7 +143,7 @@ def check_settings(out: Path, settings: dict) -> None:
     """Refuse to add samples drawn with other settings to ``out``; else record the settings."""
     path = out / "sample_config.json"
     old = read_json(path)
-    if old is not None:
+    if old is not None and read_jsonl(out / "samples.jsonl"):  # a start that sampled nothing binds nothing
         before, now = _flat(old), _flat(settings)
         diff = [k for k in now if before.get(k) != now[k]]
         if diff:
@@ -273,13 +273,33 @@ class SampleConfig:
     grade_workers: int = 0
 
 
+def validate_sample(cfg: SampleConfig) -> None:
+    """Every problem with `dftune sample`'s settings, raised together before anything loads."""
+    from dftune.paths import data_problem, model_problem
+
+    p = Problems()
+    p.add(model_problem("model", cfg.model))
+    p.add(data_problem("data", cfg.data))
+    p.nonempty("out", cfg.out, "the output folder")
+    p.at_least("k", cfg.k, 1)
+    p.check(cfg.select == "all" or (cfg.select.partition(":")[0] in ("first", "random")
+                                    and cfg.select.partition(":")[2].isdigit()),
+            f"select: must be all, first:N or random:N; got {cfg.select!r}")
+    p.one_of("backend", cfg.backend, ("vllm", "hf"))
+    if cfg.chat_template not in ("auto", "plain"):
+        p.check(Path(cfg.chat_template).is_file(), f"chat_template: {cfg.chat_template} not found")
+    p.at_least("temperature", cfg.temperature, 0)
+    p.check(0 < cfg.top_p <= 1, f"top_p: must be in (0, 1]; got {cfg.top_p}")
+    p.at_least("max_new_tokens", cfg.max_new_tokens, 1)
+    p.at_least("batch_size", cfg.batch_size, 1)
+    p.at_least("tensor_parallel_size", cfg.tensor_parallel_size, 1)
+    p.at_least("grade_workers", cfg.grade_workers, 0)
+    p.raise_all()
+
+
 def run_sample(cfg: SampleConfig) -> dict:
     """`dftune sample`: check the settings, then sample() (see its docstring)."""
-    for key in ("model", "data", "out"):
-        if not getattr(cfg, key):
-            raise ConfigError(f"sample: {key} is empty")
-    if cfg.backend not in ("vllm", "hf"):
-        raise ConfigError(f"sample: backend must be vllm or hf; got {cfg.backend!r}")
+    validate_sample(cfg)
     from dftune.eval.generate import EngineConfig
 
     engine = EngineConfig(batch_size=cfg.batch_size, tensor_parallel_size=cfg.tensor_parallel_size)
