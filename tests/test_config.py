@@ -192,3 +192,53 @@ def test_user_errors_are_one_line(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and err.count("\n") <= 12
+
+
+def _command_configs():
+    from dftune.cli import COMMANDS
+
+    return {name: cmd.config() for name, cmd in COMMANDS.items()}
+
+
+@pytest.mark.parametrize("command", sorted(_command_configs()))
+def test_every_key_a_command_honours_has_its_own_help_line(command, capsys):
+    """--show is read from a docstring after each field: every key shown has one, not blank,
+    not another key's (grouped help drifted before)."""
+    import typing
+
+    from dftune.cli import main
+    from dftune.settings import field_docs, known_keys
+
+    cls = _command_configs()[command]
+
+    def help_of(key):
+        typ = cls
+        for part in key.split(".")[:-1]:
+            typ = typing.get_type_hints(typ)[part]
+        return field_docs(typ).get(key.rpartition(".")[2], "")
+
+    keys = known_keys(cls)
+    helps = {k: help_of(k) for k in keys}
+    assert all(helps.values()), [k for k, h in helps.items() if not h]
+    by_text = {}
+    for k, h in helps.items():
+        by_text.setdefault((k.rpartition(".")[0], h), []).append(k)
+    assert all(len(v) == 1 for v in by_text.values()), [v for v in by_text.values() if len(v) > 1]
+    assert main([*command.split(), "--show"]) == 0
+    shown = capsys.readouterr().out
+    for k, h in helps.items():
+        assert f"  {k} = " in shown and h in shown, k
+
+
+def test_show_lists_only_what_the_command_honours(capsys):
+    from dftune.cli import main
+
+    assert main(["train", "--show"]) == 0
+    shown = capsys.readouterr().out
+    assert "eval.limit = " in shown and "train.out = " in shown
+    for refused in ("eval.model", "eval.out", "eval.backend", "eval.engine"):
+        assert f"{refused} " not in shown and f"{refused}." not in shown, refused
+    assert main(["baseline", "ppo", "--show"]) == 0
+    assert "train.log_every" not in capsys.readouterr().out  # verl logs every step itself
+    assert main(["sweep", "--show"]) == 0
+    assert "eval.model" not in capsys.readouterr().out

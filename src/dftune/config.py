@@ -20,72 +20,71 @@ from dftune.settings import Problems, load
 
 @dataclass
 class ModelConfig:
-    """The model to fine-tune.
-
-    name_or_path: Hugging Face Hub id or local folder.
-    gguf_file: a GGUF file inside that folder, loaded through transformers (needs `gguf`).
-    gradient_checkpointing: recompute activations in backward to save memory.
-    lora_r: LoRA rank; 0 trains every weight.
-    lora_alpha, lora_dropout, lora_target_modules: peft LoraConfig values.
-    attn_implementation: passed to from_pretrained (e.g. sdpa, flash_attention_2).
-    trust_remote_code: allow custom model code from the Hub.
-    """
+    """The model to fine-tune."""
 
     name_or_path: str = ""
+    """Hugging Face Hub id or local folder."""
     gguf_file: str = ""
+    """a GGUF file inside that folder, loaded through transformers (needs `gguf`)."""
     gradient_checkpointing: bool = False
+    """recompute activations in backward to save memory."""
     lora_r: int = 0
+    """LoRA rank; 0 trains every weight."""
     lora_alpha: int = 16
+    """LoRA's scale (peft's lora_alpha): the update is scaled by lora_alpha / lora_r."""
     lora_dropout: float = 0.0
+    """Dropout on the LoRA branch's input (peft's lora_dropout), in [0, 1)."""
     lora_target_modules: str = "all-linear"
+    """The modules that get adapters: all-linear, or names separated by commas (e.g. q_proj,v_proj)."""
     attn_implementation: str = ""
+    """passed to from_pretrained (e.g. sdpa, flash_attention_2)."""
     trust_remote_code: bool = False
+    """allow custom model code from the Hub."""
 
 
 @dataclass
 class DataConfig:
-    """The training data.
-
-    path: a .jsonl/.json/.parquet file, a folder of them, or a Hub dataset id.
-    split: the Hub split (ignored for local files).
-    format: auto, messages, prompt_completion, problem_solution or question_answer.
-    prompt_field, response_field, messages_field: override the fields the format reads.
-    select: all, first:N (the paper took the first 100K rows) or random:N (seeded).
-    max_length: tokens per example; longer responses are cut at the end, and examples
-        whose prompt alone reaches max_length are dropped and counted.
-    instruction_suffix: text appended to every prompt (e.g. the boxed instruction).
-    system_prompt: a system turn before every prompt; empty for none.
-    chat_template: auto (the tokenizer's; error if it has none), plain (a minimal
-        "User:/Assistant:" template for base models), or a path to a .jinja file.
-    boxed_answers: rewrite GSM8K's final "#### 72" line as "\\boxed{72}".
-    on_bad_row: error (stop, naming file, row and field) or skip (drop and count).
-    packing: pack each step's examples into rows of max_length tokens (position_ids restart
-        per example, so attention and loss never cross one); train.micro_batch then counts
-        rows. The step keeps the same examples, so the gradient is the unpadded one. Needs
-        an attention that honours position_ids (sdpa, eager, flex, flash-attention).
-    cache: keep the tokenised data on disk, keyed by a hash of the data files, tokenizer,
-        template and these settings; a restarted run and every process of a run reuse it.
-    cache_dir: where; empty: $DFTUNE_CACHE_DIR, else ~/.cache/dftune/data.
-    workers: processes that tokenise; 0 picks (several from 30,000 rows, else one).
-    """
+    """The training data."""
 
     path: str = ""
+    """a .jsonl/.json/.parquet file, a folder of them, or a Hub dataset id."""
     split: str = "train"
+    """the Hub split (ignored for local files)."""
     format: str = "auto"
+    """auto, messages, prompt_completion, problem_solution or question_answer."""
     prompt_field: str = ""
+    """The field that holds the prompt; empty: the format's own (prompt, problem, question)."""
     response_field: str = ""
+    """The field that holds the response; empty: the format's own (completion, solution, answer)."""
     messages_field: str = ""
+    """The field that holds the chat messages (format messages); empty: messages."""
     select: str = "all"
+    """all, first:N (the paper took the first 100K rows) or random:N (seeded)."""
     max_length: int = 2048
+    """tokens per example; longer responses are cut at the end, and examples whose prompt alone reaches max_length
+    are dropped and counted."""
     instruction_suffix: str = ""
+    """text appended to every prompt (e.g. the boxed instruction)."""
     system_prompt: str = ""
+    """a system turn before every prompt; empty for none."""
     chat_template: str = "auto"
+    """auto (the tokenizer's; error if it has none), plain (a minimal "User:/Assistant:" template for base models),
+    or a path to a .jinja file."""
     boxed_answers: bool = True
+    """rewrite GSM8K's final "#### 72" line as "\\boxed{72}"."""
     on_bad_row: str = "error"
+    """error (stop, naming file, row and field) or skip (drop and count)."""
     packing: bool = False
+    """pack each step's examples into rows of max_length tokens (position_ids restart per example, so attention and
+    loss never cross one); train.micro_batch then counts rows. The step keeps the same examples, so the gradient
+    is the unpadded one. Needs an attention that honours position_ids (sdpa, eager, flex, flash-attention)."""
     cache: bool = True
+    """keep the tokenised data on disk, keyed by a hash of the data files, tokenizer, template and these settings; a
+    restarted run and every process of a run reuse it."""
     cache_dir: str = ""
+    """where; empty: $DFTUNE_CACHE_DIR, else ~/.cache/dftune/data."""
     workers: int = 0
+    """processes that tokenise; 0 picks (several from 30,000 rows, else one)."""
 
 
 @dataclass
@@ -185,9 +184,14 @@ class Config:
     sample of up to 512 tokens at temperature 1.0)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The model to fine-tune (model.KEY=...)."""
     data: DataConfig = field(default_factory=DataConfig)
+    """The training data (data.KEY=...)."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """The optimisation and the run folder (train.KEY=...)."""
     eval: EvalConfig = field(default_factory=lambda: periodic_eval_defaults(), metadata={"omit": PERIODIC_OMITS})
+    """The periodic evaluation during training, every train.eval_every steps: dftune eval's settings, short
+    defaults."""
 
 
 

@@ -282,15 +282,15 @@ def save_config(cfg, path: str | Path) -> None:
 
 def field_docs(cls) -> dict[str, str]:
     """Each field's help: the string literal right after the field in the class body (its
-    own docstring, as in litgpt's ``args.py``), a base class's for inherited fields. Fields
-    not yet documented that way fall back to ``name: text`` lines of the class docstring."""
-    docs = _class_docstring_docs(cls)
+    own docstring, as in litgpt's ``args.py``); a base class's for inherited fields. Read
+    from the source, so the help is where the field is and cannot drift from it."""
+    docs = {}
     for klass in reversed(cls.__mro__):  # a subclass's text wins over its base's
         if not dataclasses.is_dataclass(klass):
             continue
         try:
             body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
-        except (OSError, TypeError, IndexError):  # no source (built in a REPL): no help
+        except (OSError, TypeError, IndexError):  # no source (a class built in a REPL): no help
             continue
         for node, after in zip(body, body[1:]):
             if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
@@ -299,38 +299,19 @@ def field_docs(cls) -> dict[str, str]:
     return docs
 
 
-def _class_docstring_docs(cls) -> dict[str, str]:
-    """``name: text`` lines of a dataclass docstring (continuation lines indented)."""
-    docs, current = {}, None
-    for line in (cls.__doc__ or "").splitlines():
-        stripped = line.strip()
-        head, sep, rest = stripped.partition(":")
-        names = [n.strip() for n in head.split(",")]
-        if sep and names and all(n in {f.name for f in dataclasses.fields(cls)} for n in names):
-            for n in names:
-                docs[n] = rest.strip()
-            current = names
-        elif current and stripped and line.startswith("        "):
-            for n in current:
-                docs[n] += " " + stripped
-        else:
-            current = None
-    return docs
-
-
-def describe(cls, prefix: str = "", base=None, omit: dict | None = None) -> str:
+def describe(cls, prefix: str = "", base=None, omit: dict | None = None, title: str = "") -> str:
     """Every key with its default and meaning: the ``--show`` of each command. A nested
     section shows the defaults of the field that holds it (``base``), as ``from_dict`` uses,
     and only the keys its command honours."""
     hints, docs = _hints(cls), field_docs(cls)
-    paragraph = " ".join((cls.__doc__ or cls.__name__).strip().split("\n\n")[0].split())
+    paragraph = title or " ".join((cls.__doc__ or cls.__name__).strip().split("\n\n")[0].split())
     out = [f"[{prefix.rstrip('.') or cls.__name__}] {paragraph}"]
     sections = []
     for f in dataclasses.fields(cls):
         if f.name in (omit or {}):
             continue
         if dataclasses.is_dataclass(hints[f.name]):
-            sections.append((f.name, hints[f.name], _section_default(f, base), _omitted(f)))
+            sections.append((f.name, hints[f.name], _section_default(f, base), _omitted(f), docs.get(f.name, "")))
             continue
         if base is not None:
             default = getattr(base, f.name)
@@ -341,9 +322,9 @@ def describe(cls, prefix: str = "", base=None, omit: dict | None = None) -> str:
         if f.name in docs:
             line += f"\n      {docs[f.name]}"
         out.append(line)
-    for name, sub, sub_base, sub_omit in sections:
+    for name, sub, sub_base, sub_omit, sub_title in sections:
         out.append("")
-        out.append(describe(sub, f"{prefix}{name}.", sub_base, sub_omit))
+        out.append(describe(sub, f"{prefix}{name}.", sub_base, sub_omit, sub_title))
     return "\n".join(out)
 
 

@@ -25,25 +25,22 @@ from dftune.settings import ConfigError, Problems, config_diff, parse_scalar, re
 
 @dataclass
 class SweepConfig:
-    """Settings of `dftune sweep`.
-
-    config: the training config (YAML) every point starts from.
-    grid: axes, each key=v1,v2 (repeat --grid per axis); the points are their product.
-    set: fixed key=value overrides applied to every point.
-    out: the sweep folder (one run folder per point, sweep.json, report.html).
-    print_only: print the train (and eval) commands instead of running them.
-    eval: how each point is evaluated (eval.benchmarks empty: not evaluated); model and out
-        are set per point.
-    """
+    """Settings of `dftune sweep`."""
 
     config: str = ""
+    """the training config (YAML) every point starts from."""
     grid: list[str] = field(default_factory=list, metadata={"split": False})
+    """axes, each key=v1,v2 (repeat --grid per axis); the points are their product."""
     set: list[str] = field(default_factory=list, metadata={"split": False})
+    """fixed key=value overrides applied to every point."""
     out: str = ""
+    """the sweep folder (one run folder per point, sweep.json, report.html)."""
     print_only: bool = False
+    """print the train (and eval) commands instead of running them."""
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(benchmarks=[]), metadata={"omit": {
         "model": "each point's model is its run's final model (OUT/POINT/final)",
         "out": "each point is evaluated into OUT/POINT/eval"}})
+    """how each point is evaluated (eval.benchmarks empty: not evaluated); model and out are set per point."""
 
 
 def split_values(raw: str) -> list[str]:

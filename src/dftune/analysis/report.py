@@ -36,16 +36,14 @@ from dftune.files import read_jsonl
 
 @dataclass
 class ReportConfig:
-    """Settings of `dftune report`.
-
-    inputs: run, evaluation, analysis, sweep or general-suite folders; probe.json files.
-    output: the HTML file to write.
-    title: the page title.
-    """
+    """Settings of `dftune report`."""
 
     inputs: list[str] = field(default_factory=list, metadata={"split": False})
+    """run, evaluation, analysis, sweep or general-suite folders; probe.json files."""
     output: str = "report.html"
+    """the HTML file to write."""
     title: str = "dftune report"
+    """the page title."""
 
 
 class ReportError(UserError, ValueError):

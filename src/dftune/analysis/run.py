@@ -18,55 +18,49 @@ from dftune.settings import ConfigError
 
 @dataclass
 class SampleDataConfig:
-    """The data sample the statistics are computed on (response tokens, as in training).
-
-    data: a training-format data file (jsonl/json/parquet/folder) or a Hub dataset id.
-    limit: the first N rows.
-    max_length: tokens per example (longer responses are cut).
-    format: auto, messages, prompt_completion, problem_solution or question_answer.
-    chat_template: auto (the tokenizer's), plain, or a .jinja file.
-    instruction_suffix: text appended to every prompt (as in training).
-    batch_size: sequences per forward pass.
-    """
+    """The data sample the statistics are computed on (response tokens, as in training)."""
 
     data: str = ""
+    """a training-format data file (jsonl/json/parquet/folder) or a Hub dataset id."""
     limit: int = 256
+    """the first N rows."""
     max_length: int = 1024
+    """tokens per example (longer responses are cut)."""
     format: str = "auto"
+    """auto, messages, prompt_completion, problem_solution or question_answer."""
     chat_template: str = "auto"
+    """auto (the tokenizer's), plain, or a .jinja file."""
     instruction_suffix: str = ""
+    """text appended to every prompt (as in training)."""
     batch_size: int = 8
+    """sequences per forward pass."""
 
 
 @dataclass
 class ProbeConfig:
-    """Settings of `dftune probe` (how strong is the model's prior on this data?).
-
-    model: the base model: a local folder or a Hub id.
-    out: also write the result as JSON here (the report reads it); empty: print only.
-    sample: the data sample (sample.data, sample.limit, ...; bare keys work: data=..., limit=...).
-    """
+    """Settings of `dftune probe` (how strong is the model's prior on this data?)."""
 
     model: str = ""
+    """the base model: a local folder or a Hub id."""
     out: str = ""
+    """also write the result as JSON here (the report reads it); empty: print only."""
     sample: SampleDataConfig = field(default_factory=SampleDataConfig)
+    """the data sample (sample.data, sample.limit, ...; bare keys work: data=..., limit=...)."""
 
 
 @dataclass
 class AnalyzeConfig:
-    """Settings of `dftune analyze` (token probabilities of several models on one sample).
-
-    models: name=path pairs (a,b,... ; a bare path is named by its folder); the first is the
-        base unless `base` says otherwise.
-    base: the name of the reference model (shifts, risers/fallers and KL are against it).
-    out: the output folder (token_probs.json).
-    sample: the data sample (sample.data, sample.limit, ...; bare keys work: data=..., limit=...).
-    """
+    """Settings of `dftune analyze` (token probabilities of several models on one sample)."""
 
     models: list[str] = field(default_factory=list)
+    """name=path pairs (a,b,... ; a bare path is named by its folder); the first is the base unless `base` says
+    otherwise."""
     base: str = ""
+    """the name of the reference model (shifts, risers/fallers and KL are against it)."""
     out: str = ""
+    """the output folder (token_probs.json)."""
     sample: SampleDataConfig = field(default_factory=SampleDataConfig)
+    """the data sample (sample.data, sample.limit, ...; bare keys work: data=..., limit=...)."""
 
 
 def check_sample(s: SampleDataConfig, p) -> None:

@@ -35,18 +35,16 @@ from dftune.files import read_json, read_jsonl, write_json, write_text
 
 @dataclass
 class CompareConfig:
-    """Settings of `dftune compare` (a paired comparison of two evaluations of the same problems).
-
-    evals: the two evaluation folders, A then B (the difference is A - B).
-    out: write compare.json and compare.md here; empty: print only.
-    reps: paired-bootstrap resamples over problems.
-    seed: the bootstrap's seed.
-    """
+    """Settings of `dftune compare` (a paired comparison of two evaluations of the same problems)."""
 
     evals: list[str] = field(default_factory=list, metadata={"split": False})
+    """the two evaluation folders, A then B (the difference is A - B)."""
     out: str = ""
+    """write compare.json and compare.md here; empty: print only."""
     reps: int = 10_000
+    """paired-bootstrap resamples over problems."""
     seed: int = 0
+    """the bootstrap's seed."""
 
 
 class CompareError(UserError, ValueError):

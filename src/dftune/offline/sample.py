@@ -240,37 +240,38 @@ def write_datasets(out: Path, questions: list[Question], done: dict[str, dict[in
 
 @dataclass
 class SampleConfig:
-    """Settings of `dftune sample` (rejection sampling for the offline-RL setting).
-
-    model: the policy to sample from: a local folder or a Hub id.
-    data: problem/solution or question/answer rows (the gold answer comes from the data).
-    out: the output folder (re-running with the same settings resumes).
-    k: responses per question.
-    select: all, first:N (the paper: first:100000 of NuminaMath-CoT) or random:N.
-    backend: vllm (what real runs use) or hf (transformers generate, for CPUs and tests).
-    instruction_suffix: text appended to every question (e.g. the boxed instruction).
-    chat_template: auto (the tokenizer's), plain, or a .jinja file.
-    temperature, top_p, max_new_tokens, seed: sampling (the paper: temperature 1.0).
-    batch_size: hf backend: sequences per generate call.
-    tensor_parallel_size: vllm backend: GPUs per model.
-    grade_workers: grader processes (0: one per CPU).
-    """
+    """Settings of `dftune sample` (rejection sampling for the offline-RL setting)."""
 
     model: str = ""
+    """the policy to sample from: a local folder or a Hub id."""
     data: str = ""
+    """problem/solution or question/answer rows (the gold answer comes from the data)."""
     out: str = ""
+    """the output folder (re-running with the same settings resumes)."""
     k: int = 4
+    """responses per question."""
     select: str = "all"
+    """all, first:N (the paper: first:100000 of NuminaMath-CoT) or random:N."""
     backend: str = "vllm"
+    """vllm (what real runs use) or hf (transformers generate, for CPUs and tests)."""
     instruction_suffix: str = ""
+    """text appended to every question (e.g. the boxed instruction)."""
     chat_template: str = "auto"
+    """auto (the tokenizer's), plain, or a .jinja file."""
     temperature: float = 1.0
+    """Sampling temperature (the paper: 1.0); 0 is greedy."""
     top_p: float = 1.0
+    """Nucleus sampling mass (1.0: off)."""
     max_new_tokens: int = 2048
+    """The generation budget of each response, in tokens."""
     seed: int = 0
+    """Base seed; each question's seed is derived from it and its id."""
     batch_size: int = 64
+    """hf backend: sequences per generate call."""
     tensor_parallel_size: int = 1
+    """vllm backend: GPUs per model."""
     grade_workers: int = 0
+    """grader processes (0: one per CPU)."""
 
 
 def validate_sample(cfg: SampleConfig) -> None:
