@@ -71,7 +71,7 @@ def world(tiny_dir, problems_file, tmp_path_factory):
         json.dumps({"id": str(i), "question": f"What is {i} plus 2?", "answer": str(i + 2)}) + "\n" for i in range(3)))
     (root / "cfg.yaml").write_text(
         "model: {name_or_path: model}\ndata: {path: data.jsonl, select: 'first:8', max_length: 64}\n"
-        "train: {global_batch: 4, micro_batch: 4, max_steps: 1, tensorboard: false, out: run, log_every: 100}\n")
+        "train: {global_batch: 4, micro_batch: 4, max_steps: 1, out: run, log_every: 100}\n")
     return root
 
 

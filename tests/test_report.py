@@ -306,6 +306,34 @@ def test_two_evaluations_get_a_paired_comparison(tmp_path):
     assert "<code>evals/sft</code>" in page
 
 
+def test_runs_and_evaluations_are_paired_by_the_runs_config(tmp_path):
+    """Evaluations in folders named anything join the training runs whose final model they
+    evaluated (from each run's config); the objective column is the run's objective, its
+    schedule when it moved; the baseline is nll by name; Δ is objective − baseline."""
+    rng = np.random.default_rng(3)
+    for name, train, p in (("r1", {"objective": "dft", "objective_schedule": "nll@0.2,dft"}, 0.8),
+                           ("r2", {"objective": "nll"}, 0.3)):
+        run = tmp_path / "runs" / name
+        run.mkdir(parents=True)
+        (run / "config.yaml").write_text(yaml.safe_dump({"model": {"name_or_path": "base"},
+                                                         "train": {**train, "seed": 0, "out": str(run)}}))
+        (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log_rows(1.0, 0.5, 1.0, 0.8)))
+        write_eval(tmp_path / "evals" / f"e-{name}", verdicts(rng, p), model=str(run / "final"))
+    # a run whose eval/ subfolder evaluated another model: not this run's evaluation
+    other = tmp_path / "runs" / "r3"
+    other.mkdir()
+    (other / "config.yaml").write_text(yaml.safe_dump({"train": {"objective": "focal", "out": str(other)}}))
+    (other / "log.jsonl").write_text(json.dumps(log_rows(1.0, 0.5, 1.0, 0.8)[0]) + "\n")
+    write_eval(other / "eval", verdicts(rng, 0.5), model="somewhere/else/final")
+    inputs = [tmp_path / "evals" / "e-r1", tmp_path / "runs" / "r1", tmp_path / "runs" / "r2", tmp_path / "evals" / "e-r2",
+              other]
+    page = build_report(inputs, base=tmp_path)
+    rows = rows_of(page, "")
+    assert set(rows) == {"nll@0.2,dft", "nll"}, rows  # paired by config, named by what was trained; r3 unevaluated
+    assert rows["nll@0.2,dft"]["lo"] > 0 and rows["nll"].get("diff") is None  # nll is the baseline
+    assert "Δ = objective − nll" in page
+
+
 def _chromium():
     return shutil.which("chromium") or shutil.which("chromium-browser")
 

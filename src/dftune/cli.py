@@ -58,10 +58,11 @@ def cmd_eval(cfg) -> None:
 
 
 def cmd_compare(cfg) -> None:
-    """Paired comparison of two evaluations of the same problems: the per-benchmark difference
-    A - B with a 95% bootstrap interval and a sign test ("DFT - SFT = +x [lo, hi]").
+    """Paired comparison of two evaluations of the same problems, the reference first: the
+    per-benchmark difference OTHER - REFERENCE with a 95% bootstrap interval and a sign test
+    ("DFT - SFT = +x [lo, hi]"; the report's direction too).
 
-    example: dftune compare evals/dft evals/nll --out evals/dft-vs-nll
+    example: dftune compare evals/nll evals/dft --out evals/dft-vs-nll     # DFT - NLL
     """
     from dftune.eval.compare import compare_markdown, run_compare
     from dftune.eval.validate import validate_compare
@@ -421,6 +422,9 @@ def main(argv=None) -> int:
 
                 print("\n" + describe_objectives())
             return 0
+        from dftune.progress import quiet_library_bars
+
+        quiet_library_bars()
         cmd.run(build_config(cls, parsed))
     except UserError as e:
         if os.environ.get("DFTUNE_DEBUG"):

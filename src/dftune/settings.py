@@ -253,6 +253,8 @@ def config_diff(saved: dict, cfg) -> list[tuple[str, object, object]]:
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
+    """{"train": {"lr": 1}} -> {"train.lr": 1}: nested settings as dotted keys (config
+    differences, the report's config table, a sampling run's stored settings)."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):

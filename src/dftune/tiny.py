@@ -68,7 +68,7 @@ def build_model(vocab_size: int, *, hidden: int = 128, layers: int = 2, heads: i
 
 def texts_from(path: str, limit: int = 2000) -> list[str]:
     """Every string field of the first ``limit`` records of a data file, for the tokenizer."""
-    from dftune.data import read_records
+    from dftune.records import read_records
 
     out = []
     for _, rec in read_records(path)[:limit]:

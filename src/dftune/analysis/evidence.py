@@ -13,13 +13,13 @@ from dftune.analysis.page import (
     Context,
     details,
     esc,
-    flat,
     img,
     pct,
     relpath_value,
     table,
 )
-from dftune.analysis.summary import primary
+from dftune.eval.metrics import primary_metric, samples_per_problem
+from dftune.settings import flatten
 
 FOLD_ROWS = 6  # tables longer than this are folded into <details>
 
@@ -33,7 +33,7 @@ def eval_section(ctx: Context) -> str:
     benches = list(dict.fromkeys(b for r in with_eval for b in r.summary["benchmarks"]))
     rows, warnings = [], []
     for r in with_eval:
-        n, key = r.summary["sampling"]["n"], primary(r.summary)
+        n, key = samples_per_problem(r.summary), primary_metric(r.summary)
         cells = [esc(r.name)]
         for b in benches:
             m = r.summary["benchmarks"].get(b)
@@ -49,7 +49,7 @@ def eval_section(ctx: Context) -> str:
         cells.append("" if mean is None else f"<b>{pct(mean, 2)}</b>")
         rows.append(cells)
         warnings += [f"{r.name}: {w}" for w in r.summary.get("warnings", [])]
-    key0 = primary(with_eval[0].summary)
+    key0 = primary_metric(with_eval[0].summary)
     body = _table_maybe_folded(["run"] + benches + ["mean"], rows, f"Every run and seed ({len(rows)})")
     warn = "".join(f"<li>{esc(w)}</li>" for w in warnings)
     return (f"<h2>Evaluation</h2><p class='note'>{esc(key0)} in % ± the standard deviation over the samples' "
@@ -83,7 +83,8 @@ def compare_section(ctx: Context, direct: list) -> str:
                      f"<span class='{cls}'>{100 * b['diff']:+.2f}</span>",
                      f"{100 * b['ci95'][0]:+.2f} to {100 * b['ci95'][1]:+.2f}", f"{b['p_bootstrap']:.3g}",
                      f"{st['a_better']} / {st['b_better']} / {st['ties']}" if st else "", f"{st['p']:.3g}" if st else ""])
-    head = ["benchmark", "problems", f"{ref.name} {c['metric']}", f"{run.name} {c['metric']}", "Δ", "95% CI",
+    head = ["benchmark", "problems", f"{ref.name} {c['metric']}", f"{run.name} {c['metric']}",
+            f"Δ = {run.name} − {ref.name}", "95% CI",
             "p (bootstrap)", f"{run.name} better / worse / tied", "p (sign test)"]
     return (f"<h2>Paired comparison</h2><p class='note'>{esc(run.name)} − {esc(ref.name)} (the first input is the "
             f"reference), problem by problem: paired bootstrap over problems ({c['reps']} resamples) and a sign test "
@@ -95,8 +96,8 @@ def sweep_section(folder: Path, sweep: dict, runs: list) -> str:
     points = []
     for pt in sweep.get("points", []):
         r = by_dir.get(str((Path(folder) / pt["name"]).resolve()))
-        if r and r.summary and primary(r.summary) in r.summary.get("mean", {}):
-            points.append((pt["values"], 100 * r.summary["mean"][primary(r.summary)]))
+        if r and r.summary and primary_metric(r.summary) in r.summary.get("mean", {}):
+            points.append((pt["values"], 100 * r.summary["mean"][primary_metric(r.summary)]))
     out = []
     for axis in sweep.get("axes", []):
         if axis.endswith("seed"):
@@ -126,7 +127,7 @@ def _grouped_table(folder: Path, sweep: dict, by_dir: dict) -> str:
         r = by_dir.get(str((Path(folder) / pt["name"]).resolve()))
         if not (r and r.summary):
             continue
-        key = primary(r.summary)
+        key = primary_metric(r.summary)
         name = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in pt["values"].items() if not k.endswith("seed")) or "all"
         for b, m in r.summary["benchmarks"].items():
             if key in m:
@@ -244,7 +245,7 @@ def samples_section(ctx: Context) -> str:
 
 
 def config_section(ctx: Context) -> str:
-    cfgs = {r.name: flat(r.config) for r in ctx.runs if r.config}
+    cfgs = {r.name: flatten(r.config) for r in ctx.runs if r.config}
     if len(cfgs) < 2:
         return ""
     keys = sorted({k for c in cfgs.values() for k in c})

@@ -1,6 +1,11 @@
 """Two evaluations of the same benchmarks, compared problem by problem.
 
-    dftune compare evals/dft evals/sft --out evals/dft-vs-sft
+    dftune compare evals/sft evals/dft --out evals/dft-vs-sft     # DFT - SFT: the reference first
+
+Every paired difference dftune shows is "other - reference" with the reference named first
+(here, and in the report: its baseline objective, its first evaluation folder). In the
+schema below B is the reference: ``compare(a, b)`` is A - B, and the command line's
+``compare REFERENCE OTHER`` is ``compare(OTHER, REFERENCE)``.
 
 For each benchmark: each problem's accuracy over its n samples in A and in B, and the
 mean difference A - B with a paired bootstrap over problems (95% interval and a two-sided
@@ -29,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from dftune.errors import UserError
-from dftune.eval.metrics import interval
+from dftune.eval.metrics import accuracy_by_problem, avg_key, interval, samples_per_problem
 from dftune.files import read_json, read_jsonl, write_json, write_text
 
 
@@ -38,7 +43,8 @@ class CompareConfig:
     """Settings of `dftune compare` (a paired comparison of two evaluations of the same problems)."""
 
     evals: list[str] = field(default_factory=list, metadata={"split": False})
-    """the two evaluation folders, A then B (the difference is A - B)."""
+    """The two evaluation folders, the reference first: the difference is the second minus the first
+    (the report's direction too)."""
     out: str = ""
     """write compare.json and compare.md here; empty: print only."""
     reps: int = 10_000
@@ -56,14 +62,11 @@ def _per_problem(folder: Path) -> tuple[dict[str, dict[str, float]], int, dict]:
     summary = read_json(folder / "summary.json")
     if summary is None:
         raise CompareError(f"{folder}: no summary.json (not a finished `dftune eval` folder)")
-    n = summary["sampling"]["n"]
-    samples: dict[str, dict[str, list]] = {b: {} for b in summary["benchmarks"]}
-    for r in read_jsonl(folder / "samples.jsonl"):
-        if r["benchmark"] in samples and r["sample"] < n:
-            samples[r["benchmark"]].setdefault(r["id"], [None] * n)[r["sample"]] = bool(r["correct"])
+    n = samples_per_problem(summary)
+    by_problem = accuracy_by_problem(read_jsonl(folder / "samples.jsonl"), summary)
     acc = {}
-    for b, ps in samples.items():
-        acc[b] = {i: sum(v) / n for i, v in ps.items() if None not in v}
+    for b in summary["benchmarks"]:
+        acc[b] = by_problem[b]
         if len(acc[b]) < summary["benchmarks"][b]["problems"]:
             raise CompareError(f"{folder}: samples.jsonl holds {len(acc[b])} problems of {b} with all {n} samples, "
                                f"its summary {summary['benchmarks'][b]['problems']}")
@@ -103,7 +106,7 @@ def compare(a: str | Path, b: str | Path, *, reps: int = 10_000, seed: int = 0) 
         raise CompareError(f"{a} covers benchmarks {sorted(acc_a)} and {b} covers {sorted(acc_b)}; "
                            "compare evaluations of the same benchmarks")
     out = {"a": {"path": str(a), "model": sum_a.get("model", "")}, "b": {"path": str(b), "model": sum_b.get("model", "")},
-           "metric": f"avg@{n_a}", "n": n_a, "reps": reps, "seed": seed, "benchmarks": {}, "mean": {}}
+           "metric": avg_key(n_a), "n": n_a, "reps": reps, "seed": seed, "benchmarks": {}, "mean": {}}
     diffs = []
     for k, name in enumerate(sorted(acc_a, key=list(sum_a["benchmarks"]).index)):
         pa, pb = acc_a[name], acc_b[name]
@@ -136,8 +139,9 @@ def _signed(x: float) -> str:
 def compare_markdown(result: dict) -> str:
     """compare.md: per benchmark A, B, A - B with its 95% interval, and the two p-values."""
     metric = result["metric"]
-    lines = [(f"A = {result['a']['path']} ({result['a']['model']}), B = {result['b']['path']} ({result['b']['model']}); "
-              f"{metric} in %, A - B with a paired bootstrap over problems ({result['reps']} resamples)."), "",
+    lines = [(f"A = {result['a']['path']} ({result['a']['model']}), B = {result['b']['path']} ({result['b']['model']}), "
+              f"the reference; {metric} in %, A - B with a paired bootstrap over problems ({result['reps']} resamples)."),
+             "",
              (f"| benchmark | problems | A {metric} | B {metric} | A - B | 95% CI | p (bootstrap) | "
               "A better / B better / tied | p (sign test) |"), "|---|---|---|---|---|---|---|---|---|"]
     for name, r in result["benchmarks"].items():
@@ -162,10 +166,11 @@ def write_compare(a: str | Path, b: str | Path, out: str | Path, **kw) -> dict:
 
 
 def run_compare(cfg: CompareConfig) -> dict:
-    """`dftune compare`: compare(A, B), printed as a table and written when ``out`` is set."""
+    """`dftune compare REFERENCE OTHER`: OTHER - REFERENCE, printed as a table and written when
+    ``out`` is set."""
     if len(cfg.evals) != 2:
-        raise CompareError(f"compare needs exactly two evaluation folders (A B); got {len(cfg.evals)}")
-    a, b = cfg.evals
+        raise CompareError(f"compare needs exactly two evaluation folders (REFERENCE OTHER); got {len(cfg.evals)}")
+    reference, other = cfg.evals
     if cfg.out:
-        return write_compare(a, b, cfg.out, reps=cfg.reps, seed=cfg.seed)
-    return compare(a, b, reps=cfg.reps, seed=cfg.seed)
+        return write_compare(other, reference, cfg.out, reps=cfg.reps, seed=cfg.seed)
+    return compare(other, reference, reps=cfg.reps, seed=cfg.seed)

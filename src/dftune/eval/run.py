@@ -29,7 +29,6 @@ from dftune.eval.benchmarks import (
 from dftune.eval.generate import (
     EngineConfig,
     SamplingConfig,
-    end_of_turn_ids,
     is_repetitive,
     make_backend,
 )
@@ -40,7 +39,14 @@ from dftune.eval.grade import (
     failure_counts,
     grade_batch,
 )
-from dftune.eval.metrics import bootstrap_means, generation_stats, interval, summarize
+from dftune.eval.metrics import (
+    avg_key,
+    bootstrap_means,
+    generation_stats,
+    interval,
+    samples_per_problem,
+    summarize,
+)
 from dftune.eval.vote import majority_correct
 from dftune.files import (
     append_jsonl,
@@ -50,6 +56,7 @@ from dftune.files import (
     write_json,
     write_text,
 )
+from dftune.vocab import end_of_turn_ids
 
 log = logging.getLogger("dftune.eval")
 
@@ -109,12 +116,6 @@ def read_samples(path) -> list[dict]:
     """Every complete row of a samples.jsonl (``dftune.files.read_jsonl``: a torn final
     line is skipped, never cut off; a bad line before the end is an error)."""
     return read_jsonl(path)
-
-
-def append_rows(path, rows: list[dict]) -> None:
-    """Append rows as the file's one writer: a torn final line left by a crash is cut first."""
-    repair_tail(path)
-    append_jsonl(path, rows)
 
 
 def model_fingerprint(model: str) -> str:
@@ -248,7 +249,7 @@ def summarize_rows(cfg: EvalConfig, problems: dict, done: dict) -> dict:
     """summary.json: per benchmark the metrics, generation statistics and grader verdict
     counts; their means over benchmarks; warnings."""
     n = cfg.sampling.n
-    primary = f"avg@{n}"
+    primary = avg_key(n)
     summary = {"model": cfg.model, "prompt": cfg.prompt, "backend": cfg.backend, "sampling": asdict(cfg.sampling),
                "n": n, "primary": primary, "grader": GRADER_VERSION, "benchmarks": {}, "mean": {}, "warnings": [],
                "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -283,25 +284,26 @@ def _pct(x) -> str:
 
 def markdown_table(summary: dict) -> str:
     """results.md: one row per benchmark and the mean; then warnings and grader verdicts."""
-    n = summary["sampling"]["n"]
+    n = samples_per_problem(summary)
+    avg = avg_key(n)
     ks = sorted({k for k in (1, 4, 8, 16, n) if k <= n})
-    head = (["benchmark", "problems", f"avg@{n}", "95% CI", "std"] + [f"pass@{k}" for k in ks]
+    head = (["benchmark", "problems", avg, "95% CI", "std"] + [f"pass@{k}" for k in ks]
             + [f"maj@{n}", "first sample", "mean tokens", "truncated", "repetitive", "grader failures"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for b, m in summary["benchmarks"].items():
-        if f"avg@{n}" not in m:  # a benchmark with no problems
+        if avg not in m:  # a benchmark with no problems
             continue
         ci = m.get("ci95", [0.0, 0.0])
         g = m.get("grader", {})
-        cells = [b, str(m["problems"]), _pct(m[f"avg@{n}"]), f"{_pct(ci[0])}-{_pct(ci[1])}", _pct(m["std"])]
+        cells = [b, str(m["problems"]), _pct(m[avg]), f"{_pct(ci[0])}-{_pct(ci[1])}", _pct(m["std"])]
         cells += [_pct(m[f"pass@{k}"]) for k in ks]
         cells += [_pct(m.get(f"maj@{n}", 0.0)), _pct(m["first_sample"]), f"{m.get('mean_tokens', 0):.0f}",
                   _pct(m.get("truncated", 0.0)), _pct(m.get("repetitive", 0.0)), str(g.get("failures", 0))]
         lines.append("| " + " | ".join(cells) + " |")
     mean = summary.get("mean", {})
-    if f"avg@{n}" in mean:
+    if avg in mean:
         ci = mean["ci95"]
-        cells = ["**mean**", "", f"**{_pct(mean[f'avg@{n}'])}**", f"{_pct(ci[0])}-{_pct(ci[1])}"]
+        cells = ["**mean**", "", f"**{_pct(mean[avg])}**", f"{_pct(ci[0])}-{_pct(ci[1])}"]
         cells += [""] * (1 + len(ks)) + [_pct(mean[f"maj@{n}"])] + [""] * 5
         lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"

@@ -13,10 +13,10 @@ from dftune.eval.benchmarks import BENCHMARKS, PROMPTS, data_dir
 from dftune.eval.generate import EngineConfig, SamplingConfig
 from dftune.eval.run import EvalConfig
 from dftune.paths import model_problem
+from dftune.precision import DTYPES
 from dftune.settings import Problems
 
 BACKENDS = ("vllm", "hf")
-DTYPE_NAMES = ("auto", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32")
 
 
 def check_sampling(s: SamplingConfig, p: Problems, where: str = "sampling.") -> None:
@@ -31,7 +31,7 @@ def check_engine(e: EngineConfig, p: Problems, where: str = "engine.") -> None:
     p.at_least(f"{where}data_parallel_size", e.data_parallel_size, 1)
     p.at_least(f"{where}max_model_len", e.max_model_len, 0)
     p.fraction(f"{where}gpu_memory_utilization", e.gpu_memory_utilization, one=True)
-    p.one_of(f"{where}dtype", e.dtype, DTYPE_NAMES)
+    p.one_of(f"{where}dtype", e.dtype, ("auto", *DTYPES))
     p.at_least(f"{where}batch_size", e.batch_size, 1)
 
 

@@ -24,13 +24,7 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from dftune.data import (
-    DataError,
-    detect_format,
-    read_records,
-    select_rows,
-    set_chat_template,
-)
+from dftune.data import set_chat_template
 from dftune.eval.generate import SamplingConfig
 from dftune.eval.grade import boxed_contents, grade_batch
 from dftune.files import (
@@ -41,8 +35,8 @@ from dftune.files import (
     write_json,
     write_jsonl,
 )
-from dftune.records import gsm8k_final
-from dftune.settings import ConfigError, Problems
+from dftune.records import DataError, detect_format, gsm8k_final, read_records, select_rows
+from dftune.settings import ConfigError, Problems, flatten
 
 PROMPT_FIELD = {"problem_solution": "problem", "question_answer": "question", "prompt_completion": "prompt"}
 
@@ -132,19 +126,12 @@ def _sha256(obj) -> str:
     return hashlib.sha256(json.dumps(obj, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def check_settings(out: Path, settings: dict) -> None:
     """Refuse to add samples drawn with other settings to ``out``; else record the settings."""
     path = out / "sample_config.json"
     old = read_json(path)
     if old is not None and read_jsonl(out / "samples.jsonl"):  # a start that sampled nothing binds nothing
-        before, now = _flat(old), _flat(settings)
+        before, now = flatten(old), flatten(settings)
         diff = [k for k in now if before.get(k) != now[k]]
         if diff:
             lines = "; ".join(f"{k}: {str(before.get(k))[:60]!r} -> {str(now[k])[:60]!r}" for k in diff)
