@@ -15,8 +15,9 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from dftune.batching import collate
 from dftune.config import Config, DataConfig, ModelConfig, TrainConfig
-from dftune.data import build_dataset, collate
+from dftune.data import build_dataset
 from dftune.interop import compute_loss_func
 from dftune.model import CausalLMLoss
 from dftune.objective_spec import get_objective
@@ -28,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _cfg(tiny_dir, data, out, **train_kw):
     t = dict(objective="dft", lr=3e-3, global_batch=8, micro_batch=4, max_steps=4, out=str(out),
-             tensorboard=False, warmup_ratio=0.25)
+             warmup_ratio=0.25)
     t.update(train_kw)
     return Config(model=ModelConfig(name_or_path=str(tiny_dir)), data=DataConfig(path=str(data), max_length=128),
                   train=TrainConfig(**t))
@@ -105,8 +106,7 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(tiny_dir, problem
     for name, nproc in (("single", 1), ("ddp", 2)):
         out = tmp_path / name
         args = [f"model.name_or_path={tiny_dir}", f"data.path={problems_file}", "data.max_length=128",
-                "train.global_batch=8", "train.micro_batch=4", "train.max_steps=2", f"train.out={out}",
-                "train.tensorboard=false", "train.lr=3e-3", "train.objective=dft"]
+                "train.global_batch=8", "train.micro_batch=4", "train.max_steps=2", f"train.out={out}", "train.lr=3e-3", "train.objective=dft"]
         script.write_text("{}\n")
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}",
@@ -476,3 +476,44 @@ def test_schedule_weight_normalisation_and_protect_in_the_loop(tiny_dir, problem
     prot = _log(tmp_path / "prot")[0]
     # EOS targets are trained with NLL: their weight is 1 instead of p, so the mean weight rises
     assert prot["weight_mean"] > plain["weight_mean"] and prot["loss"] != pytest.approx(plain["loss"])
+
+
+def test_trackers_get_every_step_and_the_settings(tiny_dir, problems_file, tmp_path, monkeypatch):
+    """train.report_to: TensorBoard, W&B (offline) and MLflow (a local store) each hold the
+    run's steps; a resumed run continues the same W&B and MLflow run."""
+    pytest.importorskip("wandb")
+    mlflow = pytest.importorskip("mlflow")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())  # a local store, no server
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    out = tmp_path / "run"
+    cfg = _cfg(tiny_dir, problems_file, out, max_steps=3, save_every=2, report_to=["tensorboard", "wandb", "mlflow"])
+
+    def stop(step, rec):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, on_step=stop)
+    cfg.train.resume = True
+    train(cfg)
+    tb = EventAccumulator(str(out / "tb"))
+    tb.Reload()
+    assert [e.step for e in tb.Scalars("train/loss")] == [1, 2, 3]
+    run_id = (out / "mlflow_run_id").read_text()
+    history = mlflow.tracking.MlflowClient().get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in history) == [1, 2, 3]  # one run across the resume
+    assert mlflow.get_run(run_id).data.params["train.lr"] == "0.003"
+    wandb_runs = list((out / "wandb").glob("offline-run-*"))
+    assert wandb_runs and all(r.name.endswith((out / "wandb_id").read_text()) for r in wandb_runs)
+
+
+def test_an_unknown_or_missing_tracker_is_refused_first(tiny_dir, problems_file, tmp_path):
+    from dftune.settings import ConfigError
+
+    with pytest.raises(ConfigError, match="train.report_to: unknown tracker 'neptune'"):
+        train(_cfg(tiny_dir, problems_file, tmp_path / "run", report_to=["neptune"]))
+    assert not (tmp_path / "run").exists()

@@ -114,6 +114,10 @@ class TrainingSection:
     """The run folder: config.yaml, log.jsonl, checkpoints, and the final model in OUT/final."""
     log_every: int = 10
     """Print a log line every N steps (log.jsonl gets every step)."""
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers that also get every step's numbers and the settings: tensorboard, wandb,
+    mlflow (a,b,c; empty: log.jsonl only, which is always written). Their own environment configures
+    them (WANDB_MODE=offline, MLFLOW_TRACKING_URI)."""
 
 
 @dataclass
@@ -154,8 +158,6 @@ class TrainConfig(TrainingSection):
     """Continue the run in train.out from its newest checkpoint (same settings required)."""
     overwrite: bool = False
     """Delete the run already in train.out and start again."""
-    tensorboard: bool = True
-    """Also write TensorBoard events (needs the tensorboard package)."""
     log_kl: bool = False
     """Keep a frozen reference to log KL(initial || current) every step, also for objectives that
     do not need one (costs a second forward pass)."""
@@ -244,6 +246,9 @@ def check_training(t: TrainingSection, p: Problems, world: int = 1, where: str =
     p.at_least(f"{where}.max_steps", t.max_steps, 0)
     p.at_least(f"{where}.log_every", t.log_every, 1)
     p.nonempty(f"{where}.out", t.out, "the run folder")
+    from dftune.trackers import tracker_problems
+
+    p.extend(tracker_problems(t.report_to, f"{where}.report_to"))
     if p.at_least(f"{where}.global_batch", t.global_batch, 1) & p.at_least(f"{where}.micro_batch", t.micro_batch, 1):
         p.check(t.global_batch % (t.micro_batch * world) == 0,
                 f"{where}.global_batch {t.global_batch} is not a multiple of {where}.micro_batch {t.micro_batch} x "

@@ -20,10 +20,11 @@ from dftune.config import Config
 from dftune.settings import Problems, config_diff, save_config
 
 # Settings a resumed run may change: they alter logging, saving or speed, not the run.
-RESUMABLE_CHANGES = ("train.resume", "train.overwrite", "train.log_every", "train.tensorboard", "train.save_every",
+RESUMABLE_CHANGES = ("train.resume", "train.overwrite", "train.log_every", "train.report_to", "train.save_every",
                      "train.keep_checkpoints", "train.loss_backend", "train.chunk_size", "train.eval_every", "eval.",
                      "model.attn_implementation", "model.gradient_checkpointing", "data.cache", "data.workers")
-RUN_FILES = ("config.yaml", "log.jsonl", "eval_curve.jsonl", "data_summary.json", "checkpoints", "final", "final.tmp", "tb")
+RUN_FILES = ("config.yaml", "log.jsonl", "eval_curve.jsonl", "data_summary.json", "checkpoints", "final", "final.tmp", "tb",
+             "wandb", "wandb_id", "mlflow_run_id")
 
 
 def progress(out: Path) -> list[str]:

@@ -29,17 +29,19 @@ from pathlib import Path
 import torch
 
 from dftune import dist
+from dftune.batching import epoch_steps, step_batches
 from dftune.config import Config, check_data, check_model, check_train
-from dftune.data import DataError, build_dataset, epoch_steps, step_batches
+from dftune.data import build_dataset
 from dftune.errors import Interrupted, UserError
 from dftune.files import write_json
 from dftune.loss import normalize_gradients_
 from dftune.model import CausalLMLoss, load_model, load_tokenizer, reference_kind, stored_dtype
 from dftune.precision import Precision
+from dftune.records import DataError
 from dftune.run_folder import check_run_folder, claim_run_folder, export_final
 from dftune.run_log import RunLog
 from dftune.schedule import Schedule, objective_schedule
-from dftune.settings import ConfigError, Problems
+from dftune.settings import ConfigError, Problems, to_dict
 
 
 class NonFiniteError(UserError, RuntimeError):
@@ -280,7 +282,7 @@ def _train(cfg: Config, rt: dist.Runtime, schedule: Schedule, resume_from: Path 
     s = setup(cfg, rt, schedule, resume_from)
     if s.start >= s.total and (s.out / "final" / "config.json").is_file():
         return s.out / "final"  # finished already
-    log = RunLog(s.out, t.tensorboard, t.log_every, rt.is_main, s.start)
+    log = RunLog(s.out, t.report_to, t.log_every, rt.is_main, s.start, to_dict(cfg))
     bar = None
     if rt.is_main:
         from tqdm.auto import tqdm
