@@ -158,7 +158,8 @@ def test_every_command_shows_its_keys_and_has_an_example(command, capsys):
 
 
 def test_cli_grammar_maps_flags_positionals_and_lists():
-    from dftune.cli import COMMANDS, build_config, parse_argv
+    from dftune.arguments import build_config, parse_argv
+    from dftune.cli import COMMANDS
     from dftune.sweep import SweepConfig
 
     cmd = COMMANDS["sweep"]

@@ -125,7 +125,8 @@ def test_a_wrong_command_is_one_line_and_the_corrected_one_runs(folder, loads, c
         if wrong[0] in ("train", "eval", "sample"):
             assert "AutoModelForCausalLM" in loads  # the spy sees what the corrected command loads
     else:  # the demo runs for minutes: its corrected settings pass the checks that refused the wrong ones
-        from dftune.cli import COMMANDS, build_config, parse_argv
+        from dftune.arguments import build_config, parse_argv
+        from dftune.cli import COMMANDS
         from dftune.testbed.demo import validate_demo
         from dftune.testbed.demo_config import apply_full
 

@@ -1,6 +1,6 @@
 """The ``dftune`` command: a table of commands, each a plain function of one config dataclass.
 
-Every command reads its settings the same way (``dftune.config``):
+Every command reads its settings the same way (``dftune.arguments``, ``dftune.settings``):
 
     dftune COMMAND [CONFIG.yaml] [key=value ...] [--key value ...] [--flag] [ARG ...]
 
@@ -10,15 +10,16 @@ Every command reads its settings the same way (``dftune.config``):
 - ``--key value`` is the same as ``key=value`` (``--max-new-tokens 64``); a boolean key is a
   bare flag (``--resume``). ``ARG``s without ``=`` fill the command's positional field
   (the report's inputs, say).
-- ``--show`` lists every key with its default and meaning (the dataclass docstrings).
+- ``--show`` lists every key the command honours with its default and its help (the
+  docstring after each dataclass field).
 - ``--help`` shows the command's description with a runnable example.
 
-Errors a user can cause print as one line (exit status 2); DFTUNE_DEBUG=1 shows tracebacks.
+Errors a user can cause print as one line each (exit status 2), found before anything loads;
+DFTUNE_DEBUG=1 shows tracebacks. Ctrl-C says what was kept and the command that continues.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -251,137 +252,6 @@ COMMANDS: dict[str, Command] = {
 }
 
 
-# ---- one argument grammar for every command ---------------------------------------------------
-
-
-@dataclass
-class Parsed:
-    yaml: str | None = None
-    overrides: list = field(default_factory=list)
-    show: bool = False
-    help: bool = False
-
-
-def _field_type(cls, key: str):
-    """The type of the field ``key`` resolves to (for flags: bool needs no value, lists collect)."""
-    import typing
-
-    from dftune.settings import resolve_key
-
-    typ = cls
-    for part in resolve_key(cls, key):
-        typ = typing.get_type_hints(typ)[part]
-    return typ
-
-
-def _is_bool(cls, key: str) -> bool:
-    from dftune.settings import ConfigError
-
-    try:
-        return _field_type(cls, key) is bool
-    except ConfigError:
-        return False
-
-
-def parse_argv(cls, argv: list[str], cmd: Command) -> Parsed:
-    """``[CONFIG.yaml] [key=value] [--key value] [--flag] [ARG]`` -> YAML path and overrides."""
-    import typing
-
-    from dftune.settings import ConfigError
-
-    out, positional, i = Parsed(), [], 0
-    while i < len(argv):
-        tok = argv[i]
-        i += 1
-        if tok in ("-h", "--help"):
-            out.help = True
-        elif tok == "--show":
-            out.show = True
-        elif tok.startswith("-") and len(tok) > 1 and not tok[1:2].isdigit():
-            name, eq, value = tok.partition("=")
-            key = cmd.flags.get(name) or name.lstrip("-").replace("-", "_")
-            if "=" in key:  # a flag that stands for a whole setting
-                out.overrides.append(key)
-                continue
-            if key.startswith("no_") and not eq and _is_bool(cls, key[3:]):  # --no-strip-think
-                out.overrides.append(f"{key[3:]}=false")
-                continue
-            typ = _field_type(cls, key)
-            if typ is bool and not eq:
-                out.overrides.append(f"{key}=true")
-                continue
-            if typing.get_origin(typ) is list and not eq:  # --grid a=1,2 b=3 --next: every item up to the next flag
-                items = []
-                while i < len(argv) and not argv[i].startswith("--"):
-                    items.append(argv[i])
-                    i += 1
-                if not items:
-                    raise ConfigError(f"{name} needs a value")
-                out.overrides.append((key, items))
-                continue
-            if not eq:
-                if i >= len(argv):
-                    raise ConfigError(f"{name} needs a value")
-                value = argv[i]
-                i += 1
-            out.overrides.append(f"{key}={value}")
-        elif "=" in tok:
-            out.overrides.append(tok)
-        elif tok.endswith((".yaml", ".yml")) and cmd.yaml_field:
-            out.overrides.append(f"{cmd.yaml_field}={tok}")
-        elif tok.endswith((".yaml", ".yml")) and out.yaml is None and not positional and not out.overrides:
-            out.yaml = tok
-        else:
-            positional.append(tok)
-    if positional:
-        if not cmd.positional:
-            raise ConfigError(f"unexpected argument {positional[0]!r}; settings are key=value (see --show)")
-        typ = _field_type(cls, cmd.positional)
-        if typing.get_origin(typ) is list:
-            out.overrides.append((cmd.positional, positional))
-        elif len(positional) == 1:
-            out.overrides.append(f"{cmd.positional}={positional[0]}")
-        else:
-            raise ConfigError(f"one {cmd.positional} expected, got {positional}")
-    return out
-
-
-def build_config(cls, parsed: Parsed):
-    """YAML + overrides -> the dataclass; list items given as flags keep their commas."""
-    from dftune.settings import apply_overrides, from_dict, read_yaml
-
-    data = read_yaml(parsed.yaml) if parsed.yaml else {}
-    for item in parsed.overrides:
-        if isinstance(item, tuple):  # (key, [items]) from a list flag or positionals
-            from dftune.settings import resolve_key
-
-            node, path = data, resolve_key(cls, item[0])
-            for part in path[:-1]:
-                node = node.setdefault(part, {})
-            node.setdefault(path[-1], [])
-            if not isinstance(node[path[-1]], list):
-                node[path[-1]] = []
-            node[path[-1]] = [*node[path[-1]], *_split_items(cls, item[0], item[1])]
-        else:
-            apply_overrides(cls, data, [item])
-    return from_dict(cls, data)
-
-
-def _split_items(cls, key: str, items: list[str]) -> list[str]:
-    """Items of a list flag are split on commas unless the field keeps them (metadata split=False)."""
-    import typing
-
-    from dftune.settings import resolve_key
-
-    typ, f = cls, None
-    for part in resolve_key(cls, key):
-        f = {x.name: x for x in dataclasses.fields(typ)}[part]
-        typ = typing.get_type_hints(typ)[part]
-    if f is not None and f.metadata.get("split", True) is False:
-        return list(items)
-    return [v.strip() for item in items for v in item.split(",") if v.strip()]
-
-
 def usage() -> str:
     lines = ["usage: dftune COMMAND [CONFIG.yaml] [key=value ...] [--show] [--help]", "", "commands:"]
     for name, cmd in COMMANDS.items():
@@ -391,6 +261,7 @@ def usage() -> str:
 
 
 def main(argv=None) -> int:
+    from dftune.arguments import build_config, parse_argv
     from dftune.errors import UserError
     from dftune.settings import describe
 
