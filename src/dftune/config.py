@@ -141,7 +141,9 @@ class TrainConfig(TrainingSection):
     """auto (ddp with several processes), ddp, or fsdp (FSDP2: parameters, gradients and optimizer
     state sharded over processes). Launch several with torchrun."""
     loss_backend: str = "chunked"
-    """chunked (default), naive, cce or liger (CUDA)."""
+    """chunked (default), naive, cce or liger (CUDA). cce and liger are exact by default and
+    name their approximations: cce:accum=bf16 (required by cut-cross-entropy 25.1.1, whose
+    backward sums in bf16), cce:filter_eps=auto|high|FLOAT, liger:compute=bf16 (dftune.loss_gpu)."""
     chunk_size: int = 0
     """Tokens per loss chunk; 0 picks one from the vocabulary size."""
     beta1: float = 0.9
@@ -162,7 +164,12 @@ class TrainConfig(TrainingSection):
     """Keep a frozen reference to log KL(initial || current) every step, also for objectives that
     do not need one (costs a second forward pass)."""
     eval_every: int = 0
-    """Run the periodic evaluation (the ``eval`` section) every N steps (0: never)."""
+    """Run the periodic evaluation (the ``eval`` section) every N steps (0: never); with several
+    processes each evaluates its share."""
+    save_dtype: str = "auto"
+    """The dtype the final model (OUT/final) is written in: auto, the base checkpoint's stored
+    dtype (bf16 for the paper's models, although training keeps fp32 master weights under
+    bf16-mixed), or bf16, fp16, fp32 (fp32: the master weights as trained)."""
 
 
 # the ``eval`` keys that the periodic evaluation cannot honour: it scores the live model in the
@@ -258,10 +265,11 @@ def check_training(t: TrainingSection, p: Problems, world: int = 1, where: str =
 def check_train(t: TrainConfig, p: Problems, world: int = 1) -> None:
     """The train section (the objective and its schedule are parsed by the caller, once)."""
     from dftune.loss import BACKENDS
-    from dftune.precision import precision_problem
+    from dftune.precision import DTYPES, precision_problem
 
     check_training(t, p, world)
     p.add(precision_problem(t.precision))
+    p.one_of("train.save_dtype", t.save_dtype, ("auto", *DTYPES))
     p.one_of("train.parallel", t.parallel, ("auto", "none", "ddp", "fsdp"))
     p.one_of("train.loss_backend", t.loss_backend, BACKENDS)
     p.at_least("train.chunk_size", t.chunk_size, 0)

@@ -36,9 +36,9 @@ from dftune.errors import Interrupted, UserError
 from dftune.files import write_json
 from dftune.loss import normalize_gradients_
 from dftune.model import CausalLMLoss, load_model, load_tokenizer, reference_kind, stored_dtype
-from dftune.precision import Precision
+from dftune.precision import DTYPES, Precision
 from dftune.records import DataError
-from dftune.run_folder import check_run_folder, claim_run_folder, export_final
+from dftune.run_folder import check_run_folder, claim_run_folder, export_final, export_note
 from dftune.run_log import RunLog
 from dftune.schedule import Schedule, objective_schedule
 from dftune.settings import ConfigError, Problems, to_dict
@@ -121,7 +121,7 @@ class Setup:
     module: torch.nn.Module  # CausalLMLoss, wrapped for DDP/FSDP
     params: list
     opt: torch.optim.Optimizer
-    save_dtype: torch.dtype  # the final model is saved as the base was stored
+    save_dtype: torch.dtype  # the final model's (train.save_dtype; auto: as the base was stored)
     start: int = 0  # the step a resumed run continues from
 
 
@@ -148,7 +148,7 @@ def setup(cfg: Config, rt: dist.Runtime, schedule: Schedule, resume_from: Path |
     batches = Batches(cfg, examples, rt, tokenizer.pad_token_id)
     total = t.max_steps or max(1, math.ceil(t.epochs * batches.per_epoch))
 
-    save_dtype = stored_dtype(cfg.model)
+    save_dtype = stored_dtype(cfg.model) if t.save_dtype == "auto" else DTYPES[t.save_dtype]
     model = load_model(cfg.model, rt.device, dtype=precision.weights)
     classes = None
     if schedule.needs_classes:  # protect=...: which vocabulary ids are special / numbers / content
@@ -157,7 +157,7 @@ def setup(cfg: Config, rt: dist.Runtime, schedule: Schedule, resume_from: Path |
         classes = token_classes(tokenizer, vocab_size=model.get_output_embeddings().weight.shape[0])
     module = CausalLMLoss(model, schedule.at(0.0), backend=t.loss_backend, chunk_size=t.chunk_size,
                           reference=reference_kind(schedule.needs_ref, cfg.model.lora_r > 0, t.log_kl),
-                          token_class=classes)
+                          token_class=classes, ref_dtype=precision.reference)
     module.train()
     module = dist.parallelize(module, model, rt, parallel, mixed_bf16=precision.mixed)
     opt = torch.optim.AdamW(_param_groups(module, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2))
@@ -243,8 +243,13 @@ def check_run(cfg: Config, p: Problems, world: int = 1) -> Schedule | None:
     if t.parallel == "fsdp":
         p.check(cfg.model.lora_r == 0, "model.lora_r: LoRA with FSDP is not supported (LoRA's trainable state is "
                                        "small): use train.parallel=ddp")
-        p.check(not t.eval_every, "train.eval_every: periodic evaluation needs the whole model in one process; "
-                                  "with FSDP evaluate saved checkpoints with dftune eval instead")
+    if t.loss_backend.partition(":")[0] in ("cce", "liger"):  # what the installed library cannot do, found now
+        from dftune import loss_gpu
+
+        try:
+            loss_gpu.check(t.loss_backend)
+        except UserError as e:
+            p.append(f"train.loss_backend: {e}")
     if t.eval_every:
         from dftune.eval.validate import check_eval
 
@@ -313,19 +318,23 @@ def _train(cfg: Config, rt: dist.Runtime, schedule: Schedule, resume_from: Path 
         if bar is not None:
             bar.close()
     dist.save_checkpoint(rt, s.module, s.opt, s.out, s.total, t.keep_checkpoints, {"objective": s.schedule.spec})
-    return export_final(rt, s.module, s.tokenizer, s.out, s.save_dtype)
+    final = export_final(rt, s.module, s.tokenizer, s.out, s.save_dtype)
+    if rt.is_main:  # the export's dtype may not be the master weights': say so where the run ends
+        print(export_note(final, s.save_dtype, t.save_dtype, s.precision.weights))
+    return final
 
 
 def _periodic_eval(s: Setup, step: int) -> None:
-    """A short evaluation (subset, few samples) for learning curves; main process only."""
-    if s.rt.is_main:
-        from dftune.eval.run import quick_eval
-        from dftune.files import append_jsonl
+    """A short evaluation (subset, few samples) for learning curves. Every process generates
+    and grades its share and the counts are summed (``quick_eval``), so no process sits in a
+    barrier, which a long evaluation would time out; the main process writes the curve."""
+    from dftune.eval.run import quick_eval
+    from dftune.files import append_jsonl
 
-        model = dist.unwrap(s.module).model
-        model.eval()
-        with s.precision.eval_autocast():
-            result = quick_eval(model, s.tokenizer, s.cfg.eval)
-        model.train()
+    model = dist.unwrap(s.module).model
+    model.eval()
+    with dist.gathered_root(s.module), s.precision.eval_autocast():
+        result = quick_eval(model, s.tokenizer, s.cfg.eval, s.rt, synced=s.precision.fsdp and s.rt.world > 1)
+    model.train()
+    if s.rt.is_main:
         append_jsonl(s.out / "eval_curve.jsonl", [{"step": step, **result}])
-    s.rt.barrier()

@@ -155,21 +155,35 @@ class HFBackend:
                                 key=len, reverse=True)
 
     def generate(self, prompts: list[str], keys: list[str], cfg: SamplingConfig,
-                 stop_token_ids: list[int] | None = None) -> list[list[Completion]]:
+                 stop_token_ids: list[int] | None = None, *, rank: int = 0, world: int = 1,
+                 synced: bool = False) -> list[list[Completion] | None]:
         """``n`` completions per prompt. stop_token_ids: ids that end a completion besides
-        EOS; None: the tokenizer's chat end-of-turn tokens (``end_of_turn_ids``)."""
+        EOS; None: the tokenizer's chat end-of-turn tokens (``end_of_turn_ids``).
+
+        Several processes (periodic evaluation under DDP/FSDP): the prompts' batches are dealt
+        round-robin, and this process generates batches rank, rank + world, ...; the others'
+        prompts get None. A batch is the same batch, with the same seed, whichever process
+        takes it, so the union equals one process's output. Batches shrink (if need be) so that
+        every process has one. synced: the model is sharded (FSDP), so every process must run
+        the same forward passes: each runs the same number of batches (repeating its first
+        when it has fewer) and ``generate(synced_gpus=True)`` steps until all are done.
+        """
         import torch
 
         if stop_token_ids is None:
             stop_token_ids = end_of_turn_ids(self.tok, "chat")
 
-        model, out = self.model, []
+        model, out = self.model, [None] * len(prompts)
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
-        per_batch = max(1, self.batch_size // cfg.n)
+        per_batch = max(1, min(self.batch_size // cfg.n, -(-len(prompts) // world)))
+        starts = list(range(0, len(prompts), per_batch))
+        mine = starts[rank::world]
+        if synced:  # the same number of generate calls everywhere; the extra ones are discarded
+            mine += starts[:1] * (-(-len(starts) // world) - len(mine))
         stops = list(dict.fromkeys(i for i in [self.tok.eos_token_id, *stop_token_ids] if i is not None))
-        for s in range(0, len(prompts), per_batch):
+        for k, s in enumerate(mine):
             chunk = prompts[s:s + per_batch]
             enc = self.tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             torch.manual_seed(request_seed(cfg.seed, keys[s]))
@@ -179,11 +193,13 @@ class HFBackend:
                     **enc, do_sample=sample, temperature=cfg.temperature if sample else None,
                     top_p=cfg.top_p if sample else None, top_k=0 if sample else None, max_new_tokens=cfg.max_new_tokens,
                     num_return_sequences=cfg.n, pad_token_id=self.tok.pad_token_id, eos_token_id=stops,
-                    use_cache=True,
+                    use_cache=True, **({"synced_gpus": True} if synced else {}),
                 )
+            if k >= len(starts[rank::world]):
+                continue  # a repeat that only kept the processes in step
             new = gen[:, enc["input_ids"].shape[1]:].tolist()
             for i in range(len(chunk)):
-                out.append([self._completion(ids, cfg, set(stops)) for ids in new[i * cfg.n:(i + 1) * cfg.n]])
+                out[s + i] = [self._completion(ids, cfg, set(stops)) for ids in new[i * cfg.n:(i + 1) * cfg.n]]
         model.train(was_training)
         return out
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -319,22 +320,35 @@ def markdown_table(summary: dict) -> str:
     return text
 
 
-def quick_eval(model, tokenizer, cfg: EvalConfig) -> dict:
+def quick_eval(model, tokenizer, cfg: EvalConfig, runtime=None, synced: bool = False) -> dict:
     """A short evaluation of a live model: {benchmark: avg@n, ...}, with the settings of an
     ``EvalConfig`` (benchmarks, data_dir, limit, prompt, sampling, stop tokens, grading).
 
     Used by training every ``train.eval_every`` steps for learning curves (its ``eval`` section).
+    runtime (``dftune.dist.Runtime``, several processes): every process generates and grades
+    its share of the batches (``HFBackend.generate``) and the counts are summed over processes,
+    so no process waits while another evaluates alone; synced: the model is FSDP-sharded.
     """
+    import torch
+
     from dftune.eval.generate import HFBackend
 
+    rank, world = (runtime.rank, runtime.world) if runtime is not None else (0, 1)
     backend = HFBackend(model, tokenizer)
     stops = end_of_turn_ids(tokenizer, cfg.prompt) if cfg.stop_at_end_of_turn else []
+    # the processes of one machine share its cores: grader workers per process, not per machine
+    workers = cfg.grade_workers or max(1, (os.cpu_count() or 1) // world)
     out = {}
     for b in cfg.benchmarks:
         problems = load_benchmark(b, cfg.data_dir or None, cfg.limit or None)
         outs = backend.generate([build_prompt(p.question, cfg.prompt, tokenizer) for p in problems],
-                                [f"{b}:{p.id}" for p in problems], cfg.sampling, stop_token_ids=stops)
-        verdicts = grade_batch([(c.text, p.golds) for p, cs in zip(problems, outs) for c in cs],
-                               workers=cfg.grade_workers, timeout=cfg.grade_timeout, strip_think=cfg.strip_think)
-        out[b] = sum(v.correct for v in verdicts) / max(len(verdicts), 1)
+                                [f"{b}:{p.id}" for p in problems], cfg.sampling, stop_token_ids=stops, rank=rank,
+                                world=world, synced=synced)
+        verdicts = grade_batch([(c.text, p.golds) for p, cs in zip(problems, outs) if cs is not None for c in cs],
+                               workers=workers, timeout=cfg.grade_timeout, strip_think=cfg.strip_think)
+        counts = torch.tensor([sum(v.correct for v in verdicts), len(verdicts)], dtype=torch.float64,
+                              device=next(model.parameters()).device)
+        if world > 1:
+            runtime.all_sum(counts)
+        out[b] = float(counts[0] / counts[1].clamp_min(1))
     return out
