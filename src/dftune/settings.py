@@ -42,6 +42,8 @@ def _is_list(typ) -> bool:
 
 def _coerce(value, typ, where: str, split: bool = True):
     if _is_list(typ):  # list[str]: a YAML list, or "a,b,c" from the command line
+        if isinstance(value, str) and split and value.strip().startswith("[") and value.strip().endswith("]"):
+            value = value.strip()[1:-1]  # "[a,b]" and "[]" typed on a command line: the list's items
         if isinstance(value, str):  # split=False (field metadata): items may hold commas
             return [v.strip() for v in value.split(",") if v.strip()] if split else [value]
         if isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float)) and not isinstance(v, bool)
