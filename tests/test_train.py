@@ -509,8 +509,9 @@ def test_final_model_is_saved_in_the_base_checkpoints_dtype(tiny_dir, problems_f
     assert "written in float32 (train.save_dtype=fp32)" in capsys.readouterr().out
     from dftune.settings import ConfigError
 
-    with pytest.raises(ConfigError, match="train.save_dtype"):
-        _cfg(base, problems_file, tmp_path / "run", save_dtype="int8")
+    with pytest.raises(ConfigError, match="train.save_dtype"):  # refused before anything loads
+        train(_cfg(base, problems_file, tmp_path / "bad", save_dtype="int8"))
+    assert not (tmp_path / "bad").exists()
 
 
 def test_schedule_weight_normalisation_and_protect_in_the_loop(tiny_dir, problems_file, tmp_path):
