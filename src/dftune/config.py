@@ -271,7 +271,7 @@ def check_train(t: TrainConfig, p: Problems, world: int = 1) -> None:
     p.add(precision_problem(t.precision))
     p.one_of("train.save_dtype", t.save_dtype, ("auto", *DTYPES))
     p.one_of("train.parallel", t.parallel, ("auto", "none", "ddp", "fsdp"))
-    p.one_of("train.loss_backend", t.loss_backend, BACKENDS)
+    p.one_of("train.loss_backend", t.loss_backend.partition(":")[0], BACKENDS)  # cce:...: its options checked apart
     p.at_least("train.chunk_size", t.chunk_size, 0)
     p.fraction("train.beta1", t.beta1)
     p.fraction("train.beta2", t.beta2)

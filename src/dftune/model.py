@@ -9,6 +9,7 @@ the decoder to get the final hidden states and hands them, with the head's weigh
 from __future__ import annotations
 
 import copy
+import sys
 from pathlib import Path
 
 import torch
@@ -33,7 +34,7 @@ def load_tokenizer(name_or_path: str | ModelConfig, *, gguf_file: str = "", trus
     kw = {"gguf_file": gguf_file} if gguf_file else {}
     if not Path(name_or_path).expanduser().is_dir() and main_process():
         print(f"model: {name_or_path} is not a folder here: fetching it from the Hugging Face Hub (once, then cached)",
-              flush=True)
+              file=sys.stderr, flush=True)
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kw)
     except OSError as e:  # not a folder here, and not a model the Hub has (or the Hub is out of reach)

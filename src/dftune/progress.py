@@ -64,7 +64,7 @@ def step(what: str, enabled: bool | None = None):
     if not (main_process() if enabled is None else enabled):
         yield
         return
-    print(f"{what} ...", flush=True)
+    print(f"{what} ...", file=sys.stderr, flush=True)  # stderr: a command's output stays its result
     t0 = time.perf_counter()
     yield
-    print(f"{what}: done in {time.perf_counter() - t0:.1f} s", flush=True)
+    print(f"{what}: done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
