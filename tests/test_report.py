@@ -14,7 +14,7 @@ import yaml
 from dftune.analysis import summary as S
 from dftune.analysis.report import Run, build_report, write_report
 from dftune.analysis.tokens import ENTROPY_EDGES, P_EDGES
-from dftune.eval.metrics import summarize
+from dftune.eval.metrics import accuracy_by_problem, summarize
 
 XSS = "<script>alert(1)</script>"
 OOD = "ood<img src=x onerror=alert(1)>"  # a benchmark name is untrusted text too
@@ -197,7 +197,7 @@ def test_with_one_seed_the_interval_agrees_with_dftune_compare(tmp_path):
     g = S.Group("", {})
     for name in ("a", "b"):
         r = Run(name, tmp_path / name, summary=json.loads((tmp_path / name / "summary.json").read_text()))
-        r.acc = S.per_problem([json.loads(x) for x in (tmp_path / name / "samples.jsonl").read_text().splitlines()],
+        r.acc = accuracy_by_problem([json.loads(x) for x in (tmp_path / name / "samples.jsonl").read_text().splitlines()],
                               r.summary)
         g.arms[name] = S.Arm(name, [r])
     g.baseline = "b"

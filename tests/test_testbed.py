@@ -414,7 +414,8 @@ def test_the_offline_demo_end_to_end(answering_base, tmp_path):
 
 
 def test_the_command_line_takes_the_mode_as_a_word():
-    from dftune.cli import COMMANDS, build_config, parse_argv
+    from dftune.arguments import build_config, parse_argv
+    from dftune.cli import COMMANDS
     from dftune.settings import ConfigError
     from dftune.testbed.demo_config import DemoConfig
 
