@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from dftune.config import Config, DataConfig, ModelConfig, TrainConfig, load_config
-from dftune.data import DataError
 from dftune.eval.generate import HFBackend, SamplingConfig
 from dftune.files import read_json, read_jsonl
 from dftune.offline.sample import gold_answer, load_questions, render_prompt, sample
+from dftune.records import DataError
 from dftune.settings import ConfigError
 from dftune.train import train
 from tests.conftest import write_jsonl
@@ -34,7 +34,7 @@ def sampler_model(tiny_dir, tmp_path_factory):
     data = write_jsonl(root / "teach.jsonl", [QA[0]] * 8 + [wrong] * 8)
     cfg = Config(model=ModelConfig(name_or_path=str(tiny_dir)), data=DataConfig(path=str(data)),
                  train=TrainConfig(objective="nll", lr=1e-2, min_lr_ratio=1.0, global_batch=16, micro_batch=16,
-                                   max_steps=30, warmup_ratio=0.0, out=str(root / "teach"), tensorboard=False))
+                                   max_steps=30, warmup_ratio=0.0, out=str(root / "teach")))
     return train(cfg), write_jsonl(root / "qa.jsonl", QA)
 
 
