@@ -76,10 +76,10 @@ def test_an_evaluation_stores_both_verdicts(tiny_dir, toy, tmp_path):
 
 
 @pytest.mark.parametrize("change, match", [
-    ({"prompt": "deepseek"}, "eval.prompt: unknown prompt style 'deepseek'"),
-    ({"grader": "lighteval"}, "eval.grader: unknown grader"),
-    ({"stops": "never"}, "eval.stops: unknown stop policy"),
-    ({"backend": "sglang"}, "eval.backend: unknown generation backend"),
+    ({"prompt": "deepseek"}, "prompt: must be one of qwen-boxed, .*; got 'deepseek'"),
+    ({"grader": "lighteval"}, "grader: must be one of math-verify, paper; got 'lighteval'"),
+    ({"stops": "never"}, "stops: must be one of end-of-turn, .*; got 'never'"),
+    ({"backend": "sglang"}, "backend: must be one of vllm, hf; got 'sglang'"),
 ])
 def test_bad_settings_are_refused_before_anything_is_written(change, match, tiny_dir, toy, tmp_path):
     out = tmp_path / "ev"
