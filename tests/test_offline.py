@@ -251,14 +251,18 @@ def test_grpo_baseline_on_trl_with_our_grader_as_reward(sampler_model, tmp_path)
     pytest.importorskip("trl")
     from dftune.offline.baselines import load_baseline_config, run_grpo
 
-    model, qa = sampler_model
+    model, _ = sampler_model
+    # Only the question the model was taught: its groups mix right (3) and wrong (4) answers, so
+    # the advantages are not all zero (on the other questions every reward is 0: no gradient).
+    qa = write_jsonl(tmp_path / "qa0.jsonl", [QA[0]] * 4)
     cfg = load_baseline_config(None, [f"model={model}", f"data={qa}", "global_batch=8", "micro_batch=8",
-                                      "num_generations=4", "max_steps=2", "lr=1e-3", "max_completion_length=40",
+                                      "num_generations=4", "max_steps=3", "lr=1e-3", "max_completion_length=40",
                                       f"out={tmp_path / 'grpo'}", "log_every=1", "beta=0.0",
                                       "lr_scheduler=constant"])
     final = run_grpo(cfg)
     log = read_jsonl(tmp_path / "grpo" / "log.jsonl")
     assert any("reward" in k for k in log[0])
+    assert max(r["reward_std"] for r in log if "reward_std" in r) > 0
     assert _changed(Path(model), final)
 
 
