@@ -112,14 +112,16 @@ def _check_consistent(out: Path, n: int, problems: int):
         assert {r["sample"] for r in mine} == set(range(n))
         for r in mine:
             assert set(r) >= {"prompt", "completion", "extracted", "correct", "status", "reason", "rule", "gold",
-                              "num_tokens", "finish_reason", "repetitive"}
+                              "num_tokens", "finish_reason", "repetitive", "verdicts"}
+            assert set(r["verdicts"]) == {"math-verify", "paper"}  # both graders, every sample
+            assert r["correct"] == r["verdicts"][summary["grader"]]["correct"]
             assert r["finish_reason"] in ("stop", "length") and r["num_tokens"] > 0
         assert m["mean_tokens"] == pytest.approx(sum(r["num_tokens"] for r in mine) / len(mine))
         assert m["truncated"] == pytest.approx(sum(r["finish_reason"] == "length" for r in mine) / len(mine))
         assert m["ci95"][0] <= m[f"avg@{n}"] <= m["ci95"][1] and 0 <= m[f"maj@{n}"] <= 1
         assert sum(v for k, v in m["grader"].items() if k not in ("failures", "failure_rate")) == len(mine)
     assert set(summary["mean"]) == {f"avg@{n}", "ci95", f"maj@{n}"}
-    assert (out / "results.md").read_text().startswith("| benchmark |")
+    assert (out / "results.md").read_text().startswith(f"Graded by **{summary['grader']}**")
     return rows
 
 
@@ -139,11 +141,11 @@ class Counting:
     def __init__(self, backend, calls, stop_after=None):
         self.backend, self.calls, self.stop_after, self.tok = backend, calls, stop_after, backend.tok
 
-    def generate(self, prompts, keys, sc, stop_token_ids=None):
+    def generate(self, prompts, keys, sc, stop_token_ids=None, stop_strings=()):
         if self.stop_after is not None and len(self.calls) >= self.stop_after:
             raise Interrupted
         self.calls.append(list(keys))
-        return self.backend.generate(prompts, keys, sc, stop_token_ids)
+        return self.backend.generate(prompts, keys, sc, stop_token_ids, stop_strings)
 
 
 def test_hf_eval_and_resume_without_regenerating(tiny_dir, shared_data, tmp_path):
@@ -309,15 +311,17 @@ def test_compare_command_writes_json_and_markdown(tmp_path):
     _fake_eval(tmp_path / "a", {"math": [[True, True], [True, False], [False, False]]}, 2)
     _fake_eval(tmp_path / "b", {"math": [[True, False], [False, False], [False, False]]}, 2)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    r = subprocess.run([sys.executable, "-m", "dftune.cli", "compare", str(tmp_path / "a"), str(tmp_path / "b"),
+    # the reference first: b is the reference, the difference a - b (as the report's)
+    r = subprocess.run([sys.executable, "-m", "dftune.cli", "compare", str(tmp_path / "b"), str(tmp_path / "a"),
                         "--out", str(tmp_path / "cmp"), "--reps", "200"], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     data = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert data["benchmarks"]["math"]["diff"] == pytest.approx(0.5 - 1 / 6)
+    assert data["b"]["path"] == str(tmp_path / "b") and "the reference" in r.stdout
     assert (tmp_path / "cmp" / "compare.md").read_text().startswith("A = ")
     r = subprocess.run([sys.executable, "-m", "dftune.cli", "compare", str(tmp_path / "a"), str(tmp_path / "zzz"),
                         "--out", str(tmp_path / "cmp2")], capture_output=True, text=True, env=env)
-    assert r.returncode == 2 and "no summary.json" in r.stderr
+    assert r.returncode == 2 and "zzz not found" in r.stderr
 
 
 def test_vllm_eval_end_to_end_on_cpu(tiny_dir, shared_data, tmp_path):

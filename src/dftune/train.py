@@ -29,17 +29,19 @@ from pathlib import Path
 import torch
 
 from dftune import dist
-from dftune.config import Config
-from dftune.data import DataError, build_dataset, epoch_steps, step_batches
-from dftune.errors import UserError
+from dftune.batching import epoch_steps, step_batches
+from dftune.config import Config, check_data, check_model, check_train
+from dftune.data import build_dataset
+from dftune.errors import Interrupted, UserError
 from dftune.files import write_json
 from dftune.loss import normalize_gradients_
 from dftune.model import CausalLMLoss, load_model, load_tokenizer, reference_kind, stored_dtype
-from dftune.precision import Precision
-from dftune.run_folder import export_final, open_run_folder
+from dftune.precision import DTYPES, Precision
+from dftune.records import DataError
+from dftune.run_folder import check_run_folder, claim_run_folder, export_final, export_note
 from dftune.run_log import RunLog
 from dftune.schedule import Schedule, objective_schedule
-from dftune.settings import ConfigError
+from dftune.settings import ConfigError, Problems, to_dict
 from dftune.step_stats import StepStats, data_stats, first_data_stats, gradient_record, protected_targets
 
 
@@ -100,7 +102,7 @@ class Setup:
     module: torch.nn.Module  # CausalLMLoss, wrapped for DDP/FSDP
     params: list
     opt: torch.optim.Optimizer
-    save_dtype: torch.dtype  # the final model is saved as the base was stored
+    save_dtype: torch.dtype  # the final model's (train.save_dtype; auto: as the base was stored)
     start: int = 0  # the step a resumed run continues from
     classes: torch.Tensor | None = None  # (V,) token class per vocabulary id, when an objective needs them
     data_stats: dict | None = None  # the last step's statistics of the data (auto follows one; checkpointed)
@@ -110,39 +112,30 @@ class Setup:
         return {"objective": self.schedule.spec, "data_stats": self.data_stats}
 
 
-def setup(cfg: Config, rt: dist.Runtime) -> Setup:
-    """Precision and schedule from their settings, the run folder, the data (every row
-    validated before the model's weights are read), the model and the optimizer, and the
-    checkpoint to resume from."""
+def setup(cfg: Config, rt: dist.Runtime, schedule: Schedule, resume_from: Path | None) -> Setup:
+    """Precision from its setting, the data (every row validated before the model's weights
+    are read), the run folder claimed, the model and the optimizer, and the checkpoint's
+    state. ``cfg`` was validated and ``schedule`` parsed by ``validate``."""
     t = cfg.train
-    schedule = objective_schedule(t.objective_schedule or t.objective)
     parallel = dist.resolve_parallel(t.parallel, rt.world)
-    if parallel == "fsdp" and cfg.model.lora_r > 0:
-        raise ConfigError("LoRA with FSDP is not supported (LoRA's trainable state is small): use train.parallel=ddp")
-    if parallel == "fsdp" and t.eval_every:
-        raise ConfigError("periodic evaluation (train.eval_every) needs the whole model in one process; with FSDP "
-                          "evaluate saved checkpoints with dftune eval instead")
-    if t.eval_every:
-        from dftune.eval.run import check_periodic_eval
-
-        check_periodic_eval(cfg.eval)
     precision = Precision.resolve(t.precision, rt.device, parallel)
     out = Path(t.out)
-    resume_from = open_run_folder(cfg, rt)
     random.seed(t.seed)
     torch.manual_seed(t.seed)
 
     tokenizer = load_tokenizer(cfg.model)
     examples, summary = build_dataset(cfg.data, tokenizer, seed=t.seed)
+    if len(examples) < t.global_batch:
+        raise DataError(f"{cfg.data.path}: {len(examples)} usable examples is fewer than one global batch "
+                        f"(train.global_batch {t.global_batch})")
+    claim_run_folder(cfg, rt)  # the data is good: the folder is this run's now, before the model loads
     if rt.is_main:
         print(f"data: {summary}")
         write_json(out / "data_summary.json", summary.__dict__)
-    if len(examples) < t.global_batch:
-        raise DataError(f"{len(examples)} usable examples is fewer than one global batch ({t.global_batch})")
     batches = Batches(cfg, examples, rt, tokenizer.pad_token_id)
     total = t.max_steps or max(1, math.ceil(t.epochs * batches.per_epoch))
 
-    save_dtype = stored_dtype(cfg.model)
+    save_dtype = stored_dtype(cfg.model) if t.save_dtype == "auto" else DTYPES[t.save_dtype]
     model = load_model(cfg.model, rt.device, dtype=precision.weights)
     classes = None
     if schedule.needs_classes:  # protect=...: which vocabulary ids are special / numbers / content
@@ -151,7 +144,7 @@ def setup(cfg: Config, rt: dist.Runtime) -> Setup:
         classes = token_classes(tokenizer, vocab_size=model.get_output_embeddings().weight.shape[0])
     module = CausalLMLoss(model, schedule.at(0.0), backend=t.loss_backend, chunk_size=t.chunk_size,
                           reference=reference_kind(schedule.needs_ref, cfg.model.lora_r > 0, t.log_kl),
-                          token_class=classes)
+                          token_class=classes, ref_dtype=precision.reference)
     module.train()
     module = dist.parallelize(module, model, rt, parallel, mixed_bf16=precision.mixed)
     opt = torch.optim.AdamW(_param_groups(module, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2))
@@ -226,33 +219,83 @@ def train_step(s: Setup, step: int, logs_entropy: bool) -> dict:
     return rec
 
 
+def launched_world() -> int:
+    """Processes the launcher (torchrun, accelerate) announces in WORLD_SIZE; 1 without one."""
+    import os
+
+    raw = os.environ.get("WORLD_SIZE", "1")
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigError(f"WORLD_SIZE={raw!r} in the environment is not a positive integer")
+    return int(raw)
+
+
+def check_run(cfg: Config, p: Problems, world: int = 1) -> Schedule | None:
+    """Every problem with a training run's settings (not its folder); the objective schedule,
+    parsed once (None when it does not parse)."""
+    t = cfg.train
+    check_model(cfg.model, p)
+    check_data(cfg.data, p)
+    check_train(t, p, world)
+    schedule = None
+    try:
+        schedule = objective_schedule(t.objective_schedule or t.objective)
+    except UserError as e:
+        p.append(f"train.{'objective_schedule' if t.objective_schedule else 'objective'}: {e}")
+    if t.parallel == "fsdp":
+        p.check(cfg.model.lora_r == 0, "model.lora_r: LoRA with FSDP is not supported (LoRA's trainable state is "
+                                       "small): use train.parallel=ddp")
+    if t.loss_backend.partition(":")[0] in ("cce", "liger"):  # what the installed library cannot do, found now
+        from dftune import loss_gpu
+
+        try:
+            loss_gpu.check(t.loss_backend)
+        except UserError as e:
+            p.append(f"train.loss_backend: {e}")
+    if t.eval_every:
+        from dftune.eval.validate import check_eval
+
+        check_eval(cfg.eval, p, "eval.", periodic=True)
+    return schedule
+
+
+def validate(cfg: Config) -> tuple[Schedule, Path | None]:
+    """Every problem with a training run's settings and folder, found before anything is
+    loaded or written and raised together; the objective schedule, parsed once; the
+    checkpoint to resume from."""
+    p = Problems()
+    schedule = check_run(cfg, p, launched_world())
+    resume_from = check_run_folder(cfg, p)
+    p.raise_all()
+    return schedule, resume_from
+
+
 def train(cfg: Config, on_step=None) -> Path:
     """Run training as configured; return the folder of the final model.
 
     on_step(step, record) is called after each optimizer step (tests use it to stop a
     run part-way, as a kill would).
     """
-    objective_schedule(cfg.train.objective_schedule or cfg.train.objective)  # a bad spec fails before anything loads
+    schedule, resume_from = validate(cfg)
     rt = dist.init_runtime()
     try:
-        return _train(cfg, rt, on_step)
+        return _train(cfg, rt, schedule, resume_from, on_step)
     finally:
         rt.close()
 
 
-def _train(cfg: Config, rt: dist.Runtime, on_step) -> Path:
+def _train(cfg: Config, rt: dist.Runtime, schedule: Schedule, resume_from: Path | None, on_step) -> Path:
     t = cfg.train
-    s = setup(cfg, rt)
+    s = setup(cfg, rt, schedule, resume_from)
     if s.start >= s.total and (s.out / "final" / "config.json").is_file():
         return s.out / "final"  # finished already
-    log = RunLog(s.out, t.tensorboard, t.log_every, rt.is_main, s.start)
+    log = RunLog(s.out, t.report_to, t.log_every, rt.is_main, s.start, to_dict(cfg))
     bar = None
     if rt.is_main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=s.total, initial=s.start, desc=f"train {s.schedule.spec}", unit="step", dynamic_ncols=True,
                    disable=None)  # None: no bar when output is not a terminal (CI logs)
-    t0, tokens_seen = time.perf_counter(), 0
+    t0, tokens_seen, step = time.perf_counter(), 0, s.start
     try:
         for step in range(s.start, s.total):
             logs_entropy = step == s.start or (step + 1) % log.every == 0 or step + 1 == s.total
@@ -268,24 +311,32 @@ def _train(cfg: Config, rt: dist.Runtime, on_step) -> Path:
                 _periodic_eval(s, step + 1)
             if on_step is not None:
                 on_step(step + 1, rec)
+    except KeyboardInterrupt:
+        kept = dist.checkpoints(s.out)
+        raise Interrupted(f"training stopped at step {step}", resume=kept[-1] if kept else None) from None
     finally:
         log.close()
         if bar is not None:
             bar.close()
     dist.save_checkpoint(rt, s.module, s.opt, s.out, s.total, t.keep_checkpoints, s.state())
-    return export_final(rt, s.module, s.tokenizer, s.out, s.save_dtype)
+    final = export_final(rt, s.module, s.tokenizer, s.out, s.save_dtype)
+    if rt.is_main:  # the export's dtype may not be the master weights': say so where the run ends
+        print(export_note(final, s.save_dtype, t.save_dtype, s.precision.weights))
+    return final
 
 
 def _periodic_eval(s: Setup, step: int) -> None:
-    """A short evaluation (subset, few samples) for learning curves; main process only."""
-    if s.rt.is_main:
-        from dftune.eval.run import quick_eval
-        from dftune.files import append_jsonl
+    """A short evaluation (subset, few samples) for learning curves. Every process generates
+    and grades its share and the counts are summed (``quick_eval``), so no process sits in a
+    barrier, which a long evaluation would time out; the main process writes the curve."""
+    from dftune.eval.run import quick_eval
+    from dftune.files import append_jsonl
 
-        model = dist.unwrap(s.module).model
-        model.eval()
-        with s.precision.eval_autocast():
-            result = quick_eval(model, s.tokenizer, s.cfg.eval)
-        model.train()
+    model = dist.unwrap(s.module).model
+    model.eval()
+    with dist.gathered_root(s.module), s.precision.eval_autocast():
+        result = quick_eval(model, s.tokenizer, s.cfg.eval, s.rt, synced=s.precision.fsdp and s.rt.world > 1,
+                            chat_template=s.cfg.data.chat_template, model_path=s.cfg.model.name_or_path)
+    model.train()
+    if s.rt.is_main:
         append_jsonl(s.out / "eval_curve.jsonl", [{"step": step, **result}])
-    s.rt.barrier()

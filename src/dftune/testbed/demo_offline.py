@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from dftune.config import DataConfig
+from dftune.eval.metrics import avg_key
 from dftune.files import write_jsonl
 from dftune.settings import ConfigError
 from dftune.testbed import bases, tables, tasks
@@ -144,7 +145,7 @@ def run_offline(cfg: DemoConfig) -> Path:
     write_sweep(root, cfg, ["setting", "objective", "seed"], "rft", points)
     splits = splits_of(cfg)
     accuracy, diffs = tables.accuracy_tables(root, points, splits, "setting", "rft")
-    result = {"schema": tables.TABLES_SCHEMA, "kind": "offline", "metric": f"avg@{cfg.eval_n}", "n": cfg.eval_n,
+    result = {"schema": tables.TABLES_SCHEMA, "kind": "offline", "metric": avg_key(cfg.eval_n), "n": cfg.eval_n,
               "problems_per_split": cfg.eval_problems, "seeds": cfg.seeds, "splits": splits + ["mean"],
               "group": "setting", "baseline": "rft",
               "intervals": {"cell": tables.CELL_INTERVAL, "diff": tables.DIFF_INTERVAL},
