@@ -40,30 +40,45 @@ from dftune.testbed import bases, tasks
 class OfflineSettings:
     """The offline-RL demo (`dftune demo offline`): from the strong base, k samples per
     question make the RFT data and DPO pairs; RFT, DFT-on-RFT, DPO and GRPO train from that
-    base. The paper's relative settings, learning rates scaled like the SFT one (see
-    docs/testbed.md): DPO lr = SFT lr / 50, batch = half SFT's, warm-up 0.05; GRPO lr =
-    SFT lr / 50, group 4, warm-up 0.1.
+    base, with learning-rate budgets (the sum of the rate over the optimizer steps) of the
+    order of RFT's; tables.json states each one as measured (docs/testbed.md).
 
     questions: training questions sampled from (the narrow demonstrations' distribution).
     k: samples per question (the paper: 4).
-    sample_tokens: generation length when sampling.
-    dpo_lr, dpo_batch, dpo_steps, dpo_beta: DPO (TRL); dpo_steps 0: one epoch over the pairs.
-    grpo_lr, grpo_questions, grpo_steps, grpo_beta: GRPO (TRL), grpo_questions x k completions per step.
+    sample_tokens: generation length when sampling (and GRPO's).
+    dpo_lr, dpo_batch, dpo_epochs, dpo_beta: DPO (TRL): rate (cosine after a 0.05 warm-up),
+        pairs per step, passes over the pairs, KL strength.
+    grpo_lr, grpo_questions, grpo_group, grpo_steps, grpo_beta: GRPO (TRL): rate (constant
+        after a 0.1 warm-up), questions per step, completions per question, steps, KL coefficient.
     objectives: which to train: rft, dft_on_rft, dpo, grpo (PPO needs verl on a GPU: not here).
     """
 
     questions: int = 256
+    """Training questions sampled from (the narrow demonstrations' distribution)."""
     k: int = 4
+    """Samples per question (the paper: 4)."""
     sample_tokens: int = 80
+    """Generation length when sampling, and GRPO's."""
     dpo_lr: float = 1e-5
+    """DPO's peak rate (cosine after a 0.05 warm-up)."""
     dpo_batch: int = 8
-    dpo_steps: int = 0
+    """DPO's (correct, incorrect) pairs per optimizer step."""
+    dpo_epochs: float = 1.0
+    """DPO's passes over the pairs."""
     dpo_beta: float = 0.1
+    """DPO's KL strength."""
     grpo_lr: float = 1e-5
+    """GRPO's rate (constant after a 0.1 warm-up, as verl runs it)."""
     grpo_questions: int = 8
+    """GRPO's questions per optimizer step."""
+    grpo_group: int = 4
+    """GRPO's completions per question (the group; the paper: 4)."""
     grpo_steps: int = 16
+    """GRPO's optimizer steps."""
     grpo_beta: float = 0.0
+    """GRPO's KL coefficient (0: no reference model, verl's default)."""
     objectives: str = "rft,dft_on_rft,dpo,grpo"
+    """Which to train: rft, dft_on_rft, dpo, grpo (PPO needs verl on a GPU: not here)."""
 
 
 @dataclass
