@@ -251,7 +251,7 @@ def report_inputs(tiny_dir, problems_file, tmp_path_factory):
     for obj in ("nll", "dft"):
         cfg = Config(model=ModelConfig(name_or_path=str(tiny_dir)), data=DataConfig(path=str(problems_file)),
                      train=TrainConfig(objective=obj, lr=3e-3, global_batch=8, micro_batch=8, max_steps=4,
-                                       out_dir=str(root / obj), tensorboard=False))
+                                       out=str(root / obj), tensorboard=False))
         train(cfg)
         runs.append(root / obj)
     from dftune.cli import main

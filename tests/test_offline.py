@@ -9,11 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dftune.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig, load_config
+from dftune.config import Config, DataConfig, ModelConfig, TrainConfig, load_config
 from dftune.data import DataError
 from dftune.eval.generate import HFBackend, SamplingConfig
 from dftune.files import read_json, read_jsonl
 from dftune.offline.sample import gold_answer, load_questions, render_prompt, sample
+from dftune.settings import ConfigError
 from dftune.train import train
 from tests.conftest import write_jsonl
 
@@ -33,7 +34,7 @@ def sampler_model(tiny_dir, tmp_path_factory):
     data = write_jsonl(root / "teach.jsonl", [QA[0]] * 8 + [wrong] * 8)
     cfg = Config(model=ModelConfig(name_or_path=str(tiny_dir)), data=DataConfig(path=str(data)),
                  train=TrainConfig(objective="nll", lr=1e-2, min_lr_ratio=1.0, global_batch=16, micro_batch=16,
-                                   max_steps=30, warmup_ratio=0.0, out_dir=str(root / "teach"), tensorboard=False))
+                                   max_steps=30, warmup_ratio=0.0, out=str(root / "teach"), tensorboard=False))
     return train(cfg), write_jsonl(root / "qa.jsonl", QA)
 
 
@@ -203,7 +204,7 @@ def test_rft_configs_train_on_what_sample_writes(sampler_model, rft_workdir, tmp
     assert (paper.train.objective, paper.data.format, paper.data.path) == (objective, "prompt_completion",
                                                                            "data/rft/rft.jsonl")
     assert (paper.train.lr, paper.train.global_batch, paper.train.warmup_ratio) == (5e-5, 256, 0.1)
-    cfg = load_config(path, [f"model.name_or_path={model}", f"train.out_dir={tmp_path / 'run'}", "train.global_batch=1",
+    cfg = load_config(path, [f"model.name_or_path={model}", f"train.out={tmp_path / 'run'}", "train.global_batch=1",
                              "train.micro_batch=1", "train.max_steps=2"])
     # the prompt training sees is the one the samples were drawn from (same chat template, suffix in the file)
     from dftune.data import build_dataset
@@ -239,7 +240,7 @@ def test_dpo_baseline_on_trl_changes_the_weights(sampler_model, tmp_path):
               "rejected": [{"role": "assistant", "content": "The answer is \\boxed{0}."}]} for q in QA] * 2
     data = write_jsonl(tmp_path / "dpo.jsonl", pairs)
     cfg = load_baseline_config(None, [f"model={model}", f"data={data}", "global_batch=4", "micro_batch=2",
-                                      "max_steps=2", "lr=1e-3", f"out_dir={tmp_path / 'dpo'}", "logging_steps=1"])
+                                      "max_steps=2", "lr=1e-3", f"out={tmp_path / 'dpo'}", "log_every=1"])
     final = run_dpo(cfg)
     assert _changed(Path(model), final)
     log = read_jsonl(tmp_path / "dpo" / "log.jsonl")
@@ -253,7 +254,7 @@ def test_grpo_baseline_on_trl_with_our_grader_as_reward(sampler_model, tmp_path)
     model, qa = sampler_model
     cfg = load_baseline_config(None, [f"model={model}", f"data={qa}", "global_batch=8", "micro_batch=8",
                                       "num_generations=4", "max_steps=2", "lr=1e-3", "max_completion_length=40",
-                                      f"out_dir={tmp_path / 'grpo'}", "logging_steps=1", "beta=0.0",
+                                      f"out={tmp_path / 'grpo'}", "log_every=1", "beta=0.0",
                                       "lr_scheduler=constant"])
     final = run_grpo(cfg)
     log = read_jsonl(tmp_path / "grpo" / "log.jsonl")
@@ -265,10 +266,10 @@ def test_grpo_baseline_on_trl_with_our_grader_as_reward(sampler_model, tmp_path)
     ("1", 128, 4, 32), ("4", 128, 4, 8), ("8", 256, 16, 2), ("3", 128, 4, None), ("4", 128, 64, None),
 ])
 def test_baselines_derive_accumulation_from_the_world_size(monkeypatch, world, global_batch, micro, accum):
-    from dftune.offline.baselines import BaselineConfig, _common_args
+    from dftune.offline.baselines import BaselineConfig, _common_args, baseline_training
 
     monkeypatch.setenv("WORLD_SIZE", world)
-    cfg = BaselineConfig(global_batch=global_batch, micro_batch=micro)
+    cfg = BaselineConfig(train=baseline_training(global_batch=global_batch, micro_batch=micro))
     if accum is None:
         with pytest.raises(ConfigError, match=rf"global_batch {global_batch} is not a multiple of micro_batch {micro} "
                                               rf"x {world} process\(es\) = {micro * int(world)}"):
@@ -295,10 +296,11 @@ def test_warmup_ratio_gives_the_intended_warmup_steps(ratio, max_steps):
     pytest.importorskip("trl")
     from trl import DPOConfig, GRPOConfig
 
-    from dftune.offline.baselines import BaselineConfig, _common_args, warmup_args
+    from dftune.offline.baselines import BaselineConfig, _common_args, baseline_training, warmup_args
 
     expected = math.ceil(ratio * max_steps)
-    cfg = BaselineConfig(warmup_ratio=ratio, max_steps=max_steps, global_batch=8, micro_batch=4, num_generations=4)
+    cfg = BaselineConfig(train=baseline_training(warmup_ratio=ratio, max_steps=max_steps, global_batch=8, micro_batch=4),
+                         num_generations=4)
     for cls in (DPOConfig, GRPOConfig):  # the real argument classes of the installed transformers / TRL
         assert cls(**_common_args(cfg)).get_warmup_steps(max_steps) == expected
     # transformers 4.x reads only warmup_ratio (its int warmup_steps would override the ratio when > 0)
@@ -307,7 +309,7 @@ def test_warmup_ratio_gives_the_intended_warmup_steps(ratio, max_steps):
 
 
 def test_baseline_config_errors(monkeypatch):
-    from dftune.offline.baselines import BaselineConfig, _common_args, load_baseline_config
+    from dftune.offline.baselines import BaselineConfig, _common_args, baseline_training, load_baseline_config
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(ConfigError, match="unknown key"):
@@ -315,13 +317,13 @@ def test_baseline_config_errors(monkeypatch):
     with pytest.raises(ConfigError, match="expected int"):
         load_baseline_config(None, ["global_batch=many"])
     with pytest.raises(ConfigError, match=r"warmup_ratio must be in \[0, 1\)"):
-        _common_args(BaselineConfig(warmup_ratio=1.0))
+        _common_args(BaselineConfig(train=baseline_training(warmup_ratio=1.0)))
     with pytest.raises(ConfigError, match="lr_scheduler must be one of"):
         _common_args(BaselineConfig(lr_scheduler="linear"))
     dpo = load_baseline_config(str(ROOT / "configs/paper/dpo.yaml"), [])
-    assert (dpo.lr, dpo.global_batch, dpo.warmup_ratio) == (1e-6, 128, 0.05)
+    assert (dpo.train.lr, dpo.train.global_batch, dpo.train.warmup_ratio) == (1e-6, 128, 0.05)
     grpo = load_baseline_config(str(ROOT / "configs/paper/grpo.yaml"), [])
-    assert (grpo.lr, grpo.warmup_ratio, grpo.num_generations, grpo.global_batch // grpo.num_generations) == (
+    assert (grpo.train.lr, grpo.train.warmup_ratio, grpo.num_generations, grpo.train.global_batch // grpo.num_generations) == (
         1e-6, 0.1, 4, 256)
 
 

@@ -37,22 +37,25 @@ def trl_runs(tiny_dir, tmp_path_factory):
     three-step dftune train run, each with a one-step warm-up."""
     pytest.importorskip("trl")
     from dftune.config import Config, DataConfig, ModelConfig, TrainConfig
-    from dftune.offline.baselines import BaselineConfig, run_dpo, run_grpo
+    from dftune.offline.baselines import BaselineConfig, baseline_training, run_dpo, run_grpo
     from dftune.train import train
 
     root = tmp_path_factory.mktemp("budget")
     qa = write_jsonl(root / "qa.jsonl", [{"question": f"What is {a} plus 2?", "answer": f"#### {a + 2}"} for a in range(4)])
     pairs = write_jsonl(root / "dpo.jsonl", [{"prompt": f"What is {a} plus 2?", "chosen": f"\\boxed{{{a + 2}}}",
                                               "rejected": "\\boxed{0}"} for a in range(8)])
-    common = dict(model=str(tiny_dir), lr=1e-3, max_steps=3, warmup_ratio=0.3, logging_steps=1)
-    dpo = run_dpo(BaselineConfig(data=str(pairs), global_batch=2, micro_batch=2, out_dir=str(root / "dpo"), **common))
-    grpo = run_grpo(BaselineConfig(data=str(qa), global_batch=4, micro_batch=4, num_generations=2, beta=0.0,
-                                   max_completion_length=8, lr_scheduler="constant", out_dir=str(root / "grpo"), **common))
+    def training(batch: int, out: str):
+        return baseline_training(lr=1e-3, max_steps=3, warmup_ratio=0.3, log_every=1, global_batch=batch,
+                                 micro_batch=batch, out=str(root / out))
+
+    dpo = run_dpo(BaselineConfig(model=str(tiny_dir), data=str(pairs), train=training(2, "dpo")))
+    grpo = run_grpo(BaselineConfig(model=str(tiny_dir), data=str(qa), train=training(4, "grpo"), num_generations=2,
+                                   beta=0.0, max_completion_length=8, lr_scheduler="constant"))
     rft = write_jsonl(root / "rft.jsonl", [{"prompt": f"What is {a} plus 2?", "completion": f"\\boxed{{{a + 2}}}"}
                                            for a in range(8)])
     train(Config(model=ModelConfig(name_or_path=str(tiny_dir)), data=DataConfig(path=str(rft)),
                  train=TrainConfig(objective="nll", lr=1e-3, global_batch=2, micro_batch=2, max_steps=3,
-                                   warmup_ratio=0.34, out_dir=str(root / "rft"), tensorboard=False)))
+                                   warmup_ratio=0.34, out=str(root / "rft"), tensorboard=False)))
     return root, dpo, grpo
 
 
@@ -82,16 +85,16 @@ def test_the_demos_grpo_runs_a_constant_rate_and_dpo_a_cosine(tmp_path):
     cosine, each passed to transformers as such."""
     pytest.importorskip("trl")
     from dftune.offline.baselines import _common_args
-    from dftune.testbed.demo import DemoConfig
+    from dftune.testbed.demo_config import DemoConfig
     from dftune.testbed.demo_offline import dpo_config, grpo_config
 
     cfg = DemoConfig(mode="offline")
     grpo = grpo_config(cfg, tmp_path, tmp_path / "base", tmp_path / "g", seed=0)
     dpo = dpo_config(cfg, tmp_path, tmp_path / "base", tmp_path / "d", seed=0)
-    assert (grpo.lr_scheduler, grpo.warmup_ratio, grpo.lr) == ("constant", 0.1, cfg.offline.grpo_lr)
+    assert (grpo.lr_scheduler, grpo.train.warmup_ratio, grpo.train.lr) == ("constant", 0.1, cfg.offline.grpo_lr)
     assert _common_args(grpo)["lr_scheduler_type"] == "constant_with_warmup"
     assert _common_args(dpo)["lr_scheduler_type"] == "cosine"
-    assert grpo.global_batch == cfg.offline.grpo_questions * cfg.offline.grpo_group == grpo.micro_batch
+    assert grpo.train.global_batch == cfg.offline.grpo_questions * cfg.offline.grpo_group == grpo.train.micro_batch
 
 
 def test_measure_is_zero_against_itself_and_sees_a_changed_model(trl_runs, tiny_dir, tmp_path):

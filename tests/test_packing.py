@@ -186,7 +186,7 @@ def test_decoder_with_its_own_mask_is_refused(setup):
 def _cfg(tiny_dir, data, out, **extra):
     overrides = [f"model.name_or_path={tiny_dir}", f"data.path={data}", "data.max_length=128", "data.packing=true",
                  "train.global_batch=8", "train.micro_batch=2", "train.max_steps=5", "train.save_every=1",
-                 f"train.out_dir={out}", "train.tensorboard=false", "train.lr=3e-3", "train.warmup_ratio=0.25",
+                 f"train.out={out}", "train.tensorboard=false", "train.lr=3e-3", "train.warmup_ratio=0.25",
                  "train.precision=fp32", *[f"{k}={v}" for k, v in extra.items()]]
     return load_config(None, overrides)
 

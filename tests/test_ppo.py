@@ -11,10 +11,22 @@ from pathlib import Path
 
 import pytest
 
-from dftune.config import ConfigError
+from dftune.config import TrainingSection
 from dftune.files import read_jsonl
-from dftune.offline.ppo import (REWARD_MODULE, PPOConfig, _hydra, check, collect, load_ppo_config, verl_command,
-                                verl_overrides, write_verl_data)
+from dftune.offline.ppo import (
+    PPO_TRAIN_OMITS,
+    REWARD_MODULE,
+    PPOConfig,
+    _hydra,
+    check,
+    collect,
+    load_ppo_config,
+    ppo_training,
+    verl_command,
+    verl_overrides,
+    write_verl_data,
+)
+from dftune.settings import ConfigError
 from tests.conftest import write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,8 +75,8 @@ def test_conversion_to_verls_parquet(tmp_path, tiny_dir):
     data = write_jsonl(tmp_path / "q.jsonl", [{"problem": "What is 1 plus 2?", "solution": "so \\boxed{3}"},
                                               {"problem": "Prove it.", "solution": "a proof"},
                                               {"problem": "Half of 1?", "solution": "\\boxed{\\frac{1}{2}}"}])
-    cfg = PPOConfig(model=str(tiny_dir), data=str(data), instruction_suffix=" Box it.", global_batch=2,
-                    mini_batch=2, micro_batch=1, gpus_per_node=1)
+    cfg = PPOConfig(model=str(tiny_dir), data=str(data), instruction_suffix=" Box it.",
+                    train=ppo_training(global_batch=2, micro_batch=1), mini_batch=2, gpus_per_node=1)
     path = tmp_path / "train.parquet"
     counts = write_verl_data(cfg, path)
     assert counts == {"questions": 2, "skipped_no_gold": 1, "skipped_examples": [f"{data}:2"]}
@@ -80,7 +92,7 @@ def test_conversion_to_verls_parquet(tmp_path, tiny_dir):
     assert tok.apply_chat_template(ds[0]["prompt"], add_generation_prompt=True, tokenize=False) == render_prompt(
         tok, "What is 1 plus 2? Box it.")
     with pytest.raises(ConfigError, match="2 question\\(s\\) with a gold answer, fewer than one batch"):
-        write_verl_data(dataclasses.replace(cfg, global_batch=4, mini_batch=4), tmp_path / "x.parquet")
+        write_verl_data(dataclasses.replace(cfg, train=ppo_training(global_batch=4), mini_batch=4), tmp_path / "x.parquet")
 
 
 def test_paper_config_maps_to_verl():
@@ -104,16 +116,21 @@ def test_paper_config_maps_to_verl():
 NOT_IN_COMMAND = {"data", "select", "instruction_suffix", "launch"}
 CHANGED = {int: lambda v: v * 2 if v else 1, float: lambda v: v + 0.125, bool: lambda v: not v,
            str: lambda v: v + "x" if v else "other"}
+FIELDS = [f.name for f in dataclasses.fields(PPOConfig) if f.name != "train"] + [
+    f"train.{f.name}" for f in dataclasses.fields(TrainingSection) if f.name not in PPO_TRAIN_OMITS]
 
 
-@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(PPOConfig)])
+@pytest.mark.parametrize("name", FIELDS)
 def test_every_config_field_reaches_the_command(name):
-    base = PPOConfig(model="m", data="d", global_batch=64, mini_batch=32, micro_batch=2, gpus_per_node=2,
-                     max_steps=3, kl_coef=0.01)
-    value = getattr(base, name)
-    special = {"lr_scheduler": "cosine", "extra": ["trainer.logger=[console]"]}
+    base = PPOConfig(model="m", data="d", train=ppo_training(global_batch=64, micro_batch=2, max_steps=3), mini_batch=32,
+                     gpus_per_node=2, kl_coef=0.01)
+    section, _, key = name.rpartition(".")
+    holder = base.train if section else base
+    value = getattr(holder, key)
+    special = {"lr_scheduler": "cosine", "extra": ["trainer.logger=[console]"], "train.epochs": 2.0}
     new = special[name] if name in special else CHANGED[type(value)](value)
-    changed = dataclasses.replace(base, **{name: new})
+    changed = dataclasses.replace(holder, **{key: new})
+    changed = dataclasses.replace(base, train=changed) if section else changed
     check(changed)
     train = Path("/data/train.parquet")
     if name in NOT_IN_COMMAND:
@@ -123,13 +140,15 @@ def test_every_config_field_reaches_the_command(name):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["mini_batch=12"], "global_batch 256 is not a multiple of mini_batch 12"),
-    (["micro_batch=3"], r"mini_batch 256 is not a multiple of micro_batch 3 x 8 GPU\(s\) \(gpus_per_node 8 x nodes 1\) = 24"),
+    (["mini_batch=12"], "train.global_batch 256 is not a multiple of mini_batch 12"),
+    (["micro_batch=3"], r"mini_batch 256 is not a multiple of train.micro_batch 3 x 8 GPU\(s\) \(gpus_per_node 8 x nodes 1\) = 24"),
     (["nodes=3", "micro_batch=16"], r"micro_batch 16 x 24 GPU\(s\)"),
-    (["warmup_ratio=1.0"], r"warmup_ratio must be in \[0, 1\)"),
+    (["warmup_ratio=1.0"], r"train.warmup_ratio: must be in \[0, 1\)"),
     (["rollout_tp=3"], "rollout_tp 3 does not divide the 8 GPU"),
-    (["lr_scheduler=linear"], "lr_scheduler must be constant or cosine"),
-    (["global_batch=0"], "global_batch must be >= 1"),
+    (["lr_scheduler=linear"], "lr_scheduler: must be one of constant, cosine"),
+    (["global_batch=0"], "train.global_batch: must be >= 1"),
+    (["epochs=1.5"], "train.epochs: verl runs whole epochs"),
+    (["lr=0"], "train.lr: must be > 0"),
     (["extra=[nokey]"], "extra: expected key=value strings"),
     (["lrr=1"], "unknown key"),
 ])
@@ -154,7 +173,7 @@ def test_cli_prepares_data_and_launch_script_without_verl(tmp_path, problems_fil
 
     out = tmp_path / "ppo"
     common = [str(PAPER), f"data={problems_file}", "select=all", "model=some/model", "global_batch=8",
-              "mini_batch=8", "micro_batch=1", f"out_dir={out}"]
+              "mini_batch=8", "micro_batch=1", f"out={out}"]
     assert main(["baseline", "ppo", *common, "launch=false"]) == 0
     script = (out / "launch.sh").read_text()
     assert subprocess.run(["bash", "-n", str(out / "launch.sh")]).returncode == 0
@@ -179,10 +198,10 @@ def test_collect_a_finished_verl_run(tmp_path, tiny_dir):
     (out / "verl_metrics.jsonl").write_text(
         '{"step": 1, "data": {"critic/score/mean": 0.25, "actor/pg_loss": 0.1, "note": "x"}}\n'
         '{"step": 2, "data": {"critic/score/mean": 0.5}}\n')
-    final = collect(PPOConfig(model="m", data="d", out_dir=str(out)))
+    final = collect(PPOConfig(model="m", data="d", train=ppo_training(out=str(out))))
     assert final == out / "final" and AutoModelForCausalLM.from_pretrained(final) is not None
     assert read_jsonl(out / "log.jsonl") == [{"step": 1, "critic/score/mean": 0.25, "actor/pg_loss": 0.1},
                                              {"step": 2, "critic/score/mean": 0.5}]
     (out / "checkpoints" / "latest_checkpointed_iteration.txt").write_text("5")
     with pytest.raises(ConfigError, match="global_step_5/actor/huggingface: no weights"):
-        collect(PPOConfig(model="m", data="d", out_dir=str(out)))
+        collect(PPOConfig(model="m", data="d", train=ppo_training(out=str(out))))

@@ -92,7 +92,7 @@ def demo(tmp_path_factory):
                     continue
                 (root / name / "config.yaml").write_text(yaml.safe_dump(
                     {"model": {"name_or_path": f"/abs/cache/{prior}/final"},
-                     "train": {"objective": obj, "seed": seed, "out_dir": str(root / name)}}))
+                     "train": {"objective": obj, "seed": seed, "out": str(root / name)}}))
                 rises = prior == "strong" and obj == "dft"
                 rows = log_rows(1.0, 0.5, 1.0, 1.3) if rises else log_rows(1.0, 0.6, 1.0, 0.6) if obj == "nll" else \
                     log_rows(0.3, 0.2, 1.0, 0.7)

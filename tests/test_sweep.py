@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from dftune.config import ConfigError
 from dftune.eval.generate import SamplingConfig
 from dftune.eval.run import EvalConfig
+from dftune.settings import ConfigError
 from dftune.sweep import SweepConfig, parse_grid, point_name, run_sweep, split_values
 
 

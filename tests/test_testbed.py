@@ -174,7 +174,8 @@ def _avg(folder: Path, split: str) -> float:
 
 
 def test_the_continuum_demo_end_to_end(tmp_path, capsys):
-    from dftune.testbed.demo import DemoConfig, run_demo
+    from dftune.testbed.demo import run_demo
+    from dftune.testbed.demo_config import DemoConfig
 
     cfg = DemoConfig(out=str(tmp_path / "demo"), cache_dir=str(tmp_path / "cache"), **TINY)
     report = run_demo(cfg)
@@ -289,7 +290,7 @@ def test_jobs_run_in_order_one_thread_each_and_a_failure_is_raised():
 
     import torch
 
-    from dftune.testbed.demo import run_jobs
+    from dftune.testbed.stages import run_jobs
 
     threads = torch.get_num_threads()
     for workers in (1, 2):
@@ -303,7 +304,7 @@ def test_jobs_run_in_order_one_thread_each_and_a_failure_is_raised():
 def test_a_point_from_another_base_is_redone(tmp_path):
     import yaml
 
-    from dftune.testbed.demo import stale
+    from dftune.testbed.stages import stale
 
     run = tmp_path / "run"
     run.mkdir()
@@ -314,7 +315,8 @@ def test_a_point_from_another_base_is_redone(tmp_path):
 
 def test_demo_settings_are_checked_before_any_work(tmp_path):
     from dftune.errors import UserError
-    from dftune.testbed.demo import DemoConfig, OfflineSettings, run_demo
+    from dftune.testbed.demo import run_demo
+    from dftune.testbed.demo_config import DemoConfig, OfflineSettings
 
     for bad, match in [({"weak_objectives": "dft"}, "must include nll"), ({"strong_objectives": "nll,bogus"}, "bogus"),
                        ({"splits": "id,train_narrow"}, "splits"), ({"priors": "medium"}, "priors"),
@@ -331,7 +333,8 @@ def test_the_offline_demo_asks_for_trl_before_any_work(tmp_path, monkeypatch):
     import importlib.util
 
     from dftune.errors import UserError
-    from dftune.testbed.demo import DemoConfig, OfflineSettings, run_demo
+    from dftune.testbed.demo import run_demo
+    from dftune.testbed.demo_config import DemoConfig, OfflineSettings
     from dftune.testbed.demo_offline import _objectives
 
     real = importlib.util.find_spec
@@ -344,7 +347,7 @@ def test_the_offline_demo_asks_for_trl_before_any_work(tmp_path, monkeypatch):
 
 
 def test_full_raises_the_defaults_but_keeps_explicit_settings():
-    from dftune.testbed.demo import FULL, DemoConfig, apply_full
+    from dftune.testbed.demo_config import FULL, DemoConfig, apply_full
 
     cfg = apply_full(DemoConfig(full=True, seeds=7))
     assert cfg.seeds == 7 and cfg.eval_problems == FULL["eval_problems"]
@@ -367,13 +370,14 @@ def answering_base(tiny_dir, tmp_path):
     data = write_jsonl(tmp_path / "teach.jsonl", teach * 2)
     cfg = Config(model=ModelConfig(name_or_path=str(tiny_dir)), data=DataConfig(path=str(data), instruction_suffix=SUFFIX),
                  train=TrainConfig(objective="nll", lr=1e-2, min_lr_ratio=1.0, global_batch=16, micro_batch=16,
-                                   max_steps=80, warmup_ratio=0.0, out_dir=str(tmp_path / "teach"), tensorboard=False))
+                                   max_steps=80, warmup_ratio=0.0, out=str(tmp_path / "teach"), tensorboard=False))
     return train(cfg)
 
 
 def test_the_offline_demo_end_to_end(answering_base, tmp_path):
     pytest.importorskip("trl")
-    from dftune.testbed.demo import DemoConfig, OfflineSettings, run_demo
+    from dftune.testbed.demo import run_demo
+    from dftune.testbed.demo_config import DemoConfig, OfflineSettings
 
     cfg = DemoConfig(mode="offline", out=str(tmp_path / "off"), cache_dir=str(tmp_path / "cache"),
                      real_base=str(answering_base), seeds=1, finetune_steps=1, finetune_batch=2, splits="id",
@@ -420,8 +424,8 @@ def test_the_offline_demo_end_to_end(answering_base, tmp_path):
 
 def test_the_command_line_takes_the_mode_as_a_word():
     from dftune.cli import COMMANDS, build_config, parse_argv
-    from dftune.config import ConfigError
-    from dftune.testbed.demo import DemoConfig
+    from dftune.settings import ConfigError
+    from dftune.testbed.demo_config import DemoConfig
 
     cmd = COMMANDS["demo"]
     cfg = build_config(DemoConfig, parse_argv(DemoConfig, ["offline", "--full", "seeds=2", "offline.k=8"], cmd))

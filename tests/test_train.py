@@ -14,18 +14,19 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dftune.config import Config, DataConfig, ModelConfig, TrainConfig, load
+from dftune.config import Config, DataConfig, ModelConfig, TrainConfig
 from dftune.data import build_dataset, collate
 from dftune.interop import compute_loss_func
 from dftune.model import CausalLMLoss
 from dftune.objective_spec import get_objective
+from dftune.settings import load
 from dftune.train import NonFiniteError, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cfg(tiny_dir, data, out, **train_kw):
-    t = dict(objective="dft", lr=3e-3, global_batch=8, micro_batch=4, max_steps=4, out_dir=str(out),
+    t = dict(objective="dft", lr=3e-3, global_batch=8, micro_batch=4, max_steps=4, out=str(out),
              tensorboard=False, warmup_ratio=0.25)
     t.update(train_kw)
     return Config(model=ModelConfig(name_or_path=str(tiny_dir)), data=DataConfig(path=str(data), max_length=128),
@@ -103,7 +104,7 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(tiny_dir, problem
     for name, nproc in (("single", 1), ("ddp", 2)):
         out = tmp_path / name
         args = [f"model.name_or_path={tiny_dir}", f"data.path={problems_file}", "data.max_length=128",
-                "train.global_batch=8", "train.micro_batch=4", "train.max_steps=2", f"train.out_dir={out}",
+                "train.global_batch=8", "train.micro_batch=4", "train.max_steps=2", f"train.out={out}",
                 "train.tensorboard=false", "train.lr=3e-3", "train.objective=dft"]
         script.write_text("{}\n")
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
@@ -267,7 +268,7 @@ def test_periodic_evaluation_writes_a_learning_curve(tiny_dir, problems_file, tm
 ])
 def test_periodic_evaluation_settings_it_cannot_honour_are_refused_first(tiny_dir, problems_file, tmp_path, override,
                                                                          match):
-    from dftune.config import ConfigError
+    from dftune.settings import ConfigError
 
     cfg = _cfg(tiny_dir, problems_file, tmp_path / "run", eval_every=2)
     section, _, rest = override.partition(".")
@@ -319,7 +320,7 @@ def test_bf16_pure_loses_small_updates(tiny_dir, problems_file, tmp_path):
 
 
 def test_fp16_is_refused_before_anything_loads(tiny_dir, problems_file, tmp_path):
-    from dftune.config import ConfigError
+    from dftune.settings import ConfigError
 
     with pytest.raises(ConfigError, match="fp16 is not supported"):
         _cfg(tiny_dir, problems_file, tmp_path / "x", precision="fp16-mixed")
@@ -330,7 +331,7 @@ def test_fp16_is_refused_before_anything_loads(tiny_dir, problems_file, tmp_path
 
 
 def test_run_folder_is_never_mixed(tiny_dir, problems_file, tmp_path):
-    from dftune.train import RunFolderError
+    from dftune.run_folder import RunFolderError
 
     out = tmp_path / "run"
     train(_cfg(tiny_dir, problems_file, out, max_steps=2, save_every=1))
@@ -368,7 +369,7 @@ def test_resume_ignores_unfinished_checkpoints_and_replays_log_once(tiny_dir, pr
 
 
 def test_keep_checkpoints_must_be_positive(tiny_dir, problems_file, tmp_path):
-    from dftune.config import ConfigError
+    from dftune.settings import ConfigError
 
     with pytest.raises(ConfigError, match="keep_checkpoints"):
         _cfg(tiny_dir, problems_file, tmp_path, keep_checkpoints=0)

@@ -169,9 +169,8 @@ def cmd_baseline_trl(kind: str):
 
 
 def cmd_baseline_ppo(cfg) -> None:
-    from dftune.offline.ppo import check_extra, run_ppo
+    from dftune.offline.ppo import run_ppo
 
-    check_extra(cfg)
     print(f"result: {run_ppo(cfg)}")
 
 
@@ -230,7 +229,7 @@ COMMANDS: dict[str, Command] = {
     "report": Command(_cfg("dftune.analysis.report", "ReportConfig"), cmd_report, cmd_report.__doc__,
                       positional="inputs", flags={"-o": "output"}),
     "sweep": Command(_cfg("dftune.sweep", "SweepConfig"), cmd_sweep, cmd_sweep.__doc__, yaml_field="config"),
-    "demo": Command(_cfg("dftune.testbed.demo", "DemoConfig"), cmd_demo, cmd_demo.__doc__, positional="mode"),
+    "demo": Command(_cfg("dftune.testbed.demo_config", "DemoConfig"), cmd_demo, cmd_demo.__doc__, positional="mode"),
     "sample": Command(_cfg("dftune.offline.sample", "SampleConfig"), cmd_sample, cmd_sample.__doc__),
     "baseline dpo": Command(_cfg("dftune.offline.baselines", "BaselineConfig"), cmd_baseline_trl("dpo"), BASELINE_DOC),
     "baseline grpo": Command(_cfg("dftune.offline.baselines", "BaselineConfig"), cmd_baseline_trl("grpo"), BASELINE_DOC),
@@ -254,7 +253,7 @@ def _field_type(cls, key: str):
     """The type of the field ``key`` resolves to (for flags: bool needs no value, lists collect)."""
     import typing
 
-    from dftune.config import resolve_key
+    from dftune.settings import resolve_key
 
     typ = cls
     for part in resolve_key(cls, key):
@@ -263,7 +262,7 @@ def _field_type(cls, key: str):
 
 
 def _is_bool(cls, key: str) -> bool:
-    from dftune.config import ConfigError
+    from dftune.settings import ConfigError
 
     try:
         return _field_type(cls, key) is bool
@@ -275,7 +274,7 @@ def parse_argv(cls, argv: list[str], cmd: Command) -> Parsed:
     """``[CONFIG.yaml] [key=value] [--key value] [--flag] [ARG]`` -> YAML path and overrides."""
     import typing
 
-    from dftune.config import ConfigError
+    from dftune.settings import ConfigError
 
     out, positional, i = Parsed(), [], 0
     while i < len(argv):
@@ -336,12 +335,12 @@ def parse_argv(cls, argv: list[str], cmd: Command) -> Parsed:
 
 def build_config(cls, parsed: Parsed):
     """YAML + overrides -> the dataclass; list items given as flags keep their commas."""
-    from dftune.config import apply_overrides, from_dict, read_yaml
+    from dftune.settings import apply_overrides, from_dict, read_yaml
 
     data = read_yaml(parsed.yaml) if parsed.yaml else {}
     for item in parsed.overrides:
         if isinstance(item, tuple):  # (key, [items]) from a list flag or positionals
-            from dftune.config import resolve_key
+            from dftune.settings import resolve_key
 
             node, path = data, resolve_key(cls, item[0])
             for part in path[:-1]:
@@ -359,7 +358,7 @@ def _split_items(cls, key: str, items: list[str]) -> list[str]:
     """Items of a list flag are split on commas unless the field keeps them (metadata split=False)."""
     import typing
 
-    from dftune.config import resolve_key
+    from dftune.settings import resolve_key
 
     typ, f = cls, None
     for part in resolve_key(cls, key):
@@ -379,8 +378,8 @@ def usage() -> str:
 
 
 def main(argv=None) -> int:
-    from dftune.config import describe
     from dftune.errors import UserError
+    from dftune.settings import describe
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):

@@ -40,8 +40,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dftune.config import ConfigError
 from dftune.errors import UserError
+from dftune.settings import ConfigError
 
 _QUIET = dict(action="ignore", message="torch.distributed is disabled")  # DCP in one process is intended
 

@@ -13,29 +13,10 @@ import copy
 import torch
 from torch import nn
 
-from dftune.config import ConfigError, ModelConfig
+from dftune.config import ModelConfig
 from dftune.loss import LossResult, next_token_targets, token_loss
 from dftune.objectives import Objective
-
-PRECISIONS = ("auto", "bf16-mixed", "fp32", "bf16-pure")
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    """auto: bf16-mixed on CUDA, fp32 on CPU. fp16 is refused: it needs loss scaling (the
-    LM-head gradient underflows at realistic token counts) and dftune does not scale."""
-    if name.startswith("fp16"):
-        raise ConfigError("train.precision fp16 is not supported: fp16 gradients underflow without loss scaling, "
-                         "which dftune does not do; use bf16-mixed (GPUs since Ampere) or fp32")
-    if name not in PRECISIONS:
-        raise ConfigError(f"train.precision must be one of {PRECISIONS}; got {name!r}")
-    if name == "auto":
-        return "bf16-mixed" if device.type == "cuda" else "fp32"
-    return name
-
-
-def inference_dtype(device: torch.device | str) -> torch.dtype:
-    """For evaluation and analysis: bf16 on CUDA, fp32 on CPU."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+from dftune.settings import ConfigError
 
 
 def load_tokenizer(name_or_path: str | ModelConfig, *, gguf_file: str = "", trust_remote_code: bool = False):

@@ -18,16 +18,9 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dftune.config import (
-    Config,
-    ConfigError,
-    config_diff,
-    load_config,
-    parse_scalar,
-    read_yaml,
-    resolve_key,
-)
+from dftune.config import Config, load_config
 from dftune.eval.run import EvalConfig
+from dftune.settings import ConfigError, config_diff, parse_scalar, read_yaml, resolve_key
 
 
 @dataclass
@@ -48,7 +41,9 @@ class SweepConfig:
     set: list[str] = field(default_factory=list, metadata={"split": False})
     out: str = ""
     print_only: bool = False
-    eval: EvalConfig = field(default_factory=lambda: EvalConfig(benchmarks=[]))
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(benchmarks=[]), metadata={"omit": {
+        "model": "each point's model is its run's final model (OUT/POINT/final)",
+        "out": "each point is evaluated into OUT/POINT/eval"}})
 
 
 def split_values(raw: str) -> list[str]:
@@ -111,7 +106,7 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
     plan = []
     for values in points:
         name = point_name(values)
-        ovr = list(cfg.set) + [f"{k}={v}" for k, v in values.items()] + [f"train.out_dir={out_dir / name}"]
+        ovr = list(cfg.set) + [f"{k}={v}" for k, v in values.items()] + [f"train.out={out_dir / name}"]
         plan.append({"name": name, "values": values, "overrides": ovr,
                      "cfg": load_config(cfg.config, ovr)})  # every point is checked before any training
     evaluate_points = bool(cfg.eval.benchmarks)

@@ -111,7 +111,7 @@ class TinyConfig:
 
 
 def make_tiny_from(cfg: TinyConfig) -> Path:
-    from dftune.config import ConfigError
+    from dftune.settings import ConfigError
 
     if not cfg.out or not cfg.data:
         raise ConfigError("tiny-model needs out (the folder to write) and data (text for the tokenizer)")

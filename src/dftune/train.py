@@ -8,11 +8,10 @@ tokens of the whole optimizer step, counted over all accumulation micro-batches 
 processes (not a mean of micro-batch means, which over-weights short sequences). DDP and
 FSDP average gradients over processes, so each process divides by (global count / world).
 
-Precision (``train.precision``): ``bf16-mixed`` keeps fp32 master weights and optimizer
-state and computes in bf16 (autocast; FSDP gathers bf16 parameters and reduces fp32
-gradients), the paper's setting and the default on GPUs; ``fp32``; ``bf16-pure`` stores
-the weights in bf16 and loses updates smaller than bf16's resolution (0.02 + 5e-5 == 0.02),
-offered only for memory-starved runs.
+Shape (torchtitan's): ``setup`` builds every object once (precision, objective schedule,
+data, model, optimizer); ``train_step`` is one optimizer step; ``_train`` is the loop that
+calls it, then logs, saves and evaluates. Precision is decided once into a ``Precision``
+(``dftune.precision``).
 
 Resuming: the data order is a pure function of (seed, epoch, world size), so the data
 position is the step number; a checkpoint holds weights, optimizer state and every
@@ -23,44 +22,28 @@ from __future__ import annotations
 
 import math
 import random
-import shutil
 import time
-from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from dftune import dist
-from dftune.config import Config, ConfigError, config_diff, save_config
+from dftune.config import Config
 from dftune.data import DataError, build_dataset, epoch_steps, step_batches
 from dftune.errors import UserError
-from dftune.eval.run import check_periodic_eval
-from dftune.files import read_jsonl, write_json, write_text
+from dftune.files import write_json
 from dftune.loss import normalize_gradients_
-from dftune.model import (
-    CausalLMLoss,
-    load_model,
-    load_tokenizer,
-    reference_kind,
-    resolve_precision,
-    stored_dtype,
-)
-from dftune.schedule import objective_schedule
+from dftune.model import CausalLMLoss, load_model, load_tokenizer, reference_kind, stored_dtype
+from dftune.precision import Precision
+from dftune.run_folder import export_final, open_run_folder
+from dftune.run_log import RunLog
+from dftune.schedule import Schedule, objective_schedule
+from dftune.settings import ConfigError
 
 
 class NonFiniteError(UserError, RuntimeError):
     """The loss or gradient became NaN/inf: training stops before the bad update."""
-
-
-class RunFolderError(UserError, ValueError):
-    """The run folder holds another run, or a resume asks for different settings."""
-
-
-# Settings a resumed run may change: they alter logging, saving or speed, not the run.
-RESUMABLE_CHANGES = ("train.resume", "train.overwrite", "train.log_every", "train.tensorboard", "train.save_every",
-                     "train.keep_checkpoints", "train.loss_backend", "train.chunk_size", "train.eval_every", "eval.",
-                     "model.attn_implementation", "model.gradient_checkpointing", "data.cache", "data.workers")
-RUN_FILES = ("config.yaml", "log.jsonl", "eval_curve.jsonl", "data_summary.json", "checkpoints", "final", "final.tmp", "tb")
 
 
 def lr_at(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -99,90 +82,147 @@ class StepStats:
         return dict(zip(self.FIELDS, rt.all_sum(self.sums).tolist()))
 
 
-class RunLog:
-    """log.jsonl (every step; on resume, cut back to the checkpoint's step so replayed steps
-    appear once), TensorBoard (optional), and a printed line every ``every`` steps."""
+class Batches:
+    """Step -> this process's micro-batches and the step's divisor. The data order is a pure
+    function of (seed, epoch, world size), so a resumed run's step N gets step N's examples."""
 
-    def __init__(self, out: Path, tensorboard: bool, every: int, enabled: bool, start: int):
-        self.enabled, self.every, self.tb, self.file = enabled, max(1, every), None, None
-        if not enabled:
-            return
-        for name in ("log.jsonl", "eval_curve.jsonl"):
-            path = out / name
-            if path.exists():
-                kept = [r for r in read_jsonl(path) if r.get("step", 0) <= start]
-                write_text(path, "".join(_json_line(r) for r in kept))
-        self.file = (out / "log.jsonl").open("a")
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+    def __init__(self, cfg: Config, examples, rt: dist.Runtime, pad_id: int):
+        self.cfg, self.examples, self.rt, self.pad_id = cfg, examples, rt, pad_id
+        self.per_epoch = len(examples) // cfg.train.global_batch
+        self.epoch, self.plan = -1, []
 
-                self.tb = SummaryWriter(str(out / "tb"), purge_step=start + 1)
-            except ImportError:
-                print("tensorboard is not installed: logging to log.jsonl only")
-
-    def write(self, rec: dict, bar) -> None:
-        if not self.enabled:
-            return
-        self.file.write(_json_line(rec))
-        self.file.flush()
-        if self.tb:
-            for k, v in rec.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(f"train/{k}", v, rec["step"])
-        if bar is not None:
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", nll=f"{rec['nll']:.3f}", p=f"{rec['mean_prob']:.3f}")
-        if rec["step"] % self.every == 0:
-            text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items())
-            (bar.write if bar is not None else print)(text)
-
-    def close(self):
-        if self.file:
-            self.file.close()
-        if self.tb:
-            self.tb.close()
+    def __call__(self, step: int):
+        """(micro-batches, padded or packed rows with position_ids; valid target tokens over
+        every micro-batch and process)."""
+        t = self.cfg.train
+        epoch, index = divmod(step, self.per_epoch)
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self.plan = epoch_steps(self.examples, t.global_batch, self.rt.world, t.micro_batch, t.seed, epoch,
+                                    self.cfg.data)
+        return step_batches(self.examples, self.plan[index], self.rt.rank, self.pad_id)
 
 
-def _json_line(rec: dict) -> str:
-    import json
+@dataclass
+class Setup:
+    """Every object the loop needs, built once by ``setup``."""
 
-    return json.dumps(rec) + "\n"
+    cfg: Config
+    rt: dist.Runtime
+    out: Path
+    precision: Precision
+    schedule: Schedule
+    tokenizer: object
+    batches: Batches
+    total: int  # optimizer steps
+    warmup: int
+    module: torch.nn.Module  # CausalLMLoss, wrapped for DDP/FSDP
+    params: list
+    opt: torch.optim.Optimizer
+    save_dtype: torch.dtype  # the final model is saved as the base was stored
+    start: int = 0  # the step a resumed run continues from
 
 
-def open_run_folder(cfg: Config, rt: dist.Runtime) -> Path | None:
-    """Check the run folder before anything loads; return the checkpoint to resume from.
+def setup(cfg: Config, rt: dist.Runtime) -> Setup:
+    """Precision and schedule from their settings, the run folder, the data (every row
+    validated before the model's weights are read), the model and the optimizer, and the
+    checkpoint to resume from."""
+    t = cfg.train
+    schedule = objective_schedule(t.objective_schedule or t.objective)
+    parallel = dist.resolve_parallel(t.parallel, rt.world)
+    if parallel == "fsdp" and cfg.model.lora_r > 0:
+        raise ConfigError("LoRA with FSDP is not supported (LoRA's trainable state is small): use train.parallel=ddp")
+    if parallel == "fsdp" and t.eval_every:
+        raise ConfigError("periodic evaluation (train.eval_every) needs the whole model in one process; with FSDP "
+                          "evaluate saved checkpoints with dftune eval instead")
+    if t.eval_every:
+        from dftune.eval.run import check_periodic_eval
 
-    A folder that holds a run is continued only with ``train.resume`` (and only with the
-    same settings, up to RESUMABLE_CHANGES), or cleared with ``train.overwrite``.
-    """
-    import yaml
+        check_periodic_eval(cfg.eval)
+    precision = Precision.resolve(t.precision, rt.device, parallel)
+    out = Path(t.out)
+    resume_from = open_run_folder(cfg, rt)
+    random.seed(t.seed)
+    torch.manual_seed(t.seed)
 
-    t, out = cfg.train, Path(cfg.train.out_dir)
-    present = [n for n in RUN_FILES if (out / n).exists()]
-    rt.barrier()  # every process has looked before the main one changes anything
-    if present and t.overwrite:
-        if rt.is_main:
-            for name in present:
-                p = out / name
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-        rt.barrier()
-        present = []
-    if present and not t.resume:
-        raise RunFolderError(f"{out} already holds a run ({', '.join(present)}); continue it with --resume "
-                             f"(train.resume=true) or start again with --overwrite (train.overwrite=true)")
-    if present and (out / "config.yaml").is_file():
-        saved = yaml.safe_load((out / "config.yaml").read_text()) or {}
-        diff = [d for d in config_diff(saved, cfg) if not d[0].startswith(RESUMABLE_CHANGES)]
-        if diff:
-            lines = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, a, b in diff[:6])
-            raise RunFolderError(f"cannot resume {out} with different settings ({lines}); use another "
-                                 "train.out_dir, or --overwrite to start again")
+    tokenizer = load_tokenizer(cfg.model)
+    examples, summary = build_dataset(cfg.data, tokenizer, seed=t.seed)
     if rt.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    rt.barrier()
-    kept = dist.checkpoints(out)
-    return kept[-1] if (t.resume and kept) else None
+        print(f"data: {summary}")
+        write_json(out / "data_summary.json", summary.__dict__)
+    if len(examples) < t.global_batch:
+        raise DataError(f"{len(examples)} usable examples is fewer than one global batch ({t.global_batch})")
+    batches = Batches(cfg, examples, rt, tokenizer.pad_token_id)
+    total = t.max_steps or max(1, math.ceil(t.epochs * batches.per_epoch))
+
+    save_dtype = stored_dtype(cfg.model)
+    model = load_model(cfg.model, rt.device, dtype=precision.weights)
+    classes = None
+    if schedule.needs_classes:  # protect=...: which vocabulary ids are special / numbers / content
+        from dftune.vocab import token_classes
+
+        classes = token_classes(tokenizer, vocab_size=model.get_output_embeddings().weight.shape[0])
+    module = CausalLMLoss(model, schedule.at(0.0), backend=t.loss_backend, chunk_size=t.chunk_size,
+                          reference=reference_kind(schedule.needs_ref, cfg.model.lora_r > 0, t.log_kl),
+                          token_class=classes)
+    module.train()
+    module = dist.parallelize(module, model, rt, parallel, mixed_bf16=precision.mixed)
+    opt = torch.optim.AdamW(_param_groups(module, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2))
+    s = Setup(cfg, rt, out, precision, schedule, tokenizer, batches, total, int(t.warmup_ratio * total), module,
+              [p for p in module.parameters() if p.requires_grad], opt, save_dtype)
+    if resume_from is not None:
+        s.start = dist.load_checkpoint(rt, module, opt, resume_from)["step"]
+        if rt.is_main:
+            print(f"resumed from {resume_from} (step {s.start})")
+    return s
+
+
+def train_step(s: Setup, step: int, logs_entropy: bool) -> dict:
+    """One optimizer step (0-based ``step``): forward and backward over the step's
+    micro-batches, gradients synced on the last; then normalise, clip, check and update.
+    Returns the step's log record."""
+    t, rt, inner = s.cfg.train, s.rt, dist.unwrap(s.module)
+    micro, global_count = s.batches(step)
+    objective = inner.objective = s.schedule.at(step / s.total)
+    inner.entropy = logs_entropy  # a logged statistic only (one more pass over the logits)
+
+    stats = StepStats(rt.device)
+    for i, batch in enumerate(micro):
+        batch = {k: v.to(rt.device) for k, v in batch.items()}
+        with dist.grad_sync(s.module, i == len(micro) - 1):
+            with s.precision.autocast():
+                res = s.module(**batch, num_items=global_count / rt.world)
+            res.loss.backward()
+        stats.add(res, batch["attention_mask"])
+    sums = stats.reduce(rt)
+
+    # norm=weight: divide by the step's summed weights instead of its token count
+    factor = normalize_gradients_(s.params, sums["tokens"], sums["weight"]) if objective.normalize == "weights" else 1.0
+    grad_norm = dist.clip_grad_norm(s.params, t.grad_clip)
+    if not (math.isfinite(sums["objective"]) and math.isfinite(grad_norm)):
+        kept = dist.checkpoints(s.out)
+        raise NonFiniteError(
+            f"non-finite loss or gradient at step {step + 1} (loss sum {sums['objective']}, grad norm "
+            f"{grad_norm}); the update was not applied; last good checkpoint: {kept[-1] if kept else 'none'}")
+    lr = t.lr * lr_at(step, s.total, s.warmup, t.min_lr_ratio)
+    for group in s.opt.param_groups:
+        group["lr"] = lr
+    s.opt.step()
+    s.opt.zero_grad(set_to_none=True)
+
+    n = max(sums["tokens"], 1.0)
+    rec = {"step": step + 1, "epoch": step / s.batches.per_epoch, "loss": sums["objective"] / n, "nll": sums["nll"] / n,
+           "mean_prob": sums["prob"] / n, "weight_mean": sums["weight"] / n, "grad_norm": grad_norm, "lr": lr,
+           "tokens": int(sums["tokens"]), "input_tokens": int(sums["input_tokens"])}
+    if logs_entropy:
+        rec["entropy"] = sums["entropy"] / n
+    if factor != 1.0:
+        rec["norm_factor"] = factor
+    if not s.schedule.static:
+        rec.update({f"schedule_{k}": v for k, v in s.schedule.values(step / s.total).items()})
+    if inner.reference != "none":
+        rec["kl_ref"] = sums["kl_ref"] / n
+    return rec
 
 
 def train(cfg: Config, on_step=None) -> Path:
@@ -201,198 +241,50 @@ def train(cfg: Config, on_step=None) -> Path:
 
 def _train(cfg: Config, rt: dist.Runtime, on_step) -> Path:
     t = cfg.train
-    schedule = objective_schedule(t.objective_schedule or t.objective)
-    precision = resolve_precision(t.precision, rt.device)
-    parallel = dist.resolve_parallel(t.parallel, rt.world)
-    if parallel == "fsdp" and cfg.model.lora_r > 0:
-        raise ConfigError("LoRA with FSDP is not supported (LoRA's trainable state is small): use train.parallel=ddp")
-    if parallel == "fsdp" and t.eval_every:
-        raise ConfigError("periodic evaluation (train.eval_every) needs the whole model in one process; with FSDP "
-                         "evaluate saved checkpoints with dftune eval instead")
-    if t.eval_every:
-        check_periodic_eval(cfg.eval)
-    out = Path(t.out_dir)
-    resume_from = open_run_folder(cfg, rt)
-    random.seed(t.seed)
-    torch.manual_seed(t.seed)
-
-    # data first: every row is validated before the model's weights are read
-    tokenizer = load_tokenizer(cfg.model)
-    examples, summary = build_dataset(cfg.data, tokenizer, seed=t.seed)
-    if rt.is_main:
-        print(f"data: {summary}")
-        write_json(out / "data_summary.json", summary.__dict__)
-    if len(examples) < t.global_batch:
-        raise DataError(f"{len(examples)} usable examples is fewer than one global batch ({t.global_batch})")
-    steps_per_epoch = len(examples) // t.global_batch
-    total = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
-    warmup = int(t.warmup_ratio * total)
-
-    save_dtype = stored_dtype(cfg.model)  # the final model is saved as the base was stored
-    model = load_model(cfg.model, rt.device, dtype=torch.bfloat16 if precision == "bf16-pure" else torch.float32)
-    classes = None
-    if schedule.needs_classes:  # protect=...: which vocabulary ids are special / numbers / content
-        from dftune.vocab import token_classes
-
-        classes = token_classes(tokenizer, vocab_size=model.get_output_embeddings().weight.shape[0])
-    module = CausalLMLoss(model, schedule.at(0.0), backend=t.loss_backend, chunk_size=t.chunk_size,
-                          reference=reference_kind(schedule.needs_ref, cfg.model.lora_r > 0, t.log_kl),
-                          token_class=classes)
-    module.train()
-    module = dist.parallelize(module, model, rt, parallel, mixed_bf16=precision == "bf16-mixed")
-    # FSDP's MixedPrecisionPolicy computes in bf16 itself; elsewhere autocast does
-    autocast = (torch.autocast(rt.device.type, dtype=torch.bfloat16) if precision == "bf16-mixed" and parallel != "fsdp"
-                else nullcontext())
-    params = [p for p in module.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(_param_groups(module, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2))
-
-    start = 0
-    if resume_from is not None:
-        start = dist.load_checkpoint(rt, module, opt, resume_from)["step"]
-        if rt.is_main:
-            print(f"resumed from {resume_from} (step {start})")
-        if start >= total and (out / "final" / "config.json").is_file():
-            return out / "final"
-
-    log = RunLog(out, t.tensorboard, t.log_every, rt.is_main, start)
+    s = setup(cfg, rt)
+    if s.start >= s.total and (s.out / "final" / "config.json").is_file():
+        return s.out / "final"  # finished already
+    log = RunLog(s.out, t.tensorboard, t.log_every, rt.is_main, s.start)
     bar = None
     if rt.is_main:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, initial=start, desc=f"train {schedule.spec}", unit="step", dynamic_ncols=True,
+        bar = tqdm(total=s.total, initial=s.start, desc=f"train {s.schedule.spec}", unit="step", dynamic_ncols=True,
                    disable=None)  # None: no bar when output is not a terminal (CI logs)
-    plan: dict[int, list] = {}
     t0, tokens_seen = time.perf_counter(), 0
     try:
-        for step in range(start, total):
-            epoch, index = divmod(step, steps_per_epoch)
-            if epoch not in plan:
-                plan = {epoch: epoch_steps(examples, t.global_batch, rt.world, t.micro_batch, t.seed, epoch, cfg.data)}
-            # this process's micro-batches (padded, or packed rows with position_ids), and the
-            # step's divisor: valid target tokens over every micro-batch and process
-            micro, global_count = step_batches(examples, plan[epoch][index], rt.rank, tokenizer.pad_token_id)
-            objective = schedule.at(step / total)
-            dist.unwrap(module).objective = objective
-            # entropy is a logged statistic only (one more pass over the logits): logging steps
-            logs_entropy = step == start or (step + 1) % log.every == 0 or step + 1 == total
-            dist.unwrap(module).entropy = logs_entropy
-
-            # forward and backward, micro-batch by micro-batch; gradients sync on the last
-            stats = StepStats(rt.device)
-            for i, batch in enumerate(micro):
-                batch = {k: v.to(rt.device) for k, v in batch.items()}
-                with dist.grad_sync(module, i == len(micro) - 1):
-                    with autocast:
-                        res = module(**batch, num_items=global_count / rt.world)
-                    res.loss.backward()
-                stats.add(res, batch["attention_mask"])
-            sums = stats.reduce(rt)
-
-            # norm=weight: divide by the step's summed weights instead of its token count
-            factor = 1.0
-            if objective.normalize == "weights":
-                factor = normalize_gradients_(params, sums["tokens"], sums["weight"])
-
-            # clip, check, step
-            grad_norm = dist.clip_grad_norm(params, t.grad_clip)
-            if not (math.isfinite(sums["objective"]) and math.isfinite(grad_norm)):
-                kept = dist.checkpoints(out)
-                raise NonFiniteError(
-                    f"non-finite loss or gradient at step {step + 1} (loss sum {sums['objective']}, grad norm "
-                    f"{grad_norm}); the update was not applied; last good checkpoint: {kept[-1] if kept else 'none'}")
-            lr = t.lr * lr_at(step, total, warmup, t.min_lr_ratio)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-            # log, save, evaluate
-            tokens_seen += int(sums["input_tokens"])
-            n = max(sums["tokens"], 1.0)
-            rec = {"step": step + 1, "epoch": step / steps_per_epoch, "loss": sums["objective"] / n,
-                   "nll": sums["nll"] / n, "mean_prob": sums["prob"] / n,
-                   "weight_mean": sums["weight"] / n, "grad_norm": grad_norm, "lr": lr, "tokens": int(sums["tokens"]),
-                   "tokens_per_s": tokens_seen / (time.perf_counter() - t0)}
-            if logs_entropy:
-                rec["entropy"] = sums["entropy"] / n
-            if factor != 1.0:
-                rec["norm_factor"] = factor
-            if not schedule.static:
-                rec.update({f"schedule_{k}": v for k, v in schedule.values(step / total).items()})
-            if module_reference(module) != "none":
-                rec["kl_ref"] = sums["kl_ref"] / n
+        for step in range(s.start, s.total):
+            logs_entropy = step == s.start or (step + 1) % log.every == 0 or step + 1 == s.total
+            rec = train_step(s, step, logs_entropy)
+            tokens_seen += rec.pop("input_tokens")
+            rec["tokens_per_s"] = tokens_seen / (time.perf_counter() - t0)
             if bar is not None:
                 bar.update(1)
             log.write(rec, bar)
-            if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < total:
-                dist.save_checkpoint(rt, module, opt, out, step + 1, t.keep_checkpoints, {"objective": schedule.spec})
+            if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < s.total:
+                dist.save_checkpoint(rt, s.module, s.opt, s.out, step + 1, t.keep_checkpoints, {"objective": s.schedule.spec})
             if t.eval_every and (step + 1) % t.eval_every == 0:
-                _periodic_eval(rt, cfg, module, tokenizer, step + 1, out, precision)
+                _periodic_eval(s, step + 1)
             if on_step is not None:
                 on_step(step + 1, rec)
     finally:
         log.close()
         if bar is not None:
             bar.close()
-    dist.save_checkpoint(rt, module, opt, out, total, t.keep_checkpoints, {"objective": schedule.spec})
-    return _export(rt, module, tokenizer, out, save_dtype)
+    dist.save_checkpoint(rt, s.module, s.opt, s.out, s.total, t.keep_checkpoints, {"objective": s.schedule.spec})
+    return export_final(rt, s.module, s.tokenizer, s.out, s.save_dtype)
 
 
-def module_reference(module) -> str:
-    return dist.unwrap(module).reference
-
-
-def _export(rt: dist.Runtime, module, tokenizer, out: Path, save_dtype: torch.dtype) -> Path:
-    """save_pretrained (+ tokenizer) in the base checkpoint's dtype, so transformers and vLLM
-    load it; gathered from FSDP shards; LoRA is merged (the adapter is kept beside it)."""
-    final = out / "final"
-    model = dist.unwrap(module).model
-    lora = hasattr(model, "merge_and_unload")
-    state = None if lora else dist.full_state_dict(rt, module)  # collective under FSDP
-    if rt.is_main:
-        tmp = out / "final.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        if lora:  # keep the adapter, ship a merged model
-            model.save_pretrained(tmp / "adapter")
-            model = model.merge_and_unload().to(save_dtype)
-            state = None
-        else:
-            prefix = "model."
-            state = {k[len(prefix):]: v.to(save_dtype) for k, v in state.items() if k.startswith(prefix)}
-            for name in _tied_duplicates(model):  # gathered shards are separate copies: keep one, like save_pretrained
-                state.pop(name, None)
-        model.config.use_cache = True  # generation wants the KV cache; training turned it off
-        model.save_pretrained(tmp, state_dict=state)
-        model.config.dtype = save_dtype  # save_pretrained wrote the in-memory (fp32) dtype: say what is stored
-        model.config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-    rt.barrier()
-    return final
-
-
-def _tied_duplicates(model) -> list[str]:
-    """Names of parameters that are the same tensor as an earlier one (tied embeddings)."""
-    seen, dups = set(), []
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in seen:
-            dups.append(name)
-        seen.add(id(p))
-    return dups
-
-
-def _periodic_eval(rt: dist.Runtime, cfg: Config, module, tokenizer, step: int, out: Path, precision: str) -> None:
+def _periodic_eval(s: Setup, step: int) -> None:
     """A short evaluation (subset, few samples) for learning curves; main process only."""
-    if rt.is_main:
+    if s.rt.is_main:
         from dftune.eval.run import quick_eval
         from dftune.files import append_jsonl
 
-        model = dist.unwrap(module).model
+        model = dist.unwrap(s.module).model
         model.eval()
-        amp = torch.autocast(rt.device.type, dtype=torch.bfloat16) if precision == "bf16-mixed" else nullcontext()
-        with amp:
-            result = quick_eval(model, tokenizer, cfg.eval)
+        with s.precision.eval_autocast():
+            result = quick_eval(model, s.tokenizer, s.cfg.eval)
         model.train()
-        append_jsonl(out / "eval_curve.jsonl", [{"step": step, **result}])
-    rt.barrier()
+        append_jsonl(s.out / "eval_curve.jsonl", [{"step": step, **result}])
+    s.rt.barrier()

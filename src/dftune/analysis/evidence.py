@@ -249,7 +249,7 @@ def config_section(ctx: Context) -> str:
         return ""
     keys = sorted({k for c in cfgs.values() for k in c})
     differ = [k for k in keys if len({json.dumps(c.get(k), default=str) for c in cfgs.values()}) > 1
-              and not k.endswith("out_dir")]
+              and k != "train.out"]
     rows = [[esc(k)] + [esc(relpath_value(c.get(k), ctx.rel)) for c in cfgs.values()] for k in differ]
     if not rows:
         return "<h2>Config differences</h2><p>None.</p>"

@@ -181,7 +181,7 @@ def sweep_groups(folder: Path, sweep: dict, runs: dict[str, Run]) -> list[Group]
     return list(groups.values())
 
 
-IGNORED_KEYS = ("train.seed", "train.objective", "train.out_dir", "train.resume", "train.overwrite")
+IGNORED_KEYS = ("train.seed", "train.objective", "train.out", "train.resume", "train.overwrite")
 
 
 def run_groups(runs: list[Run]) -> list[Group]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dftune.config import ConfigError
+from dftune.settings import ConfigError
 
 
 @dataclass
@@ -88,7 +88,8 @@ def run_probe(cfg: ProbeConfig) -> dict:
 
     from dftune.analysis.tokens import probe
     from dftune.files import write_json
-    from dftune.model import inference_dtype, load_pretrained, load_tokenizer
+    from dftune.model import load_pretrained, load_tokenizer
+    from dftune.precision import inference_dtype
 
     if not cfg.model:
         raise ConfigError("model is empty: give the base model's folder or Hub id")
@@ -122,7 +123,8 @@ def run_analyze(cfg: AnalyzeConfig, progress: bool = True) -> dict:
 
     from dftune.analysis.tokens import analyze, token_stats
     from dftune.files import write_json
-    from dftune.model import inference_dtype, load_pretrained, load_tokenizer
+    from dftune.model import load_pretrained, load_tokenizer
+    from dftune.precision import inference_dtype
 
     models = parse_models(cfg.models)
     base = cfg.base or next(iter(models))

@@ -260,6 +260,6 @@ def make_backend(name: str, model: str, engine: EngineConfig | None = None, seed
         return VLLMBackend(model, **kwargs)
     if name == "hf":
         return HFBackend(model, **kwargs)
-    from dftune.config import ConfigError
+    from dftune.settings import ConfigError
 
     raise ConfigError(f"unknown generation backend {name!r}; choose vllm or hf")

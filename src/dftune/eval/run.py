@@ -322,7 +322,7 @@ def markdown_table(summary: dict) -> str:
 def check_periodic_eval(cfg: EvalConfig) -> None:
     """Refuse ``eval`` settings that periodic evaluation inside training cannot honour, before
     any training: it evaluates the live model, in the training process, with transformers."""
-    from dftune.config import ConfigError
+    from dftune.settings import ConfigError
 
     if cfg.model or cfg.out:
         raise ConfigError("eval.model / eval.out: periodic evaluation scores the model being trained and writes "

@@ -9,60 +9,57 @@ lr 1e-6, batch 256 questions, warm-up 0.1). GRPO's reward is our grader (1 for a
 final answer, else 0). ``global_batch`` is per optimizer step over all processes: the
 gradient accumulation is global_batch / (micro_batch x WORLD_SIZE), and a global batch
 that does not divide is an error. The final model is saved with save_pretrained in
-``out_dir/final``, so ``dftune eval`` and ``dftune report`` take it like any run.
+``train.out/final``, so ``dftune eval`` and ``dftune report`` take it like any run.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
 
-from dftune.config import ConfigError, load
+from dftune.config import TrainingSection
+from dftune.settings import ConfigError, load
+
+
+def baseline_training(**changes) -> TrainingSection:
+    """The ``train`` section's defaults for DPO and GRPO (the paper's DPO: lr 1e-6, 128 pairs
+    per step, warm-up 0.05, no weight decay), with ``changes``."""
+    return TrainingSection(**{"lr": 1e-6, "warmup_ratio": 0.05, "weight_decay": 0.0, "global_batch": 128,
+                              "out": "runs/baseline", **changes})
 
 
 @dataclass
 class BaselineConfig:
-    """A TRL baseline run.
-
-    model: Hub id or local folder.  data: dpo.jsonl (DPO) or a question dataset (GRPO).
-    select: all, first:N or random:N rows.  instruction_suffix: appended to every prompt.
-    lr, warmup_ratio (in [0, 1)), weight_decay, grad_clip: optimisation.
-    lr_scheduler: cosine (decay to 0 after the warm-up) or constant (flat after it; verl's default).
-    global_batch: sequences (DPO: pairs; GRPO: completions) per optimizer step, all processes together.
-    micro_batch: sequences per forward pass on one process; the accumulation is derived.
-    epochs, max_steps: length (max_steps > 0 wins).
-    beta: DPO's KL strength, or GRPO's KL coefficient.
-    num_generations: GRPO group size.  max_completion_length: GRPO generation length.
-    max_length: DPO's prompt + response tokens.  temperature: GRPO sampling.
-    seed, out_dir, dtype (auto: bf16 on CUDA, fp32 on CPU), logging_steps.
-    """
+    """A TRL baseline run (DPO or GRPO)."""
 
     model: str = ""
+    """The policy to train: a Hub id or local folder."""
     data: str = ""
+    """dpo.jsonl from dftune sample (DPO), or a question dataset with gold answers (GRPO)."""
     select: str = "all"
+    """all, first:N or random:N rows."""
     instruction_suffix: str = ""
-    lr: float = 1e-6
-    warmup_ratio: float = 0.05
+    """GRPO: text appended to every question."""
+    train: TrainingSection = field(default_factory=baseline_training)
+    """The shared training settings (lr, warm-up, batches, length, seed, out, log_every)."""
     lr_scheduler: str = "cosine"
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    global_batch: int = 128
-    micro_batch: int = 4
-    epochs: float = 1.0
-    max_steps: int = 0
+    """cosine (decay to 0 after the warm-up) or constant (flat after it; verl's default)."""
     beta: float = 0.1
+    """DPO's KL strength, or GRPO's KL coefficient."""
     num_generations: int = 4
+    """GRPO: the group size (completions per question)."""
     max_completion_length: int = 1024
+    """GRPO: generation length in tokens."""
     max_length: int = 2048
+    """DPO: prompt + response tokens."""
     temperature: float = 1.0
-    seed: int = 0
-    out_dir: str = "runs/baseline"
+    """GRPO: sampling temperature."""
     dtype: str = "auto"
-    logging_steps: int = 10
+    """auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32."""
 
 
 SCHEDULERS = {"cosine": "cosine", "constant": "constant_with_warmup"}  # ours -> transformers' names
@@ -116,17 +113,17 @@ def _common_args(cfg: BaselineConfig, batch_unit: str = "sequences") -> dict:
     if cfg.lr_scheduler not in SCHEDULERS:
         raise ConfigError(f"lr_scheduler must be one of {sorted(SCHEDULERS)}; got {cfg.lr_scheduler!r}")
     world = world_size()
-    accum = grad_accumulation(cfg.global_batch, cfg.micro_batch, world)
-    print(f"batch: {cfg.global_batch} {batch_unit} per step = micro_batch {cfg.micro_batch} x {accum} accumulation "
-          f"x {world} process(es)")
+    accum = grad_accumulation(cfg.train.global_batch, cfg.train.micro_batch, world)
+    print(f"batch: {cfg.train.global_batch} {batch_unit} per step = micro_batch {cfg.train.micro_batch} x {accum} "
+          f"accumulation x {world} process(es)")
     return dict(
-        output_dir=cfg.out_dir, learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.grad_clip, per_device_train_batch_size=cfg.micro_batch,
-        gradient_accumulation_steps=accum, num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps if cfg.max_steps > 0 else -1, seed=cfg.seed,
+        output_dir=cfg.train.out, learning_rate=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+        max_grad_norm=cfg.train.grad_clip, per_device_train_batch_size=cfg.train.micro_batch,
+        gradient_accumulation_steps=accum, num_train_epochs=cfg.train.epochs,
+        max_steps=cfg.train.max_steps if cfg.train.max_steps > 0 else -1, seed=cfg.train.seed,
         lr_scheduler_type=SCHEDULERS[cfg.lr_scheduler], report_to="none", save_strategy="no",
-        logging_steps=cfg.logging_steps, use_cpu=not cuda, bf16=cuda and cfg.dtype in ("auto", "bf16"),
-        disable_tqdm=False, **warmup_args(cfg.warmup_ratio),
+        logging_steps=cfg.train.log_every, use_cpu=not cuda, bf16=cuda and cfg.dtype in ("auto", "bf16"),
+        disable_tqdm=False, **warmup_args(cfg.train.warmup_ratio),
     )
 
 
@@ -167,7 +164,7 @@ def lr_budget(lrs: list[float]) -> dict:
 def _finish(trainer, tok, cfg: BaselineConfig, kind: str) -> Path:
     from dftune.files import write_json, write_text
 
-    out = Path(cfg.out_dir)
+    out = Path(cfg.train.out)
     final = out / "final"
     trainer.save_model(str(final))
     tok.save_pretrained(final)
@@ -228,14 +225,14 @@ def run_dpo(cfg: BaselineConfig) -> Path:
 
     from dftune.data import read_records, select_rows
 
-    rows = [r for _, r in select_rows(read_records(cfg.data), cfg.select, cfg.seed)]
+    rows = [r for _, r in select_rows(read_records(cfg.data), cfg.select, cfg.train.seed)]
     for i, r in enumerate(rows, 1):
         missing = {"prompt", "chosen", "rejected"} - set(r)
         if missing:
             raise ConfigError(f"{cfg.data}, row {i}: missing field(s) {sorted(missing)} (write it with dftune sample)")
     args = _common_args(cfg, "pairs")
     model, tok = _model_and_tokenizer(cfg)
-    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    Path(cfg.train.out).mkdir(parents=True, exist_ok=True)
     args = DPOConfig(beta=cfg.beta, max_length=cfg.max_length, **args)
     trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(dpo_text_rows(rows, tok)),
                          processing_class=tok, callbacks=[lr_recorder()])
@@ -262,16 +259,16 @@ def run_grpo(cfg: BaselineConfig) -> Path:
 
     from dftune.offline.sample import load_questions
 
-    if cfg.num_generations < 2 or cfg.global_batch % cfg.num_generations:
-        raise ConfigError(f"global_batch {cfg.global_batch} (completions) must be a multiple of num_generations "
-                          f"{cfg.num_generations} (>= 2): each question's group is in one step")
-    qs, skipped = load_questions(cfg.data, cfg.select, cfg.instruction_suffix, cfg.seed)
+    if cfg.num_generations < 2 or cfg.train.global_batch % cfg.num_generations:
+        raise ConfigError(f"train.global_batch {cfg.train.global_batch} (completions) must be a multiple of "
+                          f"num_generations {cfg.num_generations} (>= 2): each question's group is in one step")
+    qs, skipped = load_questions(cfg.data, cfg.select, cfg.instruction_suffix, cfg.train.seed)
     if skipped:
         print(f"{cfg.data}: {len(skipped)} row(s) without a gold answer skipped (first: {skipped[0]})")
     rows = [{"prompt": [{"role": "user", "content": q.prompt}], "gold": q.golds} for q in qs]
-    args = _common_args(cfg, f"completions ({cfg.global_batch // cfg.num_generations} questions)")
+    args = _common_args(cfg, f"completions ({cfg.train.global_batch // cfg.num_generations} questions)")
     model, tok = _model_and_tokenizer(cfg)
-    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    Path(cfg.train.out).mkdir(parents=True, exist_ok=True)
     args = GRPOConfig(num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,
                       temperature=cfg.temperature, beta=cfg.beta, **args)
     trainer = GRPOTrainer(model=model, reward_funcs=[grader_reward], args=args, train_dataset=Dataset.from_list(rows),

@@ -24,7 +24,6 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from dftune.config import ConfigError
 from dftune.data import (
     DataError,
     detect_format,
@@ -43,6 +42,7 @@ from dftune.files import (
     write_jsonl,
 )
 from dftune.records import gsm8k_final
+from dftune.settings import ConfigError
 
 PROMPT_FIELD = {"problem_solution": "problem", "question_answer": "question", "prompt_completion": "prompt"}
 

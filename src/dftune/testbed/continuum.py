@@ -9,10 +9,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from dftune.config import ConfigError
+from dftune.settings import ConfigError
 from dftune.testbed import bases, tables
-from dftune.testbed.demo import (
-    DemoConfig,
+from dftune.testbed.demo_config import DemoConfig
+from dftune.testbed.stages import (
     build_bases,
     elapsed,
     evaluate_model,

