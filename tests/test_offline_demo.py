@@ -129,3 +129,28 @@ def test_error_token_index_points_at_the_digit(tiny_dir):
     assert tok.decode(ids[where[0]]).strip().startswith("1")
     targets = [x for x in exs[0].labels if x != -100]
     assert targets == ids + [tok.eos_token_id] and np.all(np.asarray(targets[:-1]) == np.asarray(ids))
+
+
+@pytest.mark.parametrize("objective", ["dft", "nll"])
+def test_on_the_models_own_samples_dft_sharpens_and_nll_is_neutral(objective):
+    """Why DFT-on-RFT moves the model more than RFT on the same samples (docs/testbed.md): the
+    expected gradient over y ~ p of DFT's token loss (the project's, float64) is the gradient of
+    -1/2 sum_y p_y^2 (a step raises the collision probability: sharpening); NLL's is zero, so
+    on its own samples only the correctness filter moves it."""
+    import torch
+
+    from dftune.loss import token_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, 7, dtype=torch.float64)
+    head = torch.eye(7, dtype=torch.float64)
+    p = logits.softmax(-1)[0].detach()
+    expected = torch.zeros(7, dtype=torch.float64)
+    for y in range(7):  # E_{y ~ p}[grad of the loss of token y]
+        z = logits.clone().requires_grad_(True)
+        token_loss(z, head, torch.tensor([y]), objective, num_items=1).loss.backward()
+        expected += p[y] * z.grad[0]
+    z = logits.clone().requires_grad_(True)
+    (-0.5 * (z.softmax(-1) ** 2).sum()).backward()
+    want = z.grad[0] if objective == "dft" else torch.zeros(7, dtype=torch.float64)
+    assert torch.allclose(expected, want, atol=1e-7)  # entries ~0.1

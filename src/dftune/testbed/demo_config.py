@@ -7,11 +7,14 @@ from dataclasses import dataclass, field
 
 @dataclass
 class OfflineSettings:
-    """The offline-RL demo (`dftune demo offline`): from the strong base, k samples per
-    question make the RFT data and DPO pairs; RFT, DFT-on-RFT, DPO and GRPO train from that
-    base, with learning-rate budgets (the sum of the rate over the optimizer steps) of the
-    order of RFT's; tables.json states each one as measured (docs/testbed.md).
+    """The offline-RL demo (`dftune demo offline`): from a strong base that often slips at the
+    last step, k samples per question make the RFT data and DPO pairs; RFT, DFT-on-RFT, DPO
+    and GRPO train from that base; tables.json states each one's learning-rate budget (the
+    sum of the rate over its optimizer steps) as measured (docs/testbed.md).
 
+    base_wrong_last_steps: the share of the base's pretraining solutions whose last step is
+        off by 1 to 3: its samples then hold right and wrong endings of the same derivation
+        (pass@k well above pass@1); 0: the continuum demo's strong base.
     questions: training questions sampled from (the narrow demonstrations' distribution).
     k: samples per question (the paper: 4).
     sample_tokens: generation length when sampling (and GRPO's).
@@ -22,27 +25,30 @@ class OfflineSettings:
     objectives: which to train: rft, dft_on_rft, dpo, grpo (PPO needs verl on a GPU: not here).
     """
 
+    base_wrong_last_steps: float = 0.5
+    """The share of the base's pretraining solutions whose last step is off by 1 to 3 (0: the
+    continuum demo's strong base)."""
     questions: int = 256
     """Training questions sampled from (the narrow demonstrations' distribution)."""
     k: int = 4
     """Samples per question (the paper: 4)."""
     sample_tokens: int = 80
     """Generation length when sampling, and GRPO's."""
-    dpo_lr: float = 1e-5
+    dpo_lr: float = 1e-4
     """DPO's peak rate (cosine after a 0.05 warm-up)."""
     dpo_batch: int = 8
     """DPO's (correct, incorrect) pairs per optimizer step."""
-    dpo_epochs: float = 1.0
+    dpo_epochs: float = 3.0
     """DPO's passes over the pairs."""
-    dpo_beta: float = 0.1
+    dpo_beta: float = 0.5
     """DPO's KL strength."""
-    grpo_lr: float = 1e-5
+    grpo_lr: float = 5e-5
     """GRPO's rate (constant after a 0.1 warm-up, as verl runs it)."""
     grpo_questions: int = 8
     """GRPO's questions per optimizer step."""
     grpo_group: int = 4
     """GRPO's completions per question (the group; the paper: 4)."""
-    grpo_steps: int = 16
+    grpo_steps: int = 60
     """GRPO's optimizer steps."""
     grpo_beta: float = 0.0
     """GRPO's KL coefficient (0: no reference model, verl's default)."""
@@ -125,7 +131,7 @@ class DemoConfig:
 FULL = {"seeds": 5, "eval_problems": 100, "curve_priors": "weak,strong", "curve_problems": 64, "analysis_examples": 128}
 
 
-FULL_OFFLINE = {"questions": 512, "grpo_steps": 32}
+FULL_OFFLINE = {"questions": 512}
 
 
 def apply_full(cfg: DemoConfig) -> DemoConfig:

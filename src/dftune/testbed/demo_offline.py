@@ -28,7 +28,7 @@ from dftune.testbed import bases, tables, tasks
 from dftune.testbed.bases import PROMPT
 from dftune.testbed.demo_config import DemoConfig
 from dftune.testbed.stages import (
-    build_bases,
+    base_for,
     elapsed,
     evaluate_model,
     finetune,
@@ -42,7 +42,11 @@ from dftune.testbed.stages import (
     write_sweep,
 )
 
-OBJECTIVES = ("rft", "dft_on_rft", "dpo", "grpo")
+OBJECTIVES = ("rft", "dft_on_rft", "dpo", "grpo", "nll_on_all", "dft_on_all")
+# the SFT-loop methods: (objective, file of the sampled folder); *_on_all train on every sample,
+# graded or not (the controls that separate what the correctness filter does from what DFT does)
+SFT_RUNS = {"rft": ("nll", "rft.jsonl"), "dft_on_rft": ("dft", "rft.jsonl"), "nll_on_all": ("nll", "all.jsonl"),
+            "dft_on_all": ("dft", "all.jsonl")}
 
 
 def _objectives(cfg: DemoConfig) -> list[str]:
@@ -102,15 +106,24 @@ def _offline_job(cfg: DemoConfig, root: Path, files: dict, base: Path, obj: str,
     final = out / "final"
     if obj == "base":
         final = base
-    elif obj in ("rft", "dft_on_rft"):
-        rft = DataConfig(path=str(root / "sampled" / "rft.jsonl"), max_length=bases.MAX_LENGTH)
-        final = finetune(base, rft, out, objective="nll" if obj == "rft" else "dft", lr=cfg.finetune_lr,
-                         batch=cfg.finetune_batch, steps=cfg.finetune_steps, seed=seed)
+    elif obj in SFT_RUNS:
+        objective, name = SFT_RUNS[obj]
+        data = DataConfig(path=str(root / "sampled" / name), max_length=bases.MAX_LENGTH)
+        final = finetune(base, data, out, objective=objective, lr=cfg.finetune_lr, batch=cfg.finetune_batch,
+                         steps=cfg.finetune_steps, seed=seed)
     elif not (final / "config.json").is_file():
         make, run = (dpo_config, run_dpo) if obj == "dpo" else (grpo_config, run_grpo)
         final = run(make(cfg, root, base, out, seed))
     if not (out / "eval" / "summary.json").is_file():
         evaluate_model(cfg, final, out / "eval", files["benchmarks"], PROMPT)
+
+
+def _base_job(cfg: DemoConfig, cache: Path) -> Path:
+    """The offline demo's base: the strong recipe, with ``base_wrong_last_steps`` of its
+    pretraining solutions ending in a wrong last step (cached like the continuum's bases)."""
+    return bases.pretrained_base("strong", cache, steps=cfg.pretrain_steps, examples=cfg.pretrain_examples,
+                                 batch=cfg.pretrain_batch, lr=cfg.pretrain_lr, hidden=cfg.hidden, layers=cfg.layers,
+                                 heads=cfg.heads, wrong_last_steps=cfg.offline.base_wrong_last_steps)
 
 
 def _sample_job(cfg: DemoConfig, root: Path, base: Path, questions: Path) -> dict:
@@ -160,14 +173,16 @@ def run_offline(cfg: DemoConfig) -> Path:
     objectives = _objectives(cfg)
     splits = splits_of(cfg)
     root, cache, files = prepare(cfg)
-    prior = "real" if cfg.real_base else "strong"
-    base = build_bases(cfg, [prior], cache)[prior]
+    base = base_for(cfg, "real", cache) if cfg.real_base else run_jobs(_base_job, [(cfg, cache)], 1)[0]
     timings = {"base": time.time() - t0}
     questions = write_questions(cfg, root)
 
     # 1. k samples per question from the base, graded: rft.jsonl and dpo.jsonl
     t = time.time()
     stats = run_jobs(_sample_job, [(cfg, root, base, questions)], 1)[0]
+    write_jsonl(root / "sampled" / "all.jsonl", [{"id": f"{r['id']}-{r['sample']}", "prompt": r["prompt"],
+                                                  "completion": r["response"]}
+                                                 for r in read_jsonl(root / "sampled" / "samples.jsonl")])
     timings["sample"] = time.time() - t
     print(f"sampled: {stats['correct']} correct of {stats['responses']} ({stats['yield']:.0%}), "
           f"{stats['dpo_pairs']} DPO pairs")
@@ -202,7 +217,7 @@ def run_offline(cfg: DemoConfig) -> Path:
               "problems_per_split": cfg.eval_problems, "seeds": cfg.seeds, "splits": splits + ["mean"],
               "group": "setting", "baseline": "rft",
               "intervals": {"cell": tables.CELL_INTERVAL, "diff": tables.DIFF_INTERVAL},
-              "sampling": stats, "base_pass": pass_rows(stats, read_json(base_eval / "summary.json"), splits),
+              "sampling": stats, "base_pass": pass_rows(stats, base_eval, splits),
               "settings": offline_settings(cfg), "accuracy": accuracy, "vs_baseline": diffs, "vs_base": vs_base,
               "movement": movement, "held_out_samples": {k: sum(r["kind"] == k for r in rows)
                                                          for k in ("clean", "lucky", "wrong")},

@@ -6,6 +6,7 @@ the base's held-out samples."""
 from __future__ import annotations
 
 from dftune.eval.metrics import pass_at_k
+from dftune.files import read_json
 from dftune.testbed import tables
 
 # The paper's offline-RL table (Qwen2.5-Math-1.5B, the mean over five benchmarks; PAPER.md)
@@ -14,17 +15,18 @@ PAPER_SETTINGS = {"rft": "lr 5e-5, batch 256, warm-up 0.1, cosine", "dpo": "lr 1
                   "grpo": "lr 1e-6, 256 questions x 4, warm-up 0.1, constant (verl)"}
 
 
-def pass_rows(stats: dict, base_summary: dict, splits: list[str]) -> list[dict]:
+def pass_rows(stats: dict, base_eval, splits: list[str]) -> list[dict]:
     """The base's pass@j: on the training questions (from how many of the k samples of each
-    were correct) and on every test split (its evaluation's n samples per problem)."""
+    were correct) and on every test split (from its evaluation's n samples per problem)."""
     k, hist = stats["k"], stats["questions_by_correct"]
     q = sum(hist.values())
     rows = [{"set": "training questions", "problems": q, "samples": k,
              **{f"pass@{j}": sum(n * pass_at_k(k, int(c), j) for c, n in hist.items()) / q for j in _ks(k)}}]
-    n = base_summary["n"]
+    n = read_json(base_eval / "summary.json")["sampling"]["n"]
     for b in splits:
-        s = base_summary["benchmarks"][b]
-        rows.append({"set": b, "problems": s["problems"], "samples": n, **{f"pass@{j}": s[f"pass@{j}"] for j in _ks(n)}})
+        correct = [round(a * n) for a in tables.per_problem(base_eval, b).values()]
+        rows.append({"set": b, "problems": len(correct), "samples": n,
+                     **{f"pass@{j}": sum(pass_at_k(n, c, j) for c in correct) / len(correct) for j in _ks(n)}})
     return rows
 
 
@@ -39,7 +41,8 @@ def _ks(n: int) -> list[int]:
 def offline_settings(cfg) -> dict:
     """What each method ran with (the measured budgets are in ``movement``)."""
     o = cfg.offline
-    return {"k": o.k, "questions": o.questions, "temperature": 1.0, "sample_tokens": o.sample_tokens,
+    return {"base_wrong_last_steps": o.base_wrong_last_steps, "k": o.k, "questions": o.questions, "temperature": 1.0,
+            "sample_tokens": o.sample_tokens,
             "rft": {"lr": cfg.finetune_lr, "batch": cfg.finetune_batch, "steps": cfg.finetune_steps, "warmup": 0.1,
                     "schedule": "cosine", "unit": "sequences"},
             "dpo": {"lr": o.dpo_lr, "batch": o.dpo_batch, "epochs": o.dpo_epochs, "warmup": 0.05, "beta": o.dpo_beta,
@@ -65,7 +68,8 @@ def _by(rows: list[dict], obj: str, key: str) -> list:
 
 def order_line(t: dict) -> str:
     """'rft 35.1 > dft_on_rft ...' by mean accuracy, beside the paper's order."""
-    means = {r["objective"]: 100 * r["mean"] for r in t["accuracy"] if r["split"] == "mean"}
+    means = {r["objective"]: 100 * r["mean"] for r in t["accuracy"]
+             if r["split"] == "mean" and r["objective"] in {"base"} | {o for o, _ in PAPER_ORDER}}
     ours = " > ".join(f"{o} {m:.1f}" for o, m in sorted(means.items(), key=lambda x: -x[1]))
     paper = " > ".join(f"{o} {m:.1f}" for o, m in PAPER_ORDER)
     return f"Order here (mean accuracy): {ours}. The paper's: {paper}."
@@ -107,11 +111,10 @@ def offline_report_tables(t: dict) -> list[dict]:
                  "pass@1 is the accuracy of one sample; the gap to pass@k is what a method that makes the base's "
                  "better samples likelier can gain."),
     }
-    sched = {"rft": "RFT / DFT-on-RFT", "dft_on_rft": "", "dpo": "DPO", "grpo": "GRPO"}
     rft_sum = tables.seed_interval(_by(mv, "rft", "lr_sum"))["mean"] if _by(mv, "rft", "lr_sum") else None
     budget_rows = []
     for o in trained:
-        key = "rft" if o == "dft_on_rft" else o
+        key = o if o in ("dpo", "grpo") else "rft"  # every SFT-loop run has RFT's recipe
         c = s[key]
         batch = (f"{c['questions_per_step']} questions x {c['group']}" if key == "grpo" else f"{c['batch']} {c['unit']}")
         lr_sum = tables.seed_interval(_by(mv, o, "lr_sum"))["mean"]
@@ -119,7 +122,6 @@ def offline_report_tables(t: dict) -> list[dict]:
                             f"{lr_sum:.4f} ({lr_sum / rft_sum:.2f}x)" if rft_sum else f"{lr_sum:.4f}",
                             _mean_pm(_by(mv, o, "weight_change"), 100, 2), _mean_pm(_by(mv, o, "kl_per_token")),
                             _mean_pm(_by(mv, o, "entropy_change")), s["paper"].get(key, "")])
-    del sched
     budget = {
         "title": "Budget and movement: what each method spent and how far it moved from the base",
         "columns": ["method", "lr, schedule", "batch", "optimizer steps", "lr sum (x RFT's)", "weight change %",
