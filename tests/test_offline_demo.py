@@ -154,3 +154,16 @@ def test_on_the_models_own_samples_dft_sharpens_and_nll_is_neutral(objective):
     (-0.5 * (z.softmax(-1) ** 2).sum()).backward()
     want = z.grad[0] if objective == "dft" else torch.zeros(7, dtype=torch.float64)
     assert torch.allclose(expected, want, atol=1e-7)  # entries ~0.1
+
+
+def test_held_out_rows_sort_the_bases_samples_into_clean_lucky_and_wrong(tmp_path):
+    gold = "Ava starts with 7 pens.\n7 + 5 = 12.\nThe answer is \\boxed{12}."
+    samples = [("Ava starts with 7 cards.\n7 + 5 = 12.\nThe answer is \\boxed{12}.", True),  # clean
+               ("Ava starts with 7 pens.\n7 + 4 = 12.\nThe answer is \\boxed{12}.", True),  # lucky
+               ("Ava starts with 7 pens.\n7 + 5 = 13.\nThe answer is \\boxed{13}.", False)]
+    write_jsonl(tmp_path / "samples.jsonl", [{"benchmark": "id", "id": "p0", "sample": i, "completion": c, "correct": ok}
+                                             for i, (c, ok) in enumerate(samples)])
+    rows = oa.held_out_rows(tmp_path, {("id", "p0"): ("Ava has 7 pens. ...", gold)}, "\nBox it.")
+    assert [r["kind"] for r in rows] == ["clean", "lucky", "wrong"]
+    assert rows[0]["error"] is None and rows[2]["error"] == samples[2][0].index("3.\nThe")
+    assert rows[1]["prompt"] == "Ava has 7 pens. ...\nBox it."

@@ -1,13 +1,19 @@
 """`dftune demo offline`: the paper's offline-RL table in miniature, on a CPU.
 
-From the testbed's strong base (cached; the same one the continuum demo uses):
+    dftune demo offline                                   # RFT, DFT-on-RFT, DPO, GRPO
+    dftune demo offline offline.objectives=rft,dft_on_rft,nll_on_all,dft_on_all  # the controls
+
+From a base with the strong prior's recipe whose pretraining solutions end, half of the
+time, in a wrong last step (``offline.base_wrong_last_steps``; cached like the continuum's):
 1. sample k responses per training question at temperature 1.0 and grade them
    (``dftune.offline.sample``): the correct ones are the RFT data, (correct, incorrect)
    pairs of a question the DPO data; the base's pass@1 and pass@k on them are recorded;
 2. train from the same base, for every seed: RFT (NLL on the correct samples, the
    continuum demo's SFT recipe), DFT on the same file, DPO and GRPO (TRL, with our grader
-   as GRPO's reward; GRPO at a constant rate after its warm-up, as verl runs it). PPO is
-   wired on verl, which needs a GPU: not run here;
+   as GRPO's reward; GRPO at a constant rate after its warm-up, as verl runs it), and on
+   request NLL and DFT on every sample, graded or not (the controls that separate what the
+   correctness filter does from what DFT's weight does). PPO is wired on verl, which needs
+   a GPU: not run here;
 3. evaluate base and every model like the continuum demo; measure each model's
    learning-rate budget (the sum of the rate over its optimizer steps, from its own logs),
    how far it moved from the base and what it changed on the base's held-out samples
@@ -158,9 +164,9 @@ def held_out(cfg: DemoConfig, root: Path) -> list[dict]:
     """The base's evaluation samples, with the gold derivations of their problems."""
     from dftune.testbed.offline_analysis import held_out_rows
 
-    solutions = {(s, r["id"]): r["solution"] for s in splits_of(cfg) for r in test_rows(cfg, s)}
+    problems = {(s, r["id"]): (r["problem"], r["solution"]) for s in splits_of(cfg) for r in test_rows(cfg, s)}
     folder = root / folder_name({"setting": "offline", "objective": "base", "seed": 0}) / "eval"
-    return held_out_rows(folder, solutions, bases.SUFFIX)
+    return held_out_rows(folder, problems, bases.SUFFIX)
 
 
 def run_offline(cfg: DemoConfig) -> Path:

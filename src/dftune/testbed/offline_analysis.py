@@ -50,18 +50,18 @@ def first_error(completion: str, solution: str) -> int | None:
     return len(completion) if len(got) < len(want) else None
 
 
-def held_out_rows(eval_folder: Path, solutions: dict[tuple[str, str], str], suffix: str) -> list[dict]:
+def held_out_rows(eval_folder: Path, problems: dict[tuple[str, str], tuple[str, str]], suffix: str) -> list[dict]:
     """The base's evaluation samples as analysis rows: {prompt (the question + ``suffix``, as
     training renders it), completion, kind (clean / lucky / wrong), error (first_error's
-    character index or None), benchmark, id}. ``solutions``: {(benchmark, id): gold solution}."""
+    character index or None), benchmark, id}. ``problems``: {(benchmark, id): (question, gold
+    solution)}."""
     out = []
     for r in read_jsonl(eval_folder / "samples.jsonl"):
-        question = r["prompt"].split("<|im_start|>user\n", 1)[-1].split("<|im_end|>", 1)[0]
-        err = first_error(r["completion"], solutions[(r["benchmark"], r["id"])])
+        question, solution = problems[(r["benchmark"], r["id"])]
+        err = first_error(r["completion"], solution)
         kind = "wrong" if not r["correct"] else ("clean" if err is None else "lucky")
-        out.append({"prompt": question if question.endswith(suffix) else question + suffix,
-                    "completion": r["completion"], "kind": kind, "error": err, "benchmark": r["benchmark"],
-                    "id": r["id"]})
+        out.append({"prompt": question + suffix, "completion": r["completion"], "kind": kind, "error": err,
+                    "benchmark": r["benchmark"], "id": r["id"]})
     return out
 
 

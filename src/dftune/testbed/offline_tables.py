@@ -85,6 +85,8 @@ def offline_report_tables(t: dict) -> list[dict]:
     objs = list(dict.fromkeys(r["objective"] for r in t["accuracy"]))
     trained = [o for o in objs if o != "base"]
     mv = t["movement"]
+    on_all = [o for o in objs if o.endswith("_on_all")]
+    controls = f"; {' and '.join(on_all)} train on all {st['responses']} samples, graded or not" if on_all else ""
     accuracy = {
         "title": "Offline RL in miniature: accuracy by method",
         "columns": ["method", "seeds"] + splits + ["mean − base, points", "mean − rft, points", "stopped %",
@@ -93,9 +95,11 @@ def offline_report_tables(t: dict) -> list[dict]:
                  + [tables.fmt_diff(vs_base[(o, "mean")]) if (o, "mean") in vs_base else "",
                     tables.fmt_diff(diffs[(o, "mean")]) if (o, "mean") in diffs else "",
                     tables._pct(eos[o]["stop"]), f"{eos[o]['mean_tokens']:.0f}"] for o in objs],
-        "note": (f"From the strong base: {st['questions']} questions x k = {st['k']} samples at temperature 1.0; "
+        "note": (f"From the base (the strong prior's recipe, {100 * s['base_wrong_last_steps']:.0f}% of its pretraining "
+                 f"solutions ending in a wrong last step): {st['questions']} questions x k = {st['k']} samples at "
+                 "temperature 1.0; "
                  f"{st['correct']} correct ({100 * st['yield']:.1f}%) are the RFT data (DFT-on-RFT trains on the same "
-                 f"file), {st['dpo_pairs']} (correct, incorrect) pairs the DPO data. {t['metric']} in % on "
+                 f"file{controls}), {st['dpo_pairs']} (correct, incorrect) pairs the DPO data. {t['metric']} in % on "
                  f"{t['problems_per_split']} problems per split, mean ± 95% t-interval half-width over {t['seeds']} "
                  "seeds (the base: one evaluation). Differences are paired by problem (and by seed for − rft; each "
                  "seed against the base's one evaluation for − base), [95% bootstrap interval over seeds and problems]"
