@@ -75,10 +75,26 @@ def liger_dft(hidden, weight, labels):
 
 
 def cce_dft(hidden, weight, labels):
-    return ours(hidden, weight, labels, backend="cce")
+    """dftune's cce backend with no gradient filtering (CCE 25.1.1 accumulates in bf16)."""
+    return ours(hidden, weight, labels, backend="cce:accum=bf16")
 
 
-VARIANTS = {"full_logits": full_logits_dft, "dftune": ours, "dftune_noent": ours_without_entropy, "liger": liger_dft, "dftune_cce": cce_dft}
+def cce_filtered_dft(hidden, weight, labels):
+    """The same with CCE's own default, gradient filtering (filter_eps=high): CCE as shipped."""
+    return ours(hidden, weight, labels, backend="cce:accum=bf16,filter_eps=high")
+
+
+def liger_exact_dft(hidden, weight, labels):
+    """dftune's liger backend, exact by default: fp32 logits, p and gradients."""
+    return ours(hidden, weight, labels, backend="liger")
+
+
+VARIANTS = {"full_logits": full_logits_dft, "dftune": ours, "dftune_noent": ours_without_entropy, "liger": liger_dft,
+            "dftune_cce": cce_dft, "dftune_cce_filtered": cce_filtered_dft, "dftune_liger": liger_exact_dft}
+# the optional library each variant needs: (module, package)
+NEEDS = {"liger": ("liger_kernel", "liger-kernel"), "dftune_liger": ("liger_kernel", "liger-kernel"),
+         "dftune_cce": ("cut_cross_entropy", "cut-cross-entropy"),
+         "dftune_cce_filtered": ("cut_cross_entropy", "cut-cross-entropy")}
 
 
 def measure(variant, n, h, v, device, dtype, reps):

@@ -22,6 +22,18 @@ threads; the first step is not timed; tokens/s counts real (non-padding) input t
 
 ``--dists fixed`` (the default when ``--seq`` is given): rows of exactly ``--seq`` tokens of
 MATH text (a prompt of up to 64 tokens), nothing to pad or pack; dftune and TRL padded only.
+
+Text: GSM8K and MATH from ``../shared/data/train`` (the recorded figures), or with
+``--synthetic`` the project's own generated arithmetic word problems
+(``dftune.testbed.tasks``), for a clone with nothing beside it (``gpu_check.py`` uses them:
+speed does not depend on what the tokens say).
+
+MFU (on CUDA): tokens/s x (6N + 12 L H T) / the GPU's dense bf16 peak, the standard model
+FLOPs (Kaplan et al. 2020; PaLM's MFU): N the parameters that multiply activations, i.e.
+every parameter except the input embedding (a lookup; the LM head counts, once if tied), L
+layers, H the attention width (heads x head_dim), T the sequence length; the recomputation of
+gradient checkpointing is not counted. N is counted from the model itself, so GQA's smaller
+K/V projections are exact.
 """
 
 from __future__ import annotations
@@ -42,12 +54,30 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "train"
 
 
+def _sources(args, work: Path) -> tuple[Path, Path]:
+    """(GSM8K-like, MATH-like) problem/solution files: the shared data, or generated ones."""
+    if not args.synthetic:
+        if not (DATA / "gsm8k_train.jsonl").is_file():
+            raise SystemExit(f"{DATA}/gsm8k_train.jsonl not found; run with --synthetic (generated text)")
+        return DATA / "gsm8k_train.jsonl", DATA / "math_train.jsonl"
+    from dftune.testbed.tasks import TaskSpec, generate
+
+    paths = work / "synthetic_short.jsonl", work / "synthetic_long.jsonl"
+    for path, steps, seed in ((paths[0], (2, 3), 0), (paths[1], (6, 9), 1)):
+        if not path.is_file():
+            rows = generate(TaskSpec(steps=steps, max_number=99), n=3000, seed=seed)
+            path.write_text("".join(json.dumps({"problem": r["problem"], "solution": r["solution"]}) + "\n"
+                                    for r in rows))
+    return paths
+
+
 def _tokenizer(args, work: Path):
     from dftune.tiny import build_tokenizer, texts_from
 
     folder = work / "tokenizer"
     if not (folder / "tokenizer.json").is_file():
-        texts = texts_from(str(DATA / "gsm8k_train.jsonl"), 2000) + texts_from(str(DATA / "math_train.jsonl"), 2000)
+        short, long = _sources(args, work)
+        texts = texts_from(str(short), 2000) + texts_from(str(long), 2000)
         build_tokenizer(texts, vocab_size=2000).save_pretrained(folder)
     from transformers import AutoTokenizer
 
@@ -63,12 +93,14 @@ def build(args, work: Path, dist: str) -> int:
     tok = _tokenizer(args, work)
     if not (work / "model" / "config.json").is_file():
         model = build_model(args.vocab, hidden=args.hidden, layers=args.layers, heads=args.heads,
-                            intermediate=args.intermediate, max_positions=4096, arch="qwen2",
+                            kv_heads=args.kv_heads, tie=args.tie, intermediate=args.intermediate, max_positions=4096,
+                            arch="qwen2",
                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         model.save_pretrained(work / "model")
         tok.save_pretrained(work / "model")
     need = args.examples
-    texts = [json.loads(x)["solution"] for x in (DATA / "math_train.jsonl").read_text().splitlines()[:3000]]
+    short_file, long_file = _sources(args, work)
+    texts = [json.loads(x)["solution"] for x in long_file.read_text().splitlines()[:3000]]
     stream = [t for ids in tok(texts, add_special_tokens=False)["input_ids"] for t in ids]
     rng = random.Random(0)
 
@@ -92,7 +124,7 @@ def build(args, work: Path, dist: str) -> int:
                 for _ in range(need)]
     else:  # short: real GSM8K rows through the chat template
         max_length = args.short_max_length
-        exs, _ = build_dataset(DataConfig(path=str(DATA / "gsm8k_train.jsonl"), max_length=max_length,
+        exs, _ = build_dataset(DataConfig(path=str(short_file), max_length=max_length,
                                           select=f"first:{need}", cache=False), tok)
         rows = [{"input_ids": e.input_ids, "completion_mask": [int(x != -100) for x in e.labels]} for e in exs]
     (work / f"rows_{dist}.json").write_text(json.dumps(rows))
@@ -173,14 +205,33 @@ def _result(args, stamps, tokens) -> dict:
             "tokens_per_step": sum(tokens[1:len(stamps)]) / max(1, len(stamps) - 1)}
 
 
-def mfu(args, tps: float) -> float | None:
-    """Model FLOPs utilisation: 6 x params x tokens/s (+ attention) over the GPU's bf16 peak."""
+def model_flops(model_dir: Path, seq: int) -> dict:
+    """Training FLOPs per token, 6N + 12 L H T (the module docstring), from the model's config:
+    the model is built on the meta device, so nothing is allocated."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    n = sum(p.numel() for p in model.parameters())  # a tied head is counted once
+    if emb is not head:
+        n -= emb.numel()  # the untied input embedding: a lookup, no matmul
+    layers = config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    width = config.num_attention_heads * head_dim
+    attention = 12 * layers * width * seq
+    return {"n": n, "layers": layers, "width": width, "seq": seq, "per_token": 6 * n + attention,
+            "text": f"MFU = tokens/s x (6N + 12 L H T) / peak: N = {n / 1e9:.4g}B parameters without the input "
+                    f"embedding (LM head counted), L = {layers}, H = {width}, T = {seq}: "
+                    f"{(6 * n + attention) / 1e9:.2f} GFLOP/token"}
+
+
+def mfu(args, tps: float, flops: dict) -> float | None:
+    """Model FLOPs utilisation over the GPU's dense bf16 peak (``--peak-tflops``)."""
     if args.device != "cuda":
         return None
-    h, l, v, i = args.hidden, args.layers, args.vocab, args.intermediate
-    params = l * (4 * h * h + 3 * h * i) + 2 * v * h
-    flops_per_token = 6 * params + 12 * l * h * args.seq
-    return tps * flops_per_token / args.peak_tflops / 1e12
+    return tps * flops["per_token"] / args.peak_tflops / 1e12
 
 
 RUNS = {  # distribution -> (trainer, setting) pairs
@@ -207,13 +258,15 @@ def bench(args, dist: str) -> None:
             if (who, setting) not in res or r["tokens_per_s"] > res[(who, setting)]["tokens_per_s"]:
                 res[(who, setting)] = r
     dev = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} torch thread(s)"
+    flops = model_flops(args.work / "model", max_length)
     print(f"\n# {dist}: DFT training, H={args.hidden} L={args.layers} V={args.vocab} max_length={max_length} "
           f"global_batch={args.global_batch} micro={args.micro}, {args.steps - 1} timed steps, best of {args.repeats}, {dev}")
+    print(f"# {flops['text']}; peak {args.peak_tflops:g} TFLOPS")
     # the first four columns are what gpu_check.py reads from the "| dftune |" row
     print("| trainer | tokens/s | peak memory (MiB) | MFU | tokens/step |")
     print("|---|---|---|---|---|")
     for (who, setting), r in res.items():
-        m = mfu(args, r["tokens_per_s"])
+        m = mfu(args, r["tokens_per_s"], flops)
         name = who if setting == "padded" else f"{who} {setting}"
         print(f"| {name} | {r['tokens_per_s']:.0f} | {r['peak_bytes'] / 2**20:.0f} | {'-' if m is None else f'{m:.1%}'} | "
               f"{r['tokens_per_step']:.0f} |")
@@ -236,6 +289,8 @@ def main():
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--kv-heads", type=int, default=0, help="grouped-query attention (0: as many as --heads)")
+    ap.add_argument("--tie", action="store_true", help="tied input embedding and LM head (Qwen2.5-0.5B/1.5B)")
     ap.add_argument("--intermediate", type=int, default=704)
     ap.add_argument("--vocab", type=int, default=151936)
     ap.add_argument("--seq", type=int, default=0, help="fixed: every sequence this long")
@@ -252,6 +307,8 @@ def main():
     ap.add_argument("--work", type=Path, default=ROOT / "out" / "train_bench")
     ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (both trainers)")
     ap.add_argument("--no-trl", action="store_true", help="dftune only (e.g. on a GPU image without TRL)")
+    ap.add_argument("--synthetic", action="store_true",
+                    help="generated word problems instead of ../shared/data/train (a clone with nothing beside it)")
     ap.add_argument("--only", choices=["dftune", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--setting", default="padded", help=argparse.SUPPRESS)
     ap.add_argument("--dist", default="", help=argparse.SUPPRESS)

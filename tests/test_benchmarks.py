@@ -100,8 +100,9 @@ def test_prompts():
     assert p == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nWhat is 1+1?\n"
                  "Please reason step by step, and put your final answer within \\boxed{}.<|im_end|>\n"
                  "<|im_start|>assistant\n")
-    assert build_prompt("Q", "plain").startswith("Question: Q\nPlease reason")
-    with pytest.raises(BenchmarkError, match="chat template"):
+    assert build_prompt("  Q \n", "plain") == build_prompt("Q", "deepseek-math") == (
+        "User: Q\nPlease reason step by step, and put your final answer within \\boxed{}.\n\nAssistant:")
+    with pytest.raises(ValueError, match="chat template"):
         build_prompt("Q", "chat", None)
 
 

@@ -24,7 +24,8 @@ def on_step(step, rec):
     if step == stop:
         raise SystemExit(3)  # a kill right after step `stop` (its checkpoint is on disk)
 
-train(load_config(None, sys.argv[2:]), on_step=on_step if stop else None)
+if __name__ == "__main__":  # the grader's spawned workers import this file again
+    train(load_config(None, sys.argv[2:]), on_step=on_step if stop else None)
 """
 
 
@@ -77,13 +78,13 @@ def test_two_processes_equal_one_with_accumulation_and_resume_exactly(parallel, 
     from dftune.config import load_config
     from dftune.train import train
 
-    # one process, accumulation 2: the reference step
+    # one process, accumulation 4: the reference step
     single = tmp_path / "single"
-    train(load_config(None, _args(tied_dir, problems_file, single)))
+    train(load_config(None, _args(tied_dir, problems_file, single, ["train.micro_batch=2"])))
 
-    # two processes, uninterrupted
+    # two processes, accumulation 2 each (FSDP reduces every micro-batch, DDP the last), uninterrupted
     full = tmp_path / "full"
-    r = _launch(tmp_path, 2, _args(tied_dir, problems_file, full, [f"train.parallel={parallel}"]))
+    r = _launch(tmp_path, 2, _args(tied_dir, problems_file, full, [f"train.parallel={parallel}", "train.micro_batch=2"]))
     assert r.returncode == 0, r.stderr[-4000:]
     a, b = _log(single), _log(full)
     assert [x["step"] for x in b] == [1, 2, 3, 4]
@@ -99,7 +100,7 @@ def test_two_processes_equal_one_with_accumulation_and_resume_exactly(parallel, 
 
     # two processes killed after step 2, then resumed: bit-identical to the uninterrupted run
     part = tmp_path / "part"
-    args = _args(tied_dir, problems_file, part, [f"train.parallel={parallel}"])
+    args = _args(tied_dir, problems_file, part, [f"train.parallel={parallel}", "train.micro_batch=2"])
     r = _launch(tmp_path, 2, args, stop=2)
     assert r.returncode != 0 and not (part / "final").exists(), r.stderr[-3000:]
     assert "SystemExit" in r.stderr or "exitcode  : 3" in r.stderr or True
@@ -130,3 +131,140 @@ def test_resuming_with_another_process_count_is_refused(tied_dir, problems_file,
 
     with pytest.raises(ValueError, match="written by 2 processes"):
         train(load_config(None, _args(tied_dir, problems_file, out, ["train.max_steps=2", "train.resume=true"])))
+
+
+REFERENCE_RUNNER = """
+import json, sys
+import torch
+from dftune import dist
+from dftune.model import CausalLMLoss, load_pretrained, load_tokenizer
+from dftune.objective_spec import get_objective
+
+rt = dist.init_runtime()
+model = load_pretrained(sys.argv[1])
+tok = load_tokenizer(sys.argv[1])
+module = CausalLMLoss(model, get_objective("iw_sft:level=token"), reference="copy", ref_dtype=torch.bfloat16)
+module = dist.parallelize(module, model, rt, "fsdp", mixed_bf16=True)
+ref = module._ref[0]
+
+def facts():
+    ps = list(ref.parameters())
+    return {"sharded": all(type(p).__name__ == "DTensor" for p in ps), "dtypes": sorted({str(p.dtype) for p in ps}),
+            "local": sum(p.to_local().numel() for p in ps), "full": sum(p.numel() for p in ps)}
+
+before = facts()
+enc = tok(["What is 3 plus 4? We add 3 and 4 to get 7.", "What is 5 plus 2? 7"], return_tensors="pt", padding=True)
+labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+res = module(enc["input_ids"], enc["attention_mask"], labels)
+res.loss.backward()
+m = res.mask
+print(json.dumps({"rank": rt.rank, "before": before, "after": facts(), "kl": res.kl[m].abs().max().item(),
+                  "weight_min": res.weight[m].min().item(), "weight_max": res.weight[m].max().item()}))
+rt.close()
+"""
+
+
+def test_fsdp_reference_is_sharded_in_the_policys_precision(tied_dir, tmp_path):
+    """The frozen reference under FSDP with bf16-mixed: sharded over the processes, stored in
+    bf16 (what the policy gathers), released after the forward, and equal to the policy at
+    step 1 to the last bit: KL exactly 0, iw-SFT weights exactly 1."""
+    runner = tmp_path / "ref_runner.py"
+    runner.write_text(REFERENCE_RUNNER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        f"--master_port={_free_port()}", str(runner), str(tied_dir)],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    facts = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
+    assert sorted(f["rank"] for f in facts) == [0, 1]
+    for f in facts:
+        for when in ("before", "after"):  # gathered for the forward, sharded again after it
+            assert f[when]["sharded"] and f[when]["dtypes"] == ["torch.bfloat16"], f
+            assert f[when]["local"] <= f[when]["full"] // 2 + 64, f  # each process holds half
+        assert f["kl"] == 0.0 and f["weight_min"] == 1.0 == f["weight_max"], f
+
+
+def test_fsdp_reference_objectives_start_exact_as_in_one_process(tied_dir, problems_file, tmp_path):
+    """iw_sft trained by 2 FSDP processes in bf16-mixed: step 1's KL to the reference is 0 and
+    every importance weight 1, exactly, as in one process; the reference stays the initial
+    model (step 2's KL is not 0)."""
+    out = tmp_path / "iw"
+    args = _args(tied_dir, problems_file, out, ["train.parallel=fsdp", "train.precision=bf16-mixed",
+                                                "train.objective=iw_sft", "train.max_steps=2", "train.save_every=0",
+                                                "train.warmup_ratio=0"])
+    r = _launch(tmp_path, 2, args)
+    assert r.returncode == 0, r.stderr[-4000:]
+    log = _log(out)
+    assert log[0]["kl_ref"] == 0.0 and log[0]["weight_mean"] == 1.0, log[0]
+    assert log[1]["kl_ref"] > 0 and log[1]["weight_mean"] != 1.0, log[1]
+
+
+GENERATE_RUNNER = """
+import json, sys
+import torch
+import torch.distributed as dist_
+from dftune import dist
+from dftune.eval.generate import HFBackend, SamplingConfig
+from dftune.model import CausalLMLoss, load_pretrained, load_tokenizer
+from dftune.objective_spec import get_objective
+
+rt = dist.init_runtime()
+model = load_pretrained(sys.argv[1])
+tok = load_tokenizer(sys.argv[1])
+module = CausalLMLoss(model, get_objective("dft"))
+if sys.argv[2] == "fsdp":
+    module = dist.parallelize(module, model, rt, "fsdp", mixed_bf16=False)
+prompts = json.loads(sys.argv[3])
+cfg = SamplingConfig(n=2, temperature=1.0, max_new_tokens=8, seed=0)
+with dist.gathered_root(module):
+    outs = HFBackend(model, tok, batch_size=2).generate(prompts, [str(i) for i in range(len(prompts))], cfg, [],
+                                                        rank=rt.rank, world=rt.world, synced=sys.argv[2] == "fsdp")
+mine = {i: [c.text for c in cs] for i, cs in enumerate(outs) if cs is not None}
+gathered = [None] * rt.world
+dist_.all_gather_object(gathered, mine)
+if rt.is_main:
+    print(json.dumps({"shares": [sorted(g) for g in gathered], "texts": {k: v for g in gathered for k, v in g.items()}}))
+rt.close()
+"""
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_generation_is_shared_over_processes_and_equals_one_process(mode, tied_dir, tmp_path):
+    """The periodic evaluation's generation over 2 processes (a replica each, or one FSDP-sharded
+    model): each takes its batches, uneven ones included, and together they sample exactly
+    what one process samples."""
+    from dftune.eval.generate import HFBackend, SamplingConfig
+    from dftune.model import load_pretrained, load_tokenizer
+
+    prompts = [f"What is {i} plus {i + 2}?" for i in range(5)]
+    runner = tmp_path / "gen_runner.py"
+    runner.write_text(GENERATE_RUNNER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        f"--master_port={_free_port()}", str(runner), str(tied_dir), mode, json.dumps(prompts)],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    got = json.loads(next(x for x in r.stdout.splitlines() if x.startswith("{")))
+    assert got["shares"] == [[0, 2, 4], [1, 3]]  # one prompt per batch (n=2, batch_size=2), dealt in turn
+    one = HFBackend(load_pretrained(str(tied_dir)), load_tokenizer(str(tied_dir)), batch_size=2).generate(
+        prompts, [str(i) for i in range(5)], SamplingConfig(n=2, temperature=1.0, max_new_tokens=8, seed=0), [])
+    assert got["texts"] == {str(i): [c.text for c in cs] for i, cs in enumerate(one)}
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_periodic_evaluation_under_several_processes(parallel, tied_dir, problems_file, tmp_path):
+    """train.eval_every with 2 processes, DDP and FSDP: every process evaluates its share (no
+    barrier around one process's evaluation) and the curve is written once per evaluation."""
+    bench = tmp_path / "bench" / "toy"
+    bench.mkdir(parents=True)
+    (bench / "test.jsonl").write_text("".join(json.dumps({"id": str(i), "question": f"What is {i} plus 2?",
+                                                          "answer": str(i + 2)}) + "\n" for i in range(6)))
+    out = tmp_path / "run"
+    args = _args(tied_dir, problems_file, out, [f"train.parallel={parallel}", "train.save_every=0", "train.eval_every=2",
+                                                "eval.benchmarks=toy", f"eval.data_dir={tmp_path / 'bench'}",
+                                                "eval.sampling.n=2", "eval.sampling.max_new_tokens=8",
+                                                "eval.grade_workers=1"])
+    r = _launch(tmp_path, 2, args)
+    assert r.returncode == 0, r.stderr[-4000:]
+    curve = [json.loads(x) for x in (out / "eval_curve.jsonl").read_text().splitlines()]
+    assert [c["step"] for c in curve] == [2, 4] and all(0.0 <= c["toy"] <= 1.0 for c in curve)

@@ -112,14 +112,16 @@ def _check_consistent(out: Path, n: int, problems: int):
         assert {r["sample"] for r in mine} == set(range(n))
         for r in mine:
             assert set(r) >= {"prompt", "completion", "extracted", "correct", "status", "reason", "rule", "gold",
-                              "num_tokens", "finish_reason", "repetitive"}
+                              "num_tokens", "finish_reason", "repetitive", "verdicts"}
+            assert set(r["verdicts"]) == {"math-verify", "paper"}  # both graders, every sample
+            assert r["correct"] == r["verdicts"][summary["grader"]]["correct"]
             assert r["finish_reason"] in ("stop", "length") and r["num_tokens"] > 0
         assert m["mean_tokens"] == pytest.approx(sum(r["num_tokens"] for r in mine) / len(mine))
         assert m["truncated"] == pytest.approx(sum(r["finish_reason"] == "length" for r in mine) / len(mine))
         assert m["ci95"][0] <= m[f"avg@{n}"] <= m["ci95"][1] and 0 <= m[f"maj@{n}"] <= 1
         assert sum(v for k, v in m["grader"].items() if k not in ("failures", "failure_rate")) == len(mine)
     assert set(summary["mean"]) == {f"avg@{n}", "ci95", f"maj@{n}"}
-    assert (out / "results.md").read_text().startswith("| benchmark |")
+    assert (out / "results.md").read_text().startswith(f"Graded by **{summary['grader']}**")
     return rows
 
 
@@ -139,11 +141,11 @@ class Counting:
     def __init__(self, backend, calls, stop_after=None):
         self.backend, self.calls, self.stop_after, self.tok = backend, calls, stop_after, backend.tok
 
-    def generate(self, prompts, keys, sc, stop_token_ids=None):
+    def generate(self, prompts, keys, sc, stop_token_ids=None, stop_strings=()):
         if self.stop_after is not None and len(self.calls) >= self.stop_after:
             raise Interrupted
         self.calls.append(list(keys))
-        return self.backend.generate(prompts, keys, sc, stop_token_ids)
+        return self.backend.generate(prompts, keys, sc, stop_token_ids, stop_strings)
 
 
 def test_hf_eval_and_resume_without_regenerating(tiny_dir, shared_data, tmp_path):

@@ -13,7 +13,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 
 from dftune.eval.benchmarks import build_prompt
 from dftune.eval.generate import (
@@ -27,40 +26,8 @@ from dftune.eval.generate import (
 from dftune.eval.grade import grade_one
 
 ROOT = Path(__file__).resolve().parents[1]
-QUESTIONS = [(f"What is {a} plus {b}?", a + b) for a, b in [(2, 3), (4, 1), (3, 3), (5, 2)]]
-AFTER = "\n<|im_start|>user\nAnd now? The answer is \\boxed{99}.<|im_end|>"  # the invented turn
-
-
-def _answer(total: int) -> str:
-    return f"We add them to get {total}. The answer is \\boxed{{{total}}}."
-
-
-@pytest.fixture(scope="module")
-def chatty_dir(tmp_path_factory) -> Path:
-    """A tiny Llama that writes past its end of turn, saved like any model folder."""
-    from dftune.tiny import build_model, build_tokenizer
-
-    prompts = [build_prompt(q, "qwen-boxed") for q, _ in QUESTIONS]
-    texts = [p + _answer(t) + "<|im_end|>" + AFTER + "<|endoftext|>" for p, (_, t) in zip(prompts, QUESTIONS)]
-    tok = build_tokenizer(texts * 4, vocab_size=300)
-    model = build_model(len(tok), hidden=64, layers=2, heads=1, intermediate=128, eos_token_id=tok.eos_token_id,
-                        pad_token_id=tok.pad_token_id)
-    batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    torch.manual_seed(0)
-    for _ in range(300):
-        loss = model(**batch, labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    assert loss.item() < 0.05, loss.item()
-    out = tmp_path_factory.mktemp("chatty") / "model"
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
+from tests.conftest import CHATTY_QUESTIONS as QUESTIONS
+from tests.conftest import chatty_answer as _answer
 
 def test_end_of_turn_ids_come_from_the_tokenizer(chatty_dir):
     from transformers import AutoTokenizer
@@ -89,9 +56,12 @@ def test_hf_backend_stops_at_the_end_of_turn(chatty_dir):
         assert e.text.startswith(_answer(total)) and "\\boxed{99}" in e.text and "<|im_end|>" not in e.text
         assert not grade_one(e.text, [str(total)]).correct
         assert e.num_tokens > c.num_tokens
-    # the default (None) is the chat end of turn; a stop string is found before special tokens go
+    # the default (None) is the chat end of turn
     assert [x.text for [x] in backend.generate(prompts, keys, greedy)] == [c.text for [c] in cut]
+    # stop strings are matched in the text without special tokens, as vLLM does: a special token is no stop string
     strings = SamplingConfig(n=1, temperature=0.0, max_new_tokens=80, stop=["<|im_end|>"])
+    assert [x.text for [x] in backend.generate(prompts, keys, strings, stop_token_ids=[])] == [e.text for [e] in eos_only]
+    strings = SamplingConfig(n=1, temperature=0.0, max_new_tokens=80, stop=["\nuser\n"])
     assert [x.text for [x] in backend.generate(prompts, keys, strings, stop_token_ids=[])] == [c.text for [c] in cut]
 
 

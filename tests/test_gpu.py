@@ -1,5 +1,7 @@
 """GPU backends against the chunked backend (run with `pytest -m gpu` on a CUDA machine)."""
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -26,11 +28,12 @@ def _run(backend, spec, hidden, weight, labels):
 
 
 @cuda
-@pytest.mark.parametrize("backend, specs", [("cce", ["nll", "dft", "prob_power:alpha=2", "talr", "focal", "chord_phi",
-                                                     "dft:floor=0.1", "thresholded:pct=20"]),
-                                             ("liger", ["nll", "dft"])])
+@pytest.mark.parametrize("backend, specs", [("cce:accum=bf16", ["nll", "dft", "prob_power:alpha=2", "talr", "focal",
+                                                                "chord_phi", "dft:floor=0.1", "thresholded:pct=20"]),
+                                             ("cce:accum=bf16,filter_eps=high", ["dft"]),
+                                             ("liger", ["nll", "dft"]), ("liger:compute=bf16", ["nll", "dft"])])
 def test_gpu_backend_matches_chunked(backend, specs):
-    pytest.importorskip({"cce": "cut_cross_entropy", "liger": "liger_kernel"}[backend])
+    pytest.importorskip({"cce": "cut_cross_entropy", "liger": "liger_kernel"}[backend.split(":")[0]])
     prob = _problem(torch.bfloat16)
     for spec in specs:
         ref = _run("chunked", spec, *prob)
@@ -38,6 +41,56 @@ def test_gpu_backend_matches_chunked(backend, specs):
         for a, b in zip(got, ref):
             scale = b.abs().max().clamp_min(1e-6)
             torch.testing.assert_close(a / scale, b / scale, rtol=5e-2, atol=2e-2)
+
+
+def _float64_dft(hidden, weight, labels, spec):
+    h64, w64 = hidden.double().requires_grad_(True), weight.double().requires_grad_(True)
+    lp = (h64 @ w64.T).log_softmax(-1)
+    m = labels != -100
+    logp = lp[m].gather(1, labels[m][:, None]).squeeze(1)
+    loss = (-(logp.detach().exp() * logp) if spec == "dft" else -logp).sum() / m.sum()
+    loss.backward()
+    return loss, h64.grad, w64.grad
+
+
+@cuda
+@pytest.mark.parametrize("master", [torch.bfloat16, torch.float32])  # FSDP's gathered bf16 head; DDP's fp32 one
+def test_exact_defaults_match_float64(master):
+    """liger (and cce where the library can accumulate in fp32) by default: fp32 logits, p and
+    gradients, so they agree with a float64 reference of the same bf16 inputs to fp32 precision."""
+    from dftune.loss_gpu import BackendError, cce_function
+
+    hidden, weight, labels = _problem(torch.bfloat16, n=600, h=256, v=20000)
+    backends = []
+    try:
+        import inspect
+
+        fp32_cce = "accum_c_fp32" in inspect.signature(cce_function()).parameters
+        if fp32_cce:
+            backends.append("cce")
+        else:  # 25.1.1: the exact default is refused, naming the option
+            with pytest.raises(BackendError, match="cce:accum=bf16"):
+                token_loss(hidden, weight.to(master), labels, "dft", backend="cce")
+    except ImportError:
+        pass
+    if importlib.util.find_spec("liger_kernel"):
+        backends.append("liger")
+    if not backends:
+        pytest.skip("neither cut-cross-entropy with fp32 accumulation nor liger-kernel is installed")
+    for spec in ("nll", "dft"):
+        ref = _float64_dft(hidden, weight, labels, spec)
+        for backend in backends:
+            h, w = hidden.clone().requires_grad_(True), weight.to(master).requires_grad_(True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                r = token_loss(h, w, labels, spec, backend=backend)
+            r.loss.backward()
+            assert w.grad.dtype == master
+            torch.testing.assert_close(r.loss.double(), ref[0], rtol=1e-4, atol=1e-7)
+            # the gradients' only rounding: to the parameter's own dtype at the end
+            for got, want in ((h.grad, ref[1]), (w.grad, ref[2])):
+                tol = 1e-2 if got.dtype == torch.bfloat16 else 1e-4
+                scale = want.abs().max()
+                torch.testing.assert_close(got.double() / scale, want / scale, rtol=tol, atol=tol / 10)
 
 
 @cuda

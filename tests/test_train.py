@@ -162,7 +162,7 @@ def test_reference_objectives_against_float64(tiny_dir, problems_file, spec):
             p.add_(torch.randn_like(p) * 0.05)
     batch = _batch(tiny_dir, problems_file)
     res = wrapped(**batch)
-    ref_model = wrapped._ref[0]
+    ref_model = wrapped._ref[0].model
     with torch.no_grad():
         lp = model(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits.double().log_softmax(-1)[:, :-1]
         rlp = ref_model(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits.double().log_softmax(-1)[:, :-1]
@@ -396,7 +396,49 @@ def test_checkpoint_metadata_cannot_run_code(tiny_dir, problems_file, tmp_path):
     assert not marker.exists()
 
 
-def test_final_model_is_saved_in_the_base_checkpoints_dtype(tiny_dir, problems_file, tmp_path):
+class _RunsCode:
+    """Unpickled, it creates ``marker``: what a hostile checkpoint item would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_checkpoint_items_cannot_run_code(tiny_dir, problems_file, tmp_path):
+    """A checkpoint whose non-tensor items (AdamW's lr) are pickles that run code: DCP's own
+    loader would run them (checked, so the payload is real); resume refuses, and nothing runs."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from dftune.dist import UnsafeCheckpointError, _safe_reader
+
+    out = tmp_path / "run"
+    train(_cfg(tiny_dir, problems_file, out, max_steps=2, save_every=1))
+    ckpt = out / "checkpoints" / "step_0000001"
+    shutil.rmtree(out / "checkpoints" / "step_0000002")
+    dcp_to_torch_save(ckpt, tmp_path / "whole.pt")  # our own clean checkpoint, as one dict
+    sd = torch.load(tmp_path / "whole.pt", weights_only=True)
+    marker = tmp_path / "pwned"
+    groups = sd["optim"]["param_groups"]
+    groups[0]["lr"] = _RunsCode(marker)  # the item DCP stores as a pickle, not a tensor
+    for f in list(ckpt.glob("*.distcp")) + [ckpt / ".metadata"]:
+        f.unlink()
+    dcp.save(sd, checkpoint_id=str(ckpt), no_dist=True)
+
+    with pytest.raises(UnsafeCheckpointError, match=r"lr.*not plain data"):
+        train(_cfg(tiny_dir, problems_file, out, max_steps=2, save_every=1, resume=True))
+    assert not marker.exists()
+
+    # DCP's default planner would have run it: the test's payload is a real one
+    target = {"optim": {"param_groups": [{"lr": 0.0}]}}
+    dcp.load(target, storage_reader=_safe_reader(ckpt), planner=dcp.DefaultLoadPlanner(allow_partial_load=True),
+             no_dist=True)
+    assert marker.exists()
+
+
+def test_final_model_is_saved_in_the_base_checkpoints_dtype(tiny_dir, problems_file, tmp_path, capsys):
     """A bf16 release fine-tuned with fp32 master weights ships as bf16 (config and tensors)."""
     base = tmp_path / "bf16_base"
     AutoModelForCausalLM.from_pretrained(tiny_dir).to(torch.bfloat16).save_pretrained(base)
@@ -404,6 +446,19 @@ def test_final_model_is_saved_in_the_base_checkpoints_dtype(tiny_dir, problems_f
     final = train(_cfg(base, problems_file, tmp_path / "run", max_steps=1, precision="bf16-mixed"))
     assert json.loads((final / "config.json").read_text())["dtype"] == "bfloat16"
     assert all(v.dtype == torch.bfloat16 for v in _weights(final).values())
+    said = capsys.readouterr().out
+    assert f"final model: {final}, written in bfloat16, the base checkpoint's stored dtype; training kept " \
+           "float32 master weights (train.save_dtype=fp32 writes them as trained)" in said
+
+    # train.save_dtype=fp32: the master weights as trained, said so
+    final = train(_cfg(base, problems_file, tmp_path / "run32", max_steps=1, precision="bf16-mixed", save_dtype="fp32"))
+    assert json.loads((final / "config.json").read_text())["dtype"] == "float32"
+    assert all(v.dtype == torch.float32 for v in _weights(final).values())
+    assert "written in float32 (train.save_dtype=fp32)" in capsys.readouterr().out
+    from dftune.settings import ConfigError
+
+    with pytest.raises(ConfigError, match="train.save_dtype"):
+        _cfg(base, problems_file, tmp_path / "run", save_dtype="int8")
 
 
 def test_schedule_weight_normalisation_and_protect_in_the_loop(tiny_dir, problems_file, tmp_path):

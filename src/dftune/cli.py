@@ -46,7 +46,8 @@ def cmd_eval(cfg) -> None:
 
     example: dftune eval --model runs/tiny-dft/final --benchmarks math500,gsm8k --limit 20 --n 4 \\
                  --max-new-tokens 256 --backend hf --data-dir ../shared/data/benchmarks --out evals/tiny
-    paper:   dftune eval --model Qwen/Qwen2.5-Math-1.5B --out evals/base
+    paper:   dftune eval --model Qwen/Qwen2.5-Math-1.5B --out evals/base --grader paper --stops paper
+             dftune eval --model meta-llama/Llama-3.2-3B --prompt llama-base-boxed --grader paper --out evals/llama
     """
     from dftune.eval.run import evaluate, markdown_table
 
@@ -220,7 +221,7 @@ COMMANDS: dict[str, Command] = {
     "train": Command(_cfg("dftune.config", "Config"), cmd_train, cmd_train.__doc__),
     "eval": Command(_cfg("dftune.eval.run", "EvalConfig"), cmd_eval, cmd_eval.__doc__,
                     flags={"--tensor-parallel": "tensor_parallel_size", "--data-parallel": "data_parallel_size",
-                           "--no-end-of-turn-stop": "stop_at_end_of_turn=false"}),
+                           "--no-end-of-turn-stop": "stops=eos"}),
     "compare": Command(_cfg("dftune.eval.compare", "CompareConfig"), cmd_compare, cmd_compare.__doc__,
                        positional="evals"),
     "eval-general": Command(_cfg("dftune.eval.general", "GeneralEvalConfig"), cmd_eval_general, cmd_eval_general.__doc__),

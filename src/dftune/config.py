@@ -138,7 +138,9 @@ class TrainConfig(TrainingSection):
     """auto (ddp with several processes), ddp, or fsdp (FSDP2: parameters, gradients and optimizer
     state sharded over processes). Launch several with torchrun."""
     loss_backend: str = "chunked"
-    """chunked (default), naive, cce or liger (CUDA)."""
+    """chunked (default), naive, cce or liger (CUDA). cce and liger are exact by default and
+    name their approximations: cce:accum=bf16 (required by cut-cross-entropy 25.1.1, whose
+    backward sums in bf16), cce:filter_eps=auto|high|FLOAT, liger:compute=bf16 (dftune.loss_gpu)."""
     chunk_size: int = 0
     """Tokens per loss chunk; 0 picks one from the vocabulary size."""
     beta1: float = 0.9
@@ -161,7 +163,12 @@ class TrainConfig(TrainingSection):
     """Keep a frozen reference to log KL(initial || current) every step, also for objectives that
     do not need one (costs a second forward pass)."""
     eval_every: int = 0
-    """Run the periodic evaluation (the ``eval`` section) every N steps (0: never)."""
+    """Run the periodic evaluation (the ``eval`` section) every N steps (0: never); with several
+    processes each evaluates its share."""
+    save_dtype: str = "auto"
+    """The dtype the final model (OUT/final) is written in: auto, the base checkpoint's stored
+    dtype (bf16 for the paper's models, although training keeps fp32 master weights under
+    bf16-mixed), or bf16, fp16, fp32 (fp32: the master weights as trained)."""
 
     def __post_init__(self):
         if self.precision.startswith("fp16"):
@@ -169,6 +176,7 @@ class TrainConfig(TrainingSection):
                               "which dftune does not do; use bf16-mixed (GPUs since Ampere) or fp32")
         _choice("train.precision", self.precision, ("auto", "bf16-mixed", "fp32", "bf16-pure"))
         _choice("train.parallel", self.parallel, ("auto", "none", "ddp", "fsdp"))
+        _choice("train.save_dtype", self.save_dtype, ("auto", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32"))
         for key in ("global_batch", "micro_batch", "keep_checkpoints"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key}: must be >= 1; got {getattr(self, key)}")
@@ -197,7 +205,8 @@ class Config:
     """A training run: model, data and train sections, and ``eval``: the periodic evaluation
     for learning curves (every ``train.eval_every`` steps, on the live model with transformers;
     the same settings as ``dftune eval``, with short defaults: 32 problems of math500, one
-    sample of up to 512 tokens at temperature 1.0)."""
+    sample of up to 512 tokens at temperature 1.0, the prompt of the run's own layout:
+    ``prompt: auto``)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -208,7 +217,7 @@ class Config:
 
 def periodic_eval_defaults() -> EvalConfig:
     """The ``eval`` section's defaults: short, because it runs inside training."""
-    return EvalConfig(benchmarks=["math500"], backend="hf", limit=32,
+    return EvalConfig(benchmarks=["math500"], backend="hf", limit=32, prompt="auto",
                       sampling=SamplingConfig(n=1, temperature=1.0, max_new_tokens=512))
 
 

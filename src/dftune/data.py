@@ -52,7 +52,7 @@ AUTO_WORKERS_ROWS = 30_000  # below this many rows, worker processes cost more t
 SHOW_DROPPED = 5  # dropped rows named in the summary, per reason
 # For base models without a template of their own (LLaMA, DeepSeekMath base): the layout of
 # the Qwen2.5-Math harness's "deepseek-math" prompt ("User: {q}\n\nAssistant:"), so that a
-# model trained with it is evaluated on the same layout (prompt style "deepseek-math"); BOS
+# model trained with it is evaluated on the same layout (prompt style "plain" or "deepseek-math"); BOS
 # first when the tokenizer has one, as these models were pretrained with it (the harness's
 # engine adds it to the prompt string). The response follows "Assistant:" after a space.
 PLAIN_TEMPLATE = (

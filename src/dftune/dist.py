@@ -10,18 +10,26 @@ FSDP2 with 2 gloo processes).
 
 Parallel modes:
 - ``ddp``: every process holds the model; gradients are averaged after each step's last
-  micro-batch (``no_sync`` before).
+  micro-batch (``no_sync`` before). FSDP2 reduce-scatters after every micro-batch instead
+  (``grad_sync``), so that no process holds unsharded gradients between them.
 - ``fsdp``: FSDP2 (``fully_shard``) on every decoder layer, then on the root, which holds
   the embeddings, final norm and LM head: the root's parameters stay gathered from its
   forward to its backward, which is where ``token_loss`` reads the head. With
   ``bf16-mixed`` the parameters are gathered in bf16 and gradients reduced in fp32
   (``MixedPrecisionPolicy``), the paper's setting; the sharded fp32 parameters are the
-  master weights the optimizer updates.
+  master weights the optimizer updates. A frozen reference model (``model.Reference``) is
+  sharded the same way, as a root of its own, stored in bf16 under ``bf16-mixed`` (the
+  precision the policy computes in, so step-1 KL is exactly 0), and released after each
+  forward.
 
 Checkpoints are ``torch.distributed.checkpoint`` folders (each process writes its own
 shards, so FSDP never gathers the model to save it) plus each process's RNG state and a
-``state.json`` written last. Nothing in a checkpoint is unpickled as code: tensors and
-plain data only (``weights_only=True``).
+``state.json`` written last. Nothing in a checkpoint is unpickled as code: DCP's own loader
+unpickles the ``.metadata`` file with plain ``pickle`` and every non-tensor item (AdamW's
+``lr``, ``betas``, ...) with ``torch.load(weights_only=False)``; dftune reads the first
+through an allow-list of DCP's metadata classes (``_safe_reader``) and the second with
+``weights_only=True`` (``_SafeLoadPlanner``), and the RNG files with ``weights_only=True``.
+A file that asks for anything else stops the resume with ``UnsafeCheckpointError``.
 """
 
 from __future__ import annotations
@@ -136,7 +144,28 @@ def parallelize(module: nn.Module, model: nn.Module, rt: Runtime, mode: str, mix
     for layer in decoder_layers(model):
         fully_shard(layer, mp_policy=mp)
     fully_shard(module, mp_policy=mp)
+    # the frozen reference (iw_sft, asft, psft, KL logging): sharded the same way, a root of its
+    # own, gathered in the policy's precision, so its step-1 log-probs equal the policy's
+    for ref in getattr(module, "_ref", []):
+        for layer in decoder_layers(ref.model):
+            fully_shard(layer, mp_policy=mp)
+        fully_shard(ref, mp_policy=mp)
     return module
+
+
+@contextmanager
+def gathered_root(module: nn.Module):
+    """FSDP2: the root's parameters (embeddings, final norm, LM head) gathered for a use of the
+    model outside the root's forward (generation); the decoder layers gather themselves in
+    their own forward. Elsewhere nothing to do."""
+    if not hasattr(module, "unshard"):
+        yield
+        return
+    module.unshard()
+    try:
+        yield
+    finally:
+        module.reshard()
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -146,20 +175,18 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 @contextmanager
 def grad_sync(module: nn.Module, enabled: bool):
-    """Gradient reduction on (the step's last micro-batch) or off (the others)."""
-    if enabled:
+    """DDP: gradient reduction on (the step's last micro-batch) or off (the others).
+
+    FSDP2 reduces on every micro-batch: without reduction it would keep each parameter's
+    whole (unsharded) gradient until the last one, upcast to fp32 under bf16-mixed: 4 bytes x
+    every parameter on every GPU (28 GiB at 7B), where reducing leaves 4 / world. The sharded
+    fp32 gradients accumulate across micro-batches; the extra reduce-scatters overlap with
+    the backward (docs/design.md, memory per GPU)."""
+    if enabled or not hasattr(module, "no_sync"):  # FSDP2 has no no_sync: it always reduces
         yield
-    elif hasattr(module, "no_sync"):  # DDP
+    else:
         with module.no_sync():
             yield
-    elif hasattr(module, "set_requires_gradient_sync"):  # FSDP2
-        module.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            module.set_requires_gradient_sync(True)
-    else:
-        yield
 
 
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
@@ -244,6 +271,30 @@ class UnsafeCheckpointError(UserError, ValueError):
     """A checkpoint file asks to build something other than checkpoint metadata."""
 
 
+def _safe_planner():
+    """DCP's default load planner, except that non-tensor items are read with
+    ``weights_only=True`` (plain numbers, strings, tuples, lists, dicts, tensors)."""
+    import pickle
+
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint._traverse import set_element  # what DefaultLoadPlanner.load_bytes uses
+
+    class SafeLoadPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):
+            fqn = read_item.dest_index.fqn
+            try:
+                obj = torch.load(value, weights_only=True)
+            except pickle.UnpicklingError as e:
+                raise UnsafeCheckpointError(f"checkpoint item {fqn!r} is not plain data ({str(e).splitlines()[0]}); "
+                                            "refusing to load it") from None
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[fqn], obj)
+            else:
+                self.state_dict[fqn] = obj
+
+    return SafeLoadPlanner()
+
+
 def _safe_reader(folder: Path):
     import pickle
 
@@ -275,6 +326,7 @@ def _safe_reader(folder: Path):
 def load_checkpoint(rt: Runtime, module: nn.Module, opt, folder: Path) -> dict:
     """Restore weights, optimizer and this process's RNG from ``folder``; return state.json."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     state = json.loads((folder / "state.json").read_text())
@@ -287,7 +339,13 @@ def load_checkpoint(rt: Runtime, module: nn.Module, opt, folder: Path) -> dict:
     sd = {"model": model_sd, "optim": optim_sd}
     with warnings.catch_warnings():
         warnings.filterwarnings(**_QUIET)
-        dcp.load(sd, storage_reader=reader)
+        try:
+            dcp.load(sd, storage_reader=reader, planner=_safe_planner())
+        except CheckpointException as e:  # DCP gathers every process's failure into one
+            unsafe = [exc for exc, _ in e.failures.values() if isinstance(exc, UnsafeCheckpointError)]
+            if unsafe:
+                raise unsafe[0] from None
+            raise
     set_state_dict(module, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
     rng = folder / f"rng_{rt.rank}.pt"
     if rng.is_file():

@@ -38,7 +38,9 @@ forward pass.
 
 Backends: ``chunked`` (default, pure PyTorch, CPU and GPU; ``loss_chunked.py``), ``naive`` (materialises the
 logits and uses autograd: the reference), ``cce`` (Apple's Cut Cross-Entropy) and
-``liger`` (Liger's fused linear cross-entropy), the last two on CUDA only.
+``liger`` (Liger's fused linear cross-entropy), the last two on CUDA only, exact by
+default, their approximations as options (``cce:accum=bf16``, ``liger:compute=bf16``;
+``loss_gpu.py``).
 """
 
 from __future__ import annotations
@@ -185,8 +187,10 @@ def token_loss(
     steps only.
     """
     obj = get_objective(objective)
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
+    name = backend.partition(":")[0]
+    if name not in BACKENDS or (backend != name and name not in ("cce", "liger")):
+        raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS} (cce and liger take options: "
+                         "dftune.loss_gpu)")
     _check_inputs(hidden, weight, labels, bias, ref_hidden, ref_weight, seq_ids, token_class)
     if obj.needs_ref and ref_hidden is None:
         raise ValueError(f"objective {obj.name!r} needs a reference model (ref_hidden and ref_weight)")
@@ -223,7 +227,7 @@ def token_loss(
     else:
         from dftune import loss_gpu  # lazy: imports cut-cross-entropy / liger only here
 
-        out = loss_gpu.run(backend, sel, weight, bias, ref_weight, ref_bias, obj, num_items)
+        out = loss_gpu.run(backend, sel, weight, bias, ref_weight, ref_bias, obj, num_items, cdtype)
     loss, logp_v, ent_v, kl_v, obj_sum, w_v = out
 
     def scatter(v):

@@ -74,15 +74,18 @@ def _rowdot(a: Tensor, b: Tensor) -> Tensor:
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
+def _log_softmax_(z: Tensor) -> Tensor:
+    """(c, V) fp32 logits -> log-softmax, in place (no second (c, V) buffer)."""
+    return z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))
+
+
 def _chunk_forward(h, w, b, tgt, ref_h, ref_w, ref_b, topk: int = 0, entropy: bool = True):
     """Statistics of one chunk. Returns (logp_t, entropy, ref_logp_t, kl, probs, ref_probs, topk_entropy).
 
     probs (c, V) is the softmax, kept for the gradient; ref_probs likewise. topk_entropy
     (c,) only when topk > 0; entropy NaN when not asked for.
     """
-    z = head_logits(h, w, b)  # (c, V) fp32
-    lse = torch.logsumexp(z, dim=-1)  # (c,)
-    z.sub_(lse[:, None])  # z is now log-softmax, in place
+    z = _log_softmax_(head_logits(h, w, b))  # (c, V) fp32
     logp = z.gather(1, tgt[:, None]).squeeze(1)  # (c,)
     p = z.exp()  # (c, V)
     # entropy = -sum p log p, as row dot products: no (c, V) temporary
@@ -90,7 +93,8 @@ def _chunk_forward(h, w, b, tgt, ref_h, ref_w, ref_b, topk: int = 0, entropy: bo
     topk_ent = topk_entropy(z, topk) if topk else None
     ref_lp = kl = rp = None
     if ref_w is not None:
-        rz = head_logits(ref_h, ref_w, ref_b).log_softmax(-1)  # (c, V)
+        # the same arithmetic as the model's: equal inputs (step 1) give equal bits, KL exactly 0
+        rz = _log_softmax_(head_logits(ref_h, ref_w, ref_b))  # (c, V)
         ref_lp = rz.gather(1, tgt[:, None]).squeeze(1)
         rp = rz.exp()
         # KL(ref || p) = sum rp * (log rp - log p)

@@ -195,16 +195,41 @@ def _hidden(model: nn.Module, input_ids, attention_mask, position_ids=None) -> t
     return hidden if scale == 1.0 else hidden * scale
 
 
+class Reference(nn.Module):
+    """A frozen copy of the initial model (iw_sft, asft, psft, KL logging) whose forward gives
+    the final hidden states, as ``_hidden`` does for the policy. A module of its own so that
+    FSDP can shard it as a root of its own (``dist.parallelize``): the root's forward gathers
+    the embeddings, final norm and head; ``reshard`` frees them after the loss has read the head.
+
+    dtype: the dtype its parameters are copied in (buffers, e.g. rotary frequencies, are kept
+    as they are). Under FSDP with bf16-mixed, bf16: the policy computes with bf16 copies of its
+    fp32 master weights, so a bf16 copy gives the same numbers at half the memory.
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype | None = None):
+        super().__init__()
+        # each parameter copied straight into its dtype (no transient full-precision copy); a
+        # tied pair is one parameter, so it stays tied
+        memo = {id(p): nn.Parameter(p.detach().to(dtype or p.dtype, copy=True), requires_grad=False)
+                for p in model.parameters()}
+        self.model = copy.deepcopy(model, memo).eval()
+
+    def forward(self, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
+        return _hidden(self.model, input_ids, attention_mask, position_ids)
+
+
 class CausalLMLoss(nn.Module):
     """Wraps a causal LM so that forward returns ``token_loss``'s result.
 
     It is this module that DDP/FSDP wrap, so the decoder and the head both run inside
     the wrapped forward. The reference for iw_sft/asft/KL logging is either a frozen
-    copy of the initial model, or, for LoRA, the same model with its adapters disabled.
+    copy of the initial model (``Reference``, in ``ref_dtype``), or, for LoRA, the same
+    model with its adapters disabled.
     """
 
     def __init__(self, model: nn.Module, objective: Objective, *, backend: str = "chunked",
-                 chunk_size: int | None = None, reference: str = "none", token_class: torch.Tensor | None = None):
+                 chunk_size: int | None = None, reference: str = "none", token_class: torch.Tensor | None = None,
+                 ref_dtype: torch.dtype | None = None):
         super().__init__()
         self.model = model
         self.objective = objective  # the training loop sets it each step when a schedule moves it
@@ -214,12 +239,10 @@ class CausalLMLoss(nn.Module):
         self.chunk_size = chunk_size or None
         self.reference = reference  # none | copy | adapters
         if reference == "copy":
-            # frozen, read under no_grad; same dtype and autocast as the model, so that at step 1
-            # the reference's log-probs equal the model's exactly (KL 0, iw-SFT weight 1)
-            ref = copy.deepcopy(model).eval()
-            for p in ref.parameters():
-                p.requires_grad_(False)
-            self._ref = [ref]  # a list: not a registered submodule, so DDP/optimizer ignore it
+            # frozen, read under no_grad; computed in the model's precision (the same autocast, or
+            # under FSDP the same bf16 gathering), so that at step 1 the reference's log-probs equal
+            # the model's exactly (KL 0, iw-SFT weight 1)
+            self._ref = [Reference(model, ref_dtype)]  # a list: not a submodule, so DDP/optimizer ignore it
         else:
             self._ref = []
 
@@ -233,8 +256,8 @@ class CausalLMLoss(nn.Module):
             return None, None, None
         with torch.no_grad():
             if self.reference == "copy":
-                ref = self._ref[0]
-                h = _hidden(ref, input_ids, attention_mask, position_ids)
+                ref = self._ref[0].model
+                h = self._ref[0](input_ids, attention_mask, position_ids)
             else:
                 ref = self.model
                 with self.model.disable_adapter():
@@ -254,13 +277,16 @@ class CausalLMLoss(nn.Module):
         else:  # the example each target belongs to (per-sequence objectives: iw_sft, talr)
             seq_ids = segment_ids(position_ids)[:, 1:].reshape(-1)
         ref_h, ref_w, ref_b = self._reference(input_ids, attention_mask, position_ids)
-        return token_loss(
+        res = token_loss(
             flat, head.weight, shifted, self.objective,
             bias=getattr(head, "bias", None), num_items=num_items, chunk_size=self.chunk_size,
             backend=self.backend, seq_ids=seq_ids, token_class=self._classes(hidden.device),
             ref_hidden=None if ref_h is None else next_token_targets(ref_h, labels)[0],
             ref_weight=ref_w, ref_bias=ref_b, entropy=self.entropy,
         )
+        if self._ref and hasattr(self._ref[0], "reshard"):  # FSDP: the reference's gathered root goes
+            self._ref[0].reshard()  # (every backend reads the reference in forward only)
+        return res
 
 
 def reference_kind(needs_ref: bool, lora: bool, log_kl: bool) -> str:

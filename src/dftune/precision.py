@@ -74,6 +74,14 @@ class Precision:
         """bf16 compute over fp32 weights (FSDP: its MixedPrecisionPolicy does the cast)."""
         return self.name == "bf16-mixed"
 
+    @property
+    def reference(self) -> torch.dtype | None:
+        """The dtype of a frozen reference model's copy (iw_sft, asft, psft): bf16 under FSDP
+        with bf16-mixed, whose policy computes with bf16 copies of the master weights (the same
+        numbers at half the memory, sharded); else None, the weights' own (read under the same
+        autocast as the model)."""
+        return torch.bfloat16 if self.mixed and self.fsdp else None
+
     def autocast(self):
         """The context the training forward runs in: autocast for bf16-mixed, except under
         FSDP, whose MixedPrecisionPolicy computes in bf16 itself."""

@@ -27,6 +27,7 @@ class RunFolderError(UserError, ValueError):
 # Settings a resumed run may change: they alter logging, saving or speed, not the run.
 RESUMABLE_CHANGES = ("train.resume", "train.overwrite", "train.log_every", "train.tensorboard", "train.save_every",
                      "train.keep_checkpoints", "train.loss_backend", "train.chunk_size", "train.eval_every", "eval.",
+                     "train.save_dtype",
                      "model.attn_implementation", "model.gradient_checkpointing", "data.cache", "data.workers")
 RUN_FILES = ("config.yaml", "log.jsonl", "eval_curve.jsonl", "data_summary.json", "checkpoints", "final", "final.tmp", "tb")
 
@@ -69,9 +70,21 @@ def open_run_folder(cfg: Config, rt: dist.Runtime) -> Path | None:
 
 
 
+def export_note(final: Path, save_dtype: torch.dtype, setting: str, master: torch.dtype) -> str:
+    """The line that tells the user what dtype the final model was written in, and why."""
+    name = str(save_dtype).removeprefix("torch.")
+    if setting != "auto":
+        return f"final model: {final}, written in {name} (train.save_dtype={setting})"
+    if save_dtype == master:
+        return f"final model: {final}, written in {name}, the base checkpoint's stored dtype (as trained)"
+    return (f"final model: {final}, written in {name}, the base checkpoint's stored dtype; training kept "
+            f"{str(master).removeprefix('torch.')} master weights (train.save_dtype=fp32 writes them as trained)")
+
+
 def export_final(rt: dist.Runtime, module, tokenizer, out: Path, save_dtype: torch.dtype) -> Path:
-    """save_pretrained (+ tokenizer) in the base checkpoint's dtype, so transformers and vLLM
-    load it; gathered from FSDP shards; LoRA is merged (the adapter is kept beside it)."""
+    """save_pretrained (+ tokenizer) in ``save_dtype`` (``train.save_dtype``: by default the base
+    checkpoint's), so transformers and vLLM load it; gathered from FSDP shards; LoRA is merged
+    (the adapter is kept beside it)."""
     final = out / "final"
     model = dist.unwrap(module).model
     lora = hasattr(model, "merge_and_unload")

@@ -153,6 +153,33 @@ def build_qwen_tokenizer(texts, base_vocab: int = 512):
     return tok
 
 
+LLAMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+def build_llama3_tokenizer(texts, vocab_size: int = 512):
+    """A byte-level BPE tokenizer shaped like LLaMA-3's: it puts ``<|begin_of_text|>`` (BOS)
+    in front of what it encodes, ends text with ``<|end_of_text|>`` (EOS), has the header and
+    ``<|eot_id|>`` tokens, and a chat template that writes the BOS itself (as LLaMA-3's does)."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    tk = build_tokenizer(texts, vocab_size, split_digits=True).backend_tokenizer
+    tk.add_special_tokens(specials)
+    bos = tk.token_to_id("<|begin_of_text|>")
+    tk.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                      pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+                                                      special_tokens=[("<|begin_of_text|>", bos)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>",
+                                  pad_token="<pad>", additional_special_tokens=specials[2:])
+    tok.chat_template = LLAMA3_CHAT_TEMPLATE
+    return tok
+
+
 def qwen2_5_0_5b(seed: int = 0):
     """A randomly initialised model with Qwen2.5-0.5B's exact architecture: 24 layers,
     H=896, 14 heads, 2 KV heads, intermediate 4864, V=151,936, tied embeddings."""

@@ -35,8 +35,8 @@ from dftune.errors import UserError
 from dftune.files import write_json
 from dftune.loss import normalize_gradients_
 from dftune.model import CausalLMLoss, load_model, load_tokenizer, reference_kind, stored_dtype
-from dftune.precision import Precision
-from dftune.run_folder import export_final, open_run_folder
+from dftune.precision import DTYPES, Precision
+from dftune.run_folder import export_final, export_note, open_run_folder
 from dftune.run_log import RunLog
 from dftune.schedule import Schedule, objective_schedule
 from dftune.settings import ConfigError
@@ -119,7 +119,7 @@ class Setup:
     module: torch.nn.Module  # CausalLMLoss, wrapped for DDP/FSDP
     params: list
     opt: torch.optim.Optimizer
-    save_dtype: torch.dtype  # the final model is saved as the base was stored
+    save_dtype: torch.dtype  # the final model's (train.save_dtype; auto: as the base was stored)
     start: int = 0  # the step a resumed run continues from
 
 
@@ -132,9 +132,6 @@ def setup(cfg: Config, rt: dist.Runtime) -> Setup:
     parallel = dist.resolve_parallel(t.parallel, rt.world)
     if parallel == "fsdp" and cfg.model.lora_r > 0:
         raise ConfigError("LoRA with FSDP is not supported (LoRA's trainable state is small): use train.parallel=ddp")
-    if parallel == "fsdp" and t.eval_every:
-        raise ConfigError("periodic evaluation (train.eval_every) needs the whole model in one process; with FSDP "
-                          "evaluate saved checkpoints with dftune eval instead")
     if t.eval_every:
         from dftune.eval.run import check_periodic_eval
 
@@ -155,7 +152,7 @@ def setup(cfg: Config, rt: dist.Runtime) -> Setup:
     batches = Batches(cfg, examples, rt, tokenizer.pad_token_id)
     total = t.max_steps or max(1, math.ceil(t.epochs * batches.per_epoch))
 
-    save_dtype = stored_dtype(cfg.model)
+    save_dtype = stored_dtype(cfg.model) if t.save_dtype == "auto" else DTYPES[t.save_dtype]
     model = load_model(cfg.model, rt.device, dtype=precision.weights)
     classes = None
     if schedule.needs_classes:  # protect=...: which vocabulary ids are special / numbers / content
@@ -164,7 +161,7 @@ def setup(cfg: Config, rt: dist.Runtime) -> Setup:
         classes = token_classes(tokenizer, vocab_size=model.get_output_embeddings().weight.shape[0])
     module = CausalLMLoss(model, schedule.at(0.0), backend=t.loss_backend, chunk_size=t.chunk_size,
                           reference=reference_kind(schedule.needs_ref, cfg.model.lora_r > 0, t.log_kl),
-                          token_class=classes)
+                          token_class=classes, ref_dtype=precision.reference)
     module.train()
     module = dist.parallelize(module, model, rt, parallel, mixed_bf16=precision.mixed)
     opt = torch.optim.AdamW(_param_groups(module, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2))
@@ -232,6 +229,10 @@ def train(cfg: Config, on_step=None) -> Path:
     run part-way, as a kill would).
     """
     objective_schedule(cfg.train.objective_schedule or cfg.train.objective)  # a bad spec fails before anything loads
+    if cfg.train.loss_backend.partition(":")[0] in ("cce", "liger"):  # as does what the installed library cannot do
+        from dftune import loss_gpu
+
+        loss_gpu.check(cfg.train.loss_backend)
     rt = dist.init_runtime()
     try:
         return _train(cfg, rt, on_step)
@@ -272,19 +273,24 @@ def _train(cfg: Config, rt: dist.Runtime, on_step) -> Path:
         if bar is not None:
             bar.close()
     dist.save_checkpoint(rt, s.module, s.opt, s.out, s.total, t.keep_checkpoints, {"objective": s.schedule.spec})
-    return export_final(rt, s.module, s.tokenizer, s.out, s.save_dtype)
+    final = export_final(rt, s.module, s.tokenizer, s.out, s.save_dtype)
+    if rt.is_main:  # the export's dtype may not be the master weights': say so where the run ends
+        print(export_note(final, s.save_dtype, t.save_dtype, s.precision.weights))
+    return final
 
 
 def _periodic_eval(s: Setup, step: int) -> None:
-    """A short evaluation (subset, few samples) for learning curves; main process only."""
-    if s.rt.is_main:
-        from dftune.eval.run import quick_eval
-        from dftune.files import append_jsonl
+    """A short evaluation (subset, few samples) for learning curves. Every process generates
+    and grades its share and the counts are summed (``quick_eval``), so no process sits in a
+    barrier, which a long evaluation would time out; the main process writes the curve."""
+    from dftune.eval.run import quick_eval
+    from dftune.files import append_jsonl
 
-        model = dist.unwrap(s.module).model
-        model.eval()
-        with s.precision.eval_autocast():
-            result = quick_eval(model, s.tokenizer, s.cfg.eval)
-        model.train()
+    model = dist.unwrap(s.module).model
+    model.eval()
+    with dist.gathered_root(s.module), s.precision.eval_autocast():
+        result = quick_eval(model, s.tokenizer, s.cfg.eval, s.rt, synced=s.precision.fsdp and s.rt.world > 1,
+                            chat_template=s.cfg.data.chat_template, model_path=s.cfg.model.name_or_path)
+    model.train()
+    if s.rt.is_main:
         append_jsonl(s.out / "eval_curve.jsonl", [{"step": step, **result}])
-    s.rt.barrier()

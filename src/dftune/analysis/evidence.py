@@ -50,11 +50,55 @@ def eval_section(ctx: Context) -> str:
         rows.append(cells)
         warnings += [f"{r.name}: {w}" for w in r.summary.get("warnings", [])]
     key0 = primary(with_eval[0].summary)
+    graders = sorted({r.summary.get("grader", "math-verify") for r in with_eval
+                      if r.summary.get("grader") in ("math-verify", "paper")}) or ["math-verify"]
     body = _table_maybe_folded(["run"] + benches + ["mean"], rows, f"Every run and seed ({len(rows)})")
     warn = "".join(f"<li>{esc(w)}</li>" for w in warnings)
-    return (f"<h2>Evaluation</h2><p class='note'>{esc(key0)} in % ± the standard deviation over the samples' "
-            "indices; pass@k, problems and the share of samples that hit the token budget below.</p>" + body
-            + (f"<p><b>Warnings</b></p><ul>{warn}</ul>" if warn else ""))
+    return (f"<h2>Evaluation</h2><p class='note'>{esc(key0)} in % by the {esc(' / '.join(graders))} grader (the "
+            "primary one, eval.grader) ± the standard deviation over the samples' indices; pass@k, problems and the "
+            "share of samples that hit the token budget below.</p>" + body + _graders_table(with_eval, benches)
+            + _paper_table(with_eval) + (f"<p><b>Warnings</b></p><ul>{warn}</ul>" if warn else ""))
+
+
+def _graders_table(runs: list, benches: list) -> str:
+    """avg@n and maj@n under each grader (math-verify, paper), per run and benchmark."""
+    def cell(m: dict, n: int) -> str:
+        if f"avg@{n}" not in m:
+            return ""
+        extra = f" · pass@{n} {pct(m[f'pass@{n}'], 2)}" if f"pass@{n}" in m else ""
+        return f"{pct(m[f'avg@{n}'], 2)}<br><small>maj@{n} {pct(m[f'maj@{n}'], 2)}{extra}</small>"
+
+    rows = []
+    for r in runs:
+        n = r.summary["sampling"]["n"]
+        for g in ("math-verify", "paper"):
+            ms = [r.summary["benchmarks"].get(b, {}).get("by_grader", {}).get(g, {}) for b in benches]
+            if any(f"avg@{n}" in m for m in ms):
+                mean = r.summary.get("mean_by_grader", {}).get(g, {})
+                rows.append([esc(r.name), g] + [cell(m, n) for m in ms] + [cell(mean, n)])
+    if not rows:
+        return ""
+    return ("<p class='note'>Under both graders: math-verify (strict) and paper (the DFT paper's harness: quote it "
+            "beside the paper's numbers).</p>" + _table_maybe_folded(["run", "grader"] + benches + ["mean"], rows,
+                                                                     f"Both graders ({len(rows)} rows)"))
+
+
+def _paper_table(runs: list) -> str:
+    """The paper's reported numbers beside ours, for runs of one of its base models."""
+    from dftune.eval.paper_numbers import paper_rows
+
+    parts = []
+    for r in runs:
+        found = paper_rows(r.summary)
+        if not found:
+            continue
+        rows = [[esc(x["benchmark"]), "" if x["ours"] is None else pct(x["ours"], 2),
+                 "n/a" if x["base"] is None else f"{x['base']:.2f}", "n/a" if x["dft"] is None else f"{x['dft']:.2f}",
+                 "" if x["diff"] is None else f"{100 * x['diff']:+.2f}"] for x in found]
+        parts.append(f"<p class='note'>{esc(r.name)} is the paper's {esc(found[0]['model'])}: its reported avg@16 "
+                     f"({esc(found[0]['source'])}) beside ours under the paper grader, in %.</p>"
+                     + table(["benchmark", "ours (paper grader)", "paper: base", "paper: +DFT", "ours − base"], rows))
+    return "".join(parts)
 
 
 def _table_maybe_folded(head, rows, summary: str) -> str:
@@ -71,10 +115,12 @@ def compare_section(ctx: Context, direct: list) -> str:
     from dftune.eval.compare import CompareError, compare
 
     ref, run = evals
-    try:
-        c = compare(run.eval_dir, ref.eval_dir)
+    try:  # unlike settings are compared anyway here, and said so
+        c = compare(run.eval_dir, ref.eval_dir, force=True)
     except CompareError as e:
         return f"<h2>Paired comparison</h2><p>Not comparable problem by problem: {esc(e)}</p>"
+    unlike = "".join(f"<li>{esc(d['key'])}: {esc(run.name)} {esc(d['a'])}, {esc(ref.name)} {esc(d['b'])}</li>"
+                     for d in c.get("differences", []))
     rows = []
     for name, b in list(c["benchmarks"].items()) + [("mean", c["mean"])]:
         st = b.get("sign_test")
@@ -85,9 +131,12 @@ def compare_section(ctx: Context, direct: list) -> str:
                      f"{st['a_better']} / {st['b_better']} / {st['ties']}" if st else "", f"{st['p']:.3g}" if st else ""])
     head = ["benchmark", "problems", f"{ref.name} {c['metric']}", f"{run.name} {c['metric']}", "Δ", "95% CI",
             "p (bootstrap)", f"{run.name} better / worse / tied", "p (sign test)"]
+    warn = (f"<p><b>Unlike evaluations</b>: their settings differ (the numbers are not comparable as they stand):"
+            f"</p><ul>{unlike}</ul>" if unlike else "")
     return (f"<h2>Paired comparison</h2><p class='note'>{esc(run.name)} − {esc(ref.name)} (the first input is the "
-            f"reference), problem by problem: paired bootstrap over problems ({c['reps']} resamples) and a sign test "
-            "over the problems where they differ; in %.</p>" + table(head, rows))
+            f"reference), problem by problem, by the {esc(c.get('grader', 'math-verify'))} grader: paired bootstrap "
+            f"over problems ({c['reps']} resamples) and a sign test over the problems where they differ; in %.</p>"
+            + warn + table(head, rows))
 
 
 def sweep_section(folder: Path, sweep: dict, runs: list) -> str:

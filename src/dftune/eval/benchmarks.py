@@ -17,6 +17,7 @@ from pathlib import Path
 
 from dftune.errors import UserError
 from dftune.eval.grade import boxed_contents, split_top_level
+from dftune.eval.prompts import INSTRUCTION, PROMPTS, build_prompt  # noqa: F401  (their home: prompts.py)
 from dftune.records import gsm8k_final
 
 PAPER_FIVE = ("math500", "minerva_math", "olympiadbench", "aime24", "amc23")
@@ -40,8 +41,6 @@ HUB = {
     "olympiadbench": ("math-ai/olympiadbench", "", "test"),
     "gsm8k": ("openai/gsm8k", "main", "test"),
 }
-INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-PROMPTS = ("qwen-boxed", "chat", "plain")
 
 
 class BenchmarkError(UserError, ValueError):
@@ -70,7 +69,7 @@ def _number(x) -> str:
 
 
 def _question(rec: dict, where: str) -> str:
-    return rec.get("problem") or _field(rec, "question", where)
+    return (rec.get("problem") or _field(rec, "question", where)).strip()
 
 
 def to_problem(name: str, rec: dict, index: int, where: str) -> Problem:
@@ -95,9 +94,9 @@ def to_problem(name: str, rec: dict, index: int, where: str) -> Problem:
         golds = [f.replace("$", "").strip() for f in finals]
         if rec.get("is_multiple_answer") and len(golds) == 1:  # "(1,2), (3,4)" in one string: every part
             golds = split_top_level(golds[0])
-        question = _field(rec, "question", where)
+        question = _field(rec, "question", where).strip()
         if rec.get("context"):
-            question = f"{rec['context']}\n\n{question}"
+            question = f"{rec['context'].strip()}\n\n{question}"
         return Problem(name, rid, question, golds)
     if name in ("aime24", "aime25", "amc23"):
         if rec.get("answer") is None and isinstance(rec.get("solution"), str):  # Hub aime24: the answer
@@ -113,9 +112,9 @@ def to_problem(name: str, rec: dict, index: int, where: str) -> Problem:
         final = gsm8k_final(answer)
         if not final:
             raise BenchmarkError(f"{where}: field 'answer' has no '#### N' final answer")
-        return Problem(name, rid, _field(rec, "question", where), [final])
+        return Problem(name, rid, _field(rec, "question", where).strip(), [final])
     # any other NAME/test.jsonl in the data folder: question (or problem) and answer fields
-    question = rec.get("question") or _field(rec, "problem", where)
+    question = (rec.get("question") or _field(rec, "problem", where)).strip()
     return Problem(name, rid, question, [_number(_field(rec, "answer", where))])
 
 
@@ -164,21 +163,3 @@ def load_benchmark(name: str, directory: str | Path | None = None, limit: int | 
         seen[p.id] = where
         problems.append(p)
     return problems[:limit] if limit else problems
-
-
-def build_prompt(question: str, style: str, tokenizer=None) -> str:
-    """The prompt text. qwen-boxed: the paper's exact Qwen chat format; chat: the model's
-    own template with the same instruction; plain: a completion prompt for base models."""
-    user = f"{question}\n{INSTRUCTION}"
-    if style == "qwen-boxed":
-        return (
-            "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-            f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
-        )
-    if style == "chat":
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise BenchmarkError("prompt 'chat' needs a tokenizer with a chat template; use qwen-boxed or plain")
-        return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
-    if style == "plain":
-        return f"Question: {user}\nAnswer:"
-    raise BenchmarkError(f"unknown prompt style {style!r}; choose from {PROMPTS}")

@@ -6,13 +6,20 @@ For each benchmark: each problem's accuracy over its n samples in A and in B, an
 mean difference A - B with a paired bootstrap over problems (95% interval and a two-sided
 p-value) and a sign test over the problems where A and B differ. The mean over benchmarks
 (the paper's headline number) gets the same paired bootstrap, each benchmark resampled
-over its own problems. Both evaluations must cover the same problems with the same n.
+over its own problems. Both evaluations must cover the same problems with the same n, and
+be alike: the same sampling settings (n, temperature, top_p, max_new_tokens, stop strings),
+prompt, stops, primary grader and grader versions, think stripping, and benchmark content
+(``LIKE_KEYS``); any difference stops the comparison with the differing keys named, unless
+``force``, which compares anyway and records them (``differences``). The sampling seed
+is not compared (two seeds are two draws of the same protocol). Accuracies are the primary
+grader's (``grader``).
 
 ``compare`` returns a plain dict (the schema below, also written as compare.json) that the
 HTML report renders; ``compare_markdown`` is the table (compare.md):
 
     {"a": {"path", "model"}, "b": {"path", "model"}, "metric": "avg@16", "n": 16,
-     "reps": 10000, "seed": 0,
+     "grader": "math-verify", "reps": 10000, "seed": 0, "forced": false,
+     "differences": [{"key", "a", "b"}],  # unlike settings, only with force
      "benchmarks": {NAME: {"problems", "a", "b", "diff", "ci95": [lo, hi], "p_bootstrap",
                            "sign_test": {"a_better", "b_better", "ties", "p"}}},
      "mean": {"a", "b", "diff", "ci95": [lo, hi], "p_bootstrap"}}
@@ -41,20 +48,25 @@ class CompareConfig:
     out: write compare.json and compare.md here; empty: print only.
     reps: paired-bootstrap resamples over problems.
     seed: the bootstrap's seed.
+    force: compare evaluations whose settings differ (sampling, prompt, stops, grader,
+        benchmark content); the differences are recorded in compare.json / compare.md.
     """
 
     evals: list[str] = field(default_factory=list, metadata={"split": False})
     out: str = ""
     reps: int = 10_000
     seed: int = 0
+    force: bool = False
+    """Compare evaluations whose settings differ; the differences are recorded in compare.json / compare.md."""
 
 
 class CompareError(UserError, ValueError):
     """The two evaluations cannot be compared problem by problem."""
 
 
-def _per_problem(folder: Path) -> tuple[dict[str, dict[str, float]], int, dict]:
-    """{benchmark: {problem id: accuracy over its n samples}}, n, and the summary."""
+def _per_problem(folder: Path, grader: str = "") -> tuple[dict[str, dict[str, float]], int, dict]:
+    """{benchmark: {problem id: accuracy over its n samples}} by ``grader`` (empty: the
+    evaluation's primary grader), n, and the summary."""
     summary = read_json(folder / "summary.json")
     if summary is None:
         raise CompareError(f"{folder}: no summary.json (not a finished `dftune eval` folder)")
@@ -62,7 +74,8 @@ def _per_problem(folder: Path) -> tuple[dict[str, dict[str, float]], int, dict]:
     samples: dict[str, dict[str, list]] = {b: {} for b in summary["benchmarks"]}
     for r in read_jsonl(folder / "samples.jsonl"):
         if r["benchmark"] in samples and r["sample"] < n:
-            samples[r["benchmark"]].setdefault(r["id"], [None] * n)[r["sample"]] = bool(r["correct"])
+            verdict = r.get("verdicts", {}).get(grader) or r
+            samples[r["benchmark"]].setdefault(r["id"], [None] * n)[r["sample"]] = bool(verdict["correct"])
     acc = {}
     for b, ps in samples.items():
         acc[b] = {i: sum(v) / n for i, v in ps.items() if None not in v}
@@ -70,6 +83,37 @@ def _per_problem(folder: Path) -> tuple[dict[str, dict[str, float]], int, dict]:
             raise CompareError(f"{folder}: samples.jsonl holds {len(acc[b])} problems of {b} with all {n} samples, "
                                f"its summary {summary['benchmarks'][b]['problems']}")
     return acc, n, summary
+
+
+# the settings that must agree, as dotted keys of eval_config.json
+LIKE_KEYS = ("sampling.n", "sampling.temperature", "sampling.top_p", "sampling.max_new_tokens", "sampling.stop",
+             "prompt", "stops", "grader", "graders", "strip_think")
+
+
+def settings_of(folder: Path) -> dict:
+    """An evaluation's settings that change its numbers, flat (eval_config.json; an older
+    folder lacks some, which then differ from a newer one's)."""
+    cfg = read_json(folder / "eval_config.json") or {}
+    flat = {}
+    for key in LIKE_KEYS:
+        value = cfg
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    for b, h in (cfg.get("benchmarks") or {}).items():
+        flat[f"benchmarks.{b}"] = h
+    return flat
+
+
+def unlike(a: Path, b: Path, benchmarks) -> list[dict]:
+    """The settings in which evaluations ``a`` and ``b`` differ (benchmarks: only those compared)."""
+    sa, sb = settings_of(a), settings_of(b)
+    keys = [k for k in dict.fromkeys(list(sa) + list(sb))
+            if not k.startswith("benchmarks.") or k.split(".", 1)[1] in benchmarks]
+    return [{"key": k, "a": sa.get(k), "b": sb.get(k)} for k in keys if sa.get(k) != sb.get(k)]
 
 
 def sign_test(a_better: int, b_better: int) -> float:
@@ -94,18 +138,29 @@ def _paired(diffs: list[np.ndarray], reps: int, seed: int) -> tuple[list[float],
     return interval(boot), float(min(1.0, p))
 
 
-def compare(a: str | Path, b: str | Path, *, reps: int = 10_000, seed: int = 0) -> dict:
+def _shown(v) -> str:
+    return "(absent)" if v is None else repr(v)
+
+
+def compare(a: str | Path, b: str | Path, *, reps: int = 10_000, seed: int = 0, force: bool = False) -> dict:
     """Compare evaluation folders ``a`` and ``b`` (see the module docstring for the schema)."""
     a, b = Path(a), Path(b)
     acc_a, n_a, sum_a = _per_problem(a)
-    acc_b, n_b, sum_b = _per_problem(b)
-    if n_a != n_b:
-        raise CompareError(f"{a} has {n_a} samples per problem and {b} has {n_b}; compare evaluations with the same n")
+    grader = sum_a.get("grader") if sum_a.get("grader") in ("math-verify", "paper") else ""
+    acc_b, n_b, sum_b = _per_problem(b, grader)
     if set(acc_a) != set(acc_b):
         raise CompareError(f"{a} covers benchmarks {sorted(acc_a)} and {b} covers {sorted(acc_b)}; "
                            "compare evaluations of the same benchmarks")
+    differences = unlike(a, b, acc_a)
+    if differences and not force:
+        listed = "; ".join(f"{d['key']} (A {_shown(d['a'])}, B {_shown(d['b'])})" for d in differences)
+        raise CompareError(f"{a} and {b} are unlike evaluations: {listed}; evaluate them alike, or compare anyway "
+                           "with --force (the differences are recorded)")
+    if n_a != n_b:
+        raise CompareError(f"{a} has {n_a} samples per problem and {b} has {n_b}; compare evaluations with the same n")
     out = {"a": {"path": str(a), "model": sum_a.get("model", "")}, "b": {"path": str(b), "model": sum_b.get("model", "")},
-           "metric": f"avg@{n_a}", "n": n_a, "reps": reps, "seed": seed, "benchmarks": {}, "mean": {}}
+           "metric": f"avg@{n_a}", "n": n_a, "grader": grader or "math-verify", "reps": reps, "seed": seed,
+           "forced": bool(differences), "differences": differences, "benchmarks": {}, "mean": {}}
     diffs = []
     for k, name in enumerate(sorted(acc_a, key=list(sum_a["benchmarks"]).index)):
         pa, pb = acc_a[name], acc_b[name]
@@ -139,9 +194,14 @@ def compare_markdown(result: dict) -> str:
     """compare.md: per benchmark A, B, A - B with its 95% interval, and the two p-values."""
     metric = result["metric"]
     lines = [(f"A = {result['a']['path']} ({result['a']['model']}), B = {result['b']['path']} ({result['b']['model']}); "
-              f"{metric} in %, A - B with a paired bootstrap over problems ({result['reps']} resamples)."), "",
-             (f"| benchmark | problems | A {metric} | B {metric} | A - B | 95% CI | p (bootstrap) | "
-              "A better / B better / tied | p (sign test) |"), "|---|---|---|---|---|---|---|---|---|"]
+              f"{metric} in % by the {result.get('grader', 'math-verify')} grader, A - B with a paired bootstrap over "
+              f"problems ({result['reps']} resamples)."), ""]
+    if result.get("differences"):
+        lines += ["**Unlike evaluations, compared with --force.** Their settings differ in:", ""]
+        lines += [f"- {d['key']}: A {_shown(d['a'])}, B {_shown(d['b'])}" for d in result["differences"]]
+        lines += [""]
+    lines += [(f"| benchmark | problems | A {metric} | B {metric} | A - B | 95% CI | p (bootstrap) | "
+               "A better / B better / tied | p (sign test) |"), "|---|---|---|---|---|---|---|---|---|"]
     for name, r in result["benchmarks"].items():
         st = r["sign_test"]
         lines.append(f"| {name} | {r['problems']} | {100 * r['a']:.2f} | {100 * r['b']:.2f} | {_signed(r['diff'])} | "
@@ -169,5 +229,5 @@ def run_compare(cfg: CompareConfig) -> dict:
         raise CompareError(f"compare needs exactly two evaluation folders (A B); got {len(cfg.evals)}")
     a, b = cfg.evals
     if cfg.out:
-        return write_compare(a, b, cfg.out, reps=cfg.reps, seed=cfg.seed)
-    return compare(a, b, reps=cfg.reps, seed=cfg.seed)
+        return write_compare(a, b, cfg.out, reps=cfg.reps, seed=cfg.seed, force=cfg.force)
+    return compare(a, b, reps=cfg.reps, seed=cfg.seed, force=cfg.force)

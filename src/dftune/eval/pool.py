@@ -3,7 +3,7 @@ when they cannot start.
 
 A task is a module-level function ``fn(payload, timeout) -> result`` named
 ``"module:function"`` (so a spawned worker can import it). Each worker imports
-math-verify once, says it is ready, then runs tasks one at a time; idle workers are kept
+math-verify and the paper grader's parsers once, says it is ready, then runs tasks one at a time; idle workers are kept
 for the next call (a Python process with sympy takes seconds to start), and stopped at
 exit or by ``close_pools``. A task that outlives
 its hard deadline has its worker killed and replaced; a worker that dies mid-task is
@@ -46,6 +46,10 @@ def _worker(conn, memory_mb: int, timeout: int) -> None:
     # math-verify logs every timeout; they are counted in the verdicts' status instead
     logging.getLogger("math_verify").setLevel(logging.CRITICAL)
     import math_verify  # noqa: F401  (import once, before the first task)
+
+    from dftune.eval.paper_equal import warm
+
+    warm()  # the paper grader's sympy grammar too: a task's time limit never pays for imports
 
     conn.send(("ready", None, ""))
     fns = {}

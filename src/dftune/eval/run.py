@@ -6,42 +6,43 @@ The per-sample file (``samples.jsonl``) is appended one chunk of problems at a t
 chunk in a single write followed by fsync; a re-run with the same --out skips every
 problem whose samples are all there, so an interrupted evaluation never regenerates
 finished samples. Inputs cannot mix silently: a re-run must have the same model weights
-(a folder retrained in place is refused), backend and engine options, prompt, sampling,
-grading settings and grader version, the same content for every benchmark it shares with
-the stored run, and every stored row's gold must be the current problem's.
+(a folder retrained in place is refused), backend and engine options, prompt, stops,
+sampling, grading settings and grader versions, the same content for every benchmark it
+shares with the stored run, and every stored row's gold must be the current problem's.
+Every setting is checked before a model is loaded or a file is written.
+
+Each sample is graded twice: by math-verify (the default, strict) and by the DFT paper's
+harness (``paper``); both verdicts are stored per sample (``verdicts``), and summary.json /
+results.md give avg@n, maj@n and pass@k under both. ``grader`` names the primary one: its
+verdict is also the sample's own ``correct`` (and ``extracted``, ``status``...), its
+metrics the summary's top level, and ``dftune compare`` and the report use it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import time
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dftune.errors import UserError
-from dftune.eval.benchmarks import (
-    PAPER_FIVE,
-    build_prompt,
-    load_benchmark,
-    problems_hash,
-)
+from dftune.eval.benchmarks import PAPER_FIVE, load_benchmark, problems_hash
 from dftune.eval.generate import (
     EngineConfig,
     SamplingConfig,
-    end_of_turn_ids,
     is_repetitive,
     make_backend,
 )
-from dftune.eval.grade import (
-    FAILURES,
-    GRADER_VERSION,
-    STATUSES,
-    failure_counts,
-    grade_batch,
+from dftune.eval.grade import PROTOCOLS, grade_batch
+from dftune.eval.prompts import (
+    build_prompt,
+    check_prompt_settings,
+    resolve_prompt,
+    stop_description,
+    stop_settings,
 )
-from dftune.eval.metrics import bootstrap_means, generation_stats, interval, summarize
-from dftune.eval.vote import majority_correct
+from dftune.eval.results import grader_versions, markdown_table, summarize_rows  # noqa: F401  (cli, tests)
 from dftune.files import (
     append_jsonl,
     read_json,
@@ -69,18 +70,25 @@ class EvalConfig:
     benchmarks: benchmark names: math500, minerva_math, olympiadbench, aime24, amc23,
         gsm8k, aime25, or NAME for a NAME/test.jsonl under data_dir.
     backend: vllm (what real evaluations run) or hf (transformers, for CPU and small runs).
-    prompt: qwen-boxed (the paper's Qwen chat prompt), chat (the model's own template with
-        the same instruction) or plain (a completion prompt for base models).
+    prompt: qwen-boxed, llama-base-boxed, deepseek-math (the paper's prompts for Qwen,
+        LLaMA and DeepSeekMath models, the exact text of its harness), chat (the model's own
+        template with the same instruction), plain (the layout of data.chat_template=plain)
+        or auto (the paper's prompt for the model's family; in training, the run's layout).
+    grader: the primary grader: math-verify (strict) or paper (the paper's harness: quote
+        it beside the paper's numbers). Both verdicts are stored for every sample.
     data_dir: folder with NAME/test.jsonl files; empty: $DFTUNE_DATA_DIR, else the Hub.
     limit: the first N problems of each benchmark; 0: all.
     sampling: how completions are sampled (n, temperature, top_p, max_new_tokens, seed, stop).
     engine: backend options (tensor/data parallel size, max_model_len, memory, dtype, batch_size).
-    stop_at_end_of_turn: for chat-format prompts (qwen-boxed, chat), also stop at the chat
-        template's end-of-turn token(s), as Qwen's evaluation does.
+    stops: where generation stops besides EOS: end-of-turn (the prompt's end-of-turn tokens:
+        the chat template's and Qwen's for qwen-boxed/chat, and the harness's stop strings for
+        the base-model prompts), paper (exactly the paper's harness: its stop strings, and
+        <|im_end|>/<|endoftext|> only when the model path contains "qwen2") or eos.
     strip_think: grade only what follows </think> (a reasoning model's final answer).
     chunk: problems generated and graded between two appends to samples.jsonl.
     grade_workers: grader processes; 0: the CPU count.
-    grade_timeout: math-verify's time limit per parse or comparison, in seconds.
+    grade_timeout: the graders' time limit per parse or comparison (math-verify), per
+        sample (paper), in seconds.
     warn_failures: warn when more than this fraction of a benchmark's samples are grader
         failures (timeout, memory, parse error, crash).
     """
@@ -90,11 +98,17 @@ class EvalConfig:
     benchmarks: list[str] = field(default_factory=lambda: list(PAPER_FIVE))
     backend: str = "vllm"
     prompt: str = "qwen-boxed"
+    """qwen-boxed, llama-base-boxed, deepseek-math (the paper's prompts, the exact text of its harness), chat, plain
+    (the layout of data.chat_template=plain) or auto (the paper's prompt for the model's family)."""
+    grader: str = "math-verify"
+    """The primary grader: math-verify (strict) or paper (the paper's harness); both verdicts are stored."""
     data_dir: str = ""
     limit: int = 0
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
-    stop_at_end_of_turn: bool = True
+    stops: str = "end-of-turn"
+    """Where generation stops besides EOS: end-of-turn (the prompt's end-of-turn tokens and stop strings), paper
+    (the paper's harness exactly: <|im_end|>/<|endoftext|> only for model paths containing "qwen2") or eos."""
     strip_think: bool = False
     chunk: int = 64
     grade_workers: int = 0
@@ -103,8 +117,19 @@ class EvalConfig:
 
 
 # the settings a resumed evaluation must share with the stored one
-CHECKED = ("grader", "model", "model_weights", "backend", "prompt", "sampling", "engine", "stop_at_end_of_turn",
+CHECKED = ("graders", "grader", "model", "model_weights", "backend", "prompt", "sampling", "engine", "stops",
            "strip_think")
+BACKENDS = ("vllm", "hf")
+
+
+def check_eval_config(cfg: EvalConfig, where: str = "eval") -> None:
+    """One-line errors for settings no evaluation can use: unknown prompt style, stop
+    policy, grader or backend (before anything is loaded or written)."""
+    check_prompt_settings(cfg.prompt, cfg.stops, where)
+    if cfg.grader not in PROTOCOLS:
+        raise EvalError(f"{where}.grader: unknown grader {cfg.grader!r}; choose from {', '.join(PROTOCOLS)}")
+    if cfg.backend not in BACKENDS:
+        raise EvalError(f"{where}.backend: unknown generation backend {cfg.backend!r}; choose from {', '.join(BACKENDS)}")
 
 
 def read_samples(path) -> list[dict]:
@@ -170,7 +195,16 @@ def _stored_rows(path: Path, problems: dict) -> dict[tuple, dict[int, dict]]:
     return done
 
 
-def _generate(cfg: EvalConfig, todo, out_samples: Path, done: dict, backend, progress: bool) -> None:
+def _verdicts(texts: list[str], problems: list, cfg: EvalConfig) -> list[dict]:
+    """Both graders' verdicts of each completion: [{"math-verify": {...}, "paper": {...}}, ...]."""
+    items = [(t, p.golds, p.benchmark) for t, p in zip(texts, problems)]
+    by = {g: grade_batch(items, protocol=g, workers=cfg.grade_workers, timeout=cfg.grade_timeout,
+                         strip_think=cfg.strip_think) for g in PROTOCOLS}
+    return [{g: by[g][i].to_dict() for g in PROTOCOLS} for i in range(len(items))]
+
+
+def _generate(cfg: EvalConfig, todo, out_samples: Path, done: dict, backend, tokenizer, style: str,
+              stops: tuple[list[int], list[str]], progress: bool) -> None:
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -178,28 +212,20 @@ def _generate(cfg: EvalConfig, todo, out_samples: Path, done: dict, backend, pro
         bar = tqdm(total=len(todo) * cfg.sampling.n, desc="eval", unit="sample", dynamic_ncols=True)
     if backend is None:
         backend = make_backend(cfg.backend, cfg.model, cfg.engine, seed=cfg.sampling.seed)
-    tokenizer = getattr(backend, "tok", None)
-    if tokenizer is None:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-    stops = end_of_turn_ids(tokenizer, cfg.prompt) if cfg.stop_at_end_of_turn else []
     repair_tail(out_samples)  # we own the file: cut a torn line a crash left, before appending
     for s in range(0, len(todo), cfg.chunk):
         chunk = todo[s:s + cfg.chunk]
-        prompts = [build_prompt(p.question, cfg.prompt, tokenizer) for p in chunk]
+        prompts = [build_prompt(p.question, style, tokenizer) for p in chunk]
         keys = [f"{p.benchmark}:{p.id}" for p in chunk]
-        outs = backend.generate(prompts, keys, cfg.sampling, stop_token_ids=stops)
-        items = [(c.text, p.golds) for p, cs in zip(chunk, outs) for c in cs]
-        verdicts = iter(grade_batch(items, workers=cfg.grade_workers, timeout=cfg.grade_timeout,
-                                    strip_think=cfg.strip_think))
+        outs = backend.generate(prompts, keys, cfg.sampling, stop_token_ids=stops[0], stop_strings=stops[1])
+        verdicts = iter(_verdicts([c.text for cs in outs for c in cs], [p for p, cs in zip(chunk, outs) for _ in cs],
+                                  cfg))
         rows = []
         for p, prompt, cs in zip(chunk, prompts, outs):
             for j, c in enumerate(cs):
-                v = next(verdicts)
+                both = next(verdicts)
                 rows.append({"benchmark": p.benchmark, "id": p.id, "sample": j, "prompt": prompt, "completion": c.text,
-                             "gold": p.golds, "extracted": v.extracted, "correct": v.correct, "status": v.status,
-                             "reason": v.reason, "rule": v.rule, "num_tokens": c.num_tokens,
+                             "gold": p.golds, **both[cfg.grader], "verdicts": both, "num_tokens": c.num_tokens,
                              "finish_reason": c.finish_reason, "repetitive": is_repetitive(c.text)})
         append_jsonl(out_samples, rows)
         for r in rows:
@@ -210,26 +236,44 @@ def _generate(cfg: EvalConfig, todo, out_samples: Path, done: dict, backend, pro
         bar.close()
 
 
+def _tokenizer(cfg: EvalConfig, backend):
+    """The model's tokenizer, before any model loads (the prompt and stops need it)."""
+    tok = getattr(backend, "tok", None)
+    if tok is not None:
+        return tok
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(cfg.model)
+    except (OSError, ValueError) as e:
+        raise EvalError(f"model {cfg.model!r}: its tokenizer cannot be loaded ({type(e).__name__}: {e})") from None
+
+
 def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None, backend=None, progress: bool = True) -> dict:
     """Run the evaluation into ``out_dir`` (default ``cfg.out``); return the summary (also
-    written to summary.json there)."""
+    written to summary.json there). Every setting is checked before the model loads or a
+    file is written."""
+    check_eval_config(cfg)
     if not cfg.model:
         raise EvalError("model is empty: give a model folder or Hub id")
     if not (out_dir or cfg.out):
         raise EvalError("out is empty: give the results folder")
     out = Path(out_dir or cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     # every benchmark is loaded (and its fields checked) before the model is
     problems, hashes = {}, {}
     for b in cfg.benchmarks:
         full = load_benchmark(b, cfg.data_dir or None)
         hashes[b] = problems_hash(full)
         problems[b] = full[:cfg.limit] if cfg.limit else full
+    tokenizer = _tokenizer(cfg, backend)
+    style = resolve_prompt(cfg.prompt, tokenizer)
+    stops = stop_settings(tokenizer, style, cfg.stops, cfg.model)
     settings = {"model": cfg.model, "model_weights": model_fingerprint(cfg.model), "backend": cfg.backend,
-                "prompt": cfg.prompt, "sampling": asdict(cfg.sampling), "engine": asdict(cfg.engine),
-                "stop_at_end_of_turn": cfg.stop_at_end_of_turn, "strip_think": cfg.strip_think,
-                "grader": GRADER_VERSION, "benchmarks": hashes}
+                "prompt": style, "sampling": asdict(cfg.sampling), "engine": asdict(cfg.engine),
+                "stops": {"policy": cfg.stops, **stop_description(tokenizer, *stops)}, "strip_think": cfg.strip_think,
+                "grader": cfg.grader, "graders": grader_versions(), "benchmarks": hashes}
     settings = _check_settings(out, settings)
+    out.mkdir(parents=True, exist_ok=True)
     write_json(out / "eval_config.json", {**settings, "config": asdict(cfg)})
     samples_path = out / "samples.jsonl"
     by_key = {(p.benchmark, p.id): p for b in cfg.benchmarks for p in problems[b]}
@@ -237,8 +281,9 @@ def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None, backend=None, p
     n = cfg.sampling.n
     todo = [p for b in cfg.benchmarks for p in problems[b] if len(done.get((b, p.id), {})) < n]
     if todo:
-        _generate(cfg, todo, samples_path, done, backend, progress)
+        _generate(cfg, todo, samples_path, done, backend, tokenizer, style, stops, progress)
     summary = summarize_rows(cfg, problems, done)
+    summary["prompt"] = style
     for w in summary["warnings"]:
         log.warning(w)
     write_json(out / "summary.json", summary)
@@ -246,84 +291,15 @@ def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None, backend=None, p
     return summary
 
 
-def summarize_rows(cfg: EvalConfig, problems: dict, done: dict) -> dict:
-    """summary.json: per benchmark the metrics, generation statistics and grader verdict
-    counts; their means over benchmarks; warnings."""
-    n = cfg.sampling.n
-    primary = f"avg@{n}"
-    summary = {"model": cfg.model, "prompt": cfg.prompt, "backend": cfg.backend, "sampling": asdict(cfg.sampling),
-               "n": n, "primary": primary, "grader": GRADER_VERSION, "benchmarks": {}, "mean": {}, "warnings": [],
-               "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    per_problem = []
-    for b in cfg.benchmarks:
-        rows = {p.id: [done[(b, p.id)][j] for j in range(n)] for p in problems[b]}
-        majority = majority_correct(rows, workers=cfg.grade_workers, timeout=cfg.grade_timeout)
-        m = summarize({i: [r["correct"] for r in rs] for i, rs in rows.items()}, ks=sorted({1, 4, 8, 16, n}),
-                      majority=majority)
-        flat = [r for rs in rows.values() for r in rs]
-        m.update(generation_stats(flat))
-        counts = failure_counts(r.get("status", "ok") for r in flat)
-        failed = sum(counts[f] for f in FAILURES)
-        m["grader"] = {**counts, "failures": failed, "failure_rate": failed / max(len(flat), 1)}
-        if m["grader"]["failure_rate"] > cfg.warn_failures:
-            summary["warnings"].append(
-                f"{b}: the grader failed on {failed} of {len(flat)} samples ("
-                + ", ".join(f"{counts[f]} {f}" for f in FAILURES if counts[f]) + "); those count as incorrect")
-        summary["benchmarks"][b] = m
-        per_problem.append([sum(r["correct"] for r in rs) / n for rs in rows.values()])
-    means = [m[primary] for m in summary["benchmarks"].values() if primary in m]
-    if means:
-        summary["mean"] = {primary: sum(means) / len(means),
-                           "ci95": interval(bootstrap_means([p for p in per_problem if p])),
-                           f"maj@{n}": sum(m[f"maj@{n}"] for m in summary["benchmarks"].values()) / len(means)}
-    return summary
-
-
-def _pct(x) -> str:
-    return f"{100 * x:.2f}"
-
-
-def markdown_table(summary: dict) -> str:
-    """results.md: one row per benchmark and the mean; then warnings and grader verdicts."""
-    n = summary["sampling"]["n"]
-    ks = sorted({k for k in (1, 4, 8, 16, n) if k <= n})
-    head = (["benchmark", "problems", f"avg@{n}", "95% CI", "std"] + [f"pass@{k}" for k in ks]
-            + [f"maj@{n}", "first sample", "mean tokens", "truncated", "repetitive", "grader failures"])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for b, m in summary["benchmarks"].items():
-        if f"avg@{n}" not in m:  # a benchmark with no problems
-            continue
-        ci = m.get("ci95", [0.0, 0.0])
-        g = m.get("grader", {})
-        cells = [b, str(m["problems"]), _pct(m[f"avg@{n}"]), f"{_pct(ci[0])}-{_pct(ci[1])}", _pct(m["std"])]
-        cells += [_pct(m[f"pass@{k}"]) for k in ks]
-        cells += [_pct(m.get(f"maj@{n}", 0.0)), _pct(m["first_sample"]), f"{m.get('mean_tokens', 0):.0f}",
-                  _pct(m.get("truncated", 0.0)), _pct(m.get("repetitive", 0.0)), str(g.get("failures", 0))]
-        lines.append("| " + " | ".join(cells) + " |")
-    mean = summary.get("mean", {})
-    if f"avg@{n}" in mean:
-        ci = mean["ci95"]
-        cells = ["**mean**", "", f"**{_pct(mean[f'avg@{n}'])}**", f"{_pct(ci[0])}-{_pct(ci[1])}"]
-        cells += [""] * (1 + len(ks)) + [_pct(mean[f"maj@{n}"])] + [""] * 5
-        lines.append("| " + " | ".join(cells) + " |")
-    text = "\n".join(lines) + "\n"
-    text += (f"\nAccuracy in %. avg@{n}: mean over the {n} samples of every problem (the paper's number); 95% CI: "
-             "bootstrap over problems; std: spread of the per-sample-index accuracies; truncated: samples that hit "
-             "the token budget; repetitive: samples stuck in a loop.\n")
-    if summary.get("warnings"):
-        text += "\n**Warnings**\n\n" + "".join(f"- {w}\n" for w in summary["warnings"])
-    text += "\nGrader verdicts per benchmark:\n\n| benchmark | " + " | ".join(s.replace("_", " ") for s in STATUSES)
-    text += " |\n|" + "---|" * (len(STATUSES) + 1) + "\n"
-    for b, m in summary["benchmarks"].items():
-        text += f"| {b} | " + " | ".join(str(m.get("grader", {}).get(s, 0)) for s in STATUSES) + " |\n"
-    return text
-
-
 def check_periodic_eval(cfg: EvalConfig) -> None:
     """Refuse ``eval`` settings that periodic evaluation inside training cannot honour, before
     any training: it evaluates the live model, in the training process, with transformers."""
     from dftune.settings import ConfigError
 
+    try:
+        check_eval_config(cfg)
+    except UserError as e:
+        raise ConfigError(str(e)) from None
     if cfg.model or cfg.out:
         raise ConfigError("eval.model / eval.out: periodic evaluation scores the model being trained and writes "
                           "eval_curve.jsonl in the run folder; leave them empty (dftune eval evaluates a saved model)")
@@ -334,22 +310,41 @@ def check_periodic_eval(cfg: EvalConfig) -> None:
         raise ConfigError("eval.benchmarks: name at least one benchmark for the periodic evaluation")
 
 
-def quick_eval(model, tokenizer, cfg: EvalConfig) -> dict:
-    """A short evaluation of a live model: {benchmark: avg@n, ...}, with the settings of an
-    ``EvalConfig`` (benchmarks, data_dir, limit, prompt, sampling, stop tokens, grading).
+def quick_eval(model, tokenizer, cfg: EvalConfig, runtime=None, synced: bool = False, chat_template: str = "",
+               model_path: str = "") -> dict:
+    """A short evaluation of a live model: {benchmark: avg@n, ...} by the primary grader,
+    with the settings of an ``EvalConfig`` (benchmarks, data_dir, limit, prompt, sampling,
+    stops, grading). chat_template: the run's ``data.chat_template`` (prompt auto follows
+    the layout the run trains on); model_path: the run's model (the paper stop policy
+    reads it).
 
     Used by training every ``train.eval_every`` steps for learning curves (its ``eval`` section).
+    runtime (``dftune.dist.Runtime``, several processes): every process generates and grades
+    its share of the batches (``HFBackend.generate``) and the counts are summed over processes,
+    so no process waits while another evaluates alone; synced: the model is FSDP-sharded.
     """
+    import torch
+
     from dftune.eval.generate import HFBackend
 
+    rank, world = (runtime.rank, runtime.world) if runtime is not None else (0, 1)
     backend = HFBackend(model, tokenizer)
-    stops = end_of_turn_ids(tokenizer, cfg.prompt) if cfg.stop_at_end_of_turn else []
+    style = resolve_prompt(cfg.prompt, tokenizer, chat_template)
+    stop_ids, stop_strings = stop_settings(tokenizer, style, cfg.stops, model_path)
+    # the processes of one machine share its cores: grader workers per process, not per machine
+    workers = cfg.grade_workers or max(1, (os.cpu_count() or 1) // world)
     out = {}
     for b in cfg.benchmarks:
         problems = load_benchmark(b, cfg.data_dir or None, cfg.limit or None)
-        outs = backend.generate([build_prompt(p.question, cfg.prompt, tokenizer) for p in problems],
-                                [f"{b}:{p.id}" for p in problems], cfg.sampling, stop_token_ids=stops)
-        verdicts = grade_batch([(c.text, p.golds) for p, cs in zip(problems, outs) for c in cs],
-                               workers=cfg.grade_workers, timeout=cfg.grade_timeout, strip_think=cfg.strip_think)
-        out[b] = sum(v.correct for v in verdicts) / max(len(verdicts), 1)
+        outs = backend.generate([build_prompt(p.question, style, tokenizer) for p in problems],
+                                [f"{b}:{p.id}" for p in problems], cfg.sampling, stop_token_ids=stop_ids,
+                                stop_strings=stop_strings, rank=rank, world=world, synced=synced)
+        verdicts = grade_batch([(c.text, p.golds, b) for p, cs in zip(problems, outs) if cs is not None for c in cs],
+                               protocol=cfg.grader, workers=workers, timeout=cfg.grade_timeout,
+                               strip_think=cfg.strip_think)
+        counts = torch.tensor([sum(v.correct for v in verdicts), len(verdicts)], dtype=torch.float64,
+                              device=next(model.parameters()).device)
+        if world > 1:
+            runtime.all_sum(counts)
+        out[b] = float(counts[0] / counts[1].clamp_min(1))
     return out

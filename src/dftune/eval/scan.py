@@ -131,3 +131,11 @@ def defuse(text: str) -> str:
     text = _drop_unclosed(text, "\\[", "\\]", same_line=False)
     text = _drop_unclosed(text, "\\(", "\\)", same_line=True)
     return _DIGIT_RUN.sub(_shorten_run, text)
+
+
+def is_empty_gold(golds) -> bool:
+    """A gold with nothing in it: blank once ``$`` signs and ``\\text{}``-style wrappers go
+    (both graders refuse to match it, even with an empty answer)."""
+    golds = [golds] if isinstance(golds, str) else [str(g) for g in golds]
+    text = re.sub(r"\\(?:text|textbf|mathrm|mbox)\s*\{([^{}]*)\}", r"\1", "".join(golds))
+    return not text.replace("$", "").strip()

@@ -54,17 +54,20 @@ def winner(clusters: list) -> object:
     return max(count, key=lambda c: count[c], default=None)  # dicts keep first-seen order; max keeps the first
 
 
-def majority_correct(samples: dict, *, workers: int = 0, timeout: int = 5) -> dict:
+def majority_correct(samples: dict, *, workers: int = 0, timeout: int = 5,
+                     cluster: str = "dftune.eval.vote:_cluster_task") -> dict:
     """``samples[key]`` = one problem's rows (``correct``, ``status``, ``extracted``) in sample
-    order; returns ``{key: majority answer is correct}``."""
+    order; returns ``{key: majority answer is correct}``. cluster: the worker task that
+    labels distinct wrong answers (math-verify's equivalence here; the paper grader's is
+    ``dftune.eval.paper_grade:cluster_task``)."""
     distinct, tasks = {}, []
     for key, rows in samples.items():
         wrong = list(dict.fromkeys(r["extracted"] for r in rows if _votes(r) and not r["correct"]))
         distinct[key] = wrong
         if len(wrong) > 1:
             tasks.append(key)
-    labels = run_tasks("dftune.eval.vote:_cluster_task", [distinct[k] for k in tasks],
-                       fallback="dftune.eval.vote:_cluster_failed", workers=workers, timeout=timeout)
+    labels = run_tasks(cluster, [distinct[k] for k in tasks], fallback="dftune.eval.vote:_cluster_failed",
+                       workers=workers, timeout=timeout)
     label_of = {k: dict(zip(distinct[k], lab)) for k, lab in zip(tasks, labels)}
     out = {}
     for key, rows in samples.items():
