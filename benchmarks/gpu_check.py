@@ -244,7 +244,7 @@ def stage_fsdp(a) -> list:
            "train", f"model.name_or_path={_tiny_model(a)}", f"data.path={_toy_data(a)}", "data.max_length=64",
            "train.parallel=fsdp", f"train.precision={'bf16-mixed' if a.device == 'cuda' else 'fp32'}",
            "train.global_batch=8", "train.micro_batch=4", "train.max_steps=3", f"train.out={out}",
-           "train.overwrite=true", "train.tensorboard=false", "train.lr=1e-3"]
+           "train.overwrite=true", "train.lr=1e-3"]
     t = time.perf_counter()
     r = _run(a, cmd, 300)
     if r.returncode:

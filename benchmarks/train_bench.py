@@ -133,8 +133,9 @@ def build(args, work: Path, dist: str) -> int:
 
 
 def run_dftune(args, work: Path) -> dict:
+    from dftune.batching import epoch_steps
     from dftune.config import Config, DataConfig, ModelConfig, TrainConfig
-    from dftune.data import build_dataset, epoch_steps
+    from dftune.data import build_dataset
     from dftune.model import load_tokenizer
     from dftune.train import train
 
@@ -146,7 +147,7 @@ def run_dftune(args, work: Path) -> dict:
                  data=dcfg,
                  train=TrainConfig(objective="dft", global_batch=args.global_batch, micro_batch=args.micro,
                                    precision=precision, overwrite=True, max_steps=args.steps,
-                                   out=str(work / "run_dftune"), tensorboard=False, log_every=1000, lr=1e-5))
+                                   out=str(work / "run_dftune"), log_every=1000, lr=1e-5))
     stamps = []
     train(cfg, on_step=lambda step, rec: stamps.append(time.perf_counter()))
     # the real tokens of each step: the step's examples (the same padded or packed)

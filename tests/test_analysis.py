@@ -24,10 +24,11 @@ from dftune.analysis.tokens import (
     probe_report,
     recommend,
     token_stats,
-    write_json,
 )
+from dftune.batching import collate
 from dftune.config import Config, DataConfig, ModelConfig, TrainConfig
-from dftune.data import build_dataset, collate
+from dftune.data import build_dataset
+from dftune.files import write_json
 from dftune.loss import token_loss
 from dftune.model import _hidden, decoder_and_head
 from dftune.objective_spec import get_objective
@@ -251,7 +252,7 @@ def report_inputs(tiny_dir, problems_file, tmp_path_factory):
     for obj in ("nll", "dft"):
         cfg = Config(model=ModelConfig(name_or_path=str(tiny_dir)), data=DataConfig(path=str(problems_file)),
                      train=TrainConfig(objective=obj, lr=3e-3, global_batch=8, micro_batch=8, max_steps=4,
-                                       out=str(root / obj), tensorboard=False))
+                                       out=str(root / obj)))
         train(cfg)
         runs.append(root / obj)
     from dftune.cli import main

@@ -4,7 +4,6 @@ import json
 
 import pytest
 
-from dftune.data import gsm8k_boxed
 from dftune.eval import benchmarks
 from dftune.eval.benchmarks import (
     BENCHMARKS,
@@ -15,6 +14,7 @@ from dftune.eval.benchmarks import (
     to_problem,
 )
 from dftune.eval.grade import grade_batch
+from dftune.records import gsm8k_boxed
 
 # Minimum verification rates, and what is graded: each record's own reference solution
 # where one ends in a final answer; for OlympiadBench (proofs without a boxed answer)

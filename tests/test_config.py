@@ -1,5 +1,6 @@
 """The one configuration language: YAML + key=value for every command, errors naming the key."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -30,8 +31,8 @@ def test_bare_keys_resolve_when_unique_and_work_without_yaml():
 @pytest.mark.parametrize(
     "text, overrides, match",
     [
-        ("train: {lrate: 1}\n", [], r"train: unknown key\(s\) \['lrate'\]"),
-        ("trian: {lr: 1}\n", [], r"unknown key\(s\) \['trian'\]"),
+        ("train: {lrate: 1}\n", [], r"unknown key 'train.lrate' \(did you mean train.lr\?\)"),
+        ("trian: {lr: 1}\n", [], r"unknown key 'trian' \(did you mean train\?\)"),
         ("train: {global_batch: 8.5}\n", [], "train.global_batch: expected int, got float"),
         ("train: {resume: 'yes'}\n", [], "train.resume: expected bool"),
         ("", ["train.lr"], "must look like key=value"),
@@ -39,10 +40,6 @@ def test_bare_keys_resolve_when_unique_and_work_without_yaml():
         ("", ["train.lrate=1"], r"unknown key 'train.lrate' \(did you mean train.lr\?\)"),
         ("", ["train=1"], "'train' is a section"),
         ("", ["train.micro_batch=four"], "train.micro_batch: expected int"),
-        ("", ["train.precision=fp16-mixed"], "fp16 is not supported"),
-        ("", ["train.keep_checkpoints=0"], "keep_checkpoints: must be >= 1"),
-        ("", ["train.global_batch=10", "train.micro_batch=4"], "multiple of train.micro_batch"),
-        ("", ["train.parallel=zero3"], "train.parallel: must be one of"),
         ("- a\n- b\n", [], "mapping"),
         ("train: [1, 2]\n", [], "train: expected a mapping"),
     ],
@@ -52,6 +49,45 @@ def test_bad_configs_fail_with_the_key_named(tmp_path, text, overrides, match):
     p.write_text(text)
     with pytest.raises(ConfigError, match=match):
         load_config(p, overrides)
+
+
+def test_every_type_problem_is_told_at_once(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train: {lrate: 1, micro_batch: four}\ndata: {max_length: long}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    lines = str(e.value).splitlines()
+    assert lines[0].endswith("3 problems with the settings:") and len(lines) == 4
+    assert "train.lrate" in lines[1] + lines[2] and "data.max_length: expected int" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["train.precision=fp16-mixed"], "train.precision: fp16 is not supported"),
+        (["train.precision=fp64"], "train.precision: must be one of"),
+        (["train.keep_checkpoints=0"], "train.keep_checkpoints: must be >= 1"),
+        (["train.global_batch=10", "train.micro_batch=4"], "is not a multiple of train.micro_batch 4"),
+        (["train.parallel=zero3"], "train.parallel: must be one of"),
+        (["train.lr=0"], "train.lr: must be > 0"),
+        (["train.max_steps=-3"], "train.max_steps: must be >= 0"),
+        (["train.warmup_ratio=1.0"], r"train.warmup_ratio: must be in \[0, 1\)"),
+        (["train.epochs=0"], "train.epochs: must be > 0"),
+        (["train.resume=true", "train.overwrite=true"], "exclude each other"),
+        (["train.objective=bogus"], "train.objective: unknown objective 'bogus'"),
+        (["data.select=some"], "data.select: must be all, first:N or random:N"),
+        (["data.format=csv"], "data.format: must be one of"),
+        (["model.name_or_path="], "model.name_or_path: empty"),
+    ],
+)
+def test_bad_values_are_found_before_anything_loads(tmp_path, tiny_dir, problems_file, overrides, match):
+    from dftune.settings import Problems
+    from dftune.train import check_run
+
+    cfg = load_config(None, [f"model.name_or_path={tiny_dir}", f"data.path={problems_file}", *overrides])
+    p = Problems()
+    check_run(cfg, p)
+    assert len(p) == 1 and re.search(match, p[0]), p
 
 
 def test_missing_file():
@@ -122,7 +158,8 @@ def test_every_command_shows_its_keys_and_has_an_example(command, capsys):
 
 
 def test_cli_grammar_maps_flags_positionals_and_lists():
-    from dftune.cli import COMMANDS, build_config, parse_argv
+    from dftune.arguments import build_config, parse_argv
+    from dftune.cli import COMMANDS
     from dftune.sweep import SweepConfig
 
     cmd = COMMANDS["sweep"]
@@ -156,3 +193,53 @@ def test_user_errors_are_one_line(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and err.count("\n") <= 12
+
+
+def _command_configs():
+    from dftune.cli import COMMANDS
+
+    return {name: cmd.config() for name, cmd in COMMANDS.items()}
+
+
+@pytest.mark.parametrize("command", sorted(_command_configs()))
+def test_every_key_a_command_honours_has_its_own_help_line(command, capsys):
+    """--show is read from a docstring after each field: every key shown has one, not blank,
+    not another key's (grouped help drifted before)."""
+    import typing
+
+    from dftune.cli import main
+    from dftune.settings import field_docs, known_keys
+
+    cls = _command_configs()[command]
+
+    def help_of(key):
+        typ = cls
+        for part in key.split(".")[:-1]:
+            typ = typing.get_type_hints(typ)[part]
+        return field_docs(typ).get(key.rpartition(".")[2], "")
+
+    keys = known_keys(cls)
+    helps = {k: help_of(k) for k in keys}
+    assert all(helps.values()), [k for k, h in helps.items() if not h]
+    by_text = {}
+    for k, h in helps.items():
+        by_text.setdefault((k.rpartition(".")[0], h), []).append(k)
+    assert all(len(v) == 1 for v in by_text.values()), [v for v in by_text.values() if len(v) > 1]
+    assert main([*command.split(), "--show"]) == 0
+    shown = capsys.readouterr().out
+    for k, h in helps.items():
+        assert f"  {k} = " in shown and h in shown, k
+
+
+def test_show_lists_only_what_the_command_honours(capsys):
+    from dftune.cli import main
+
+    assert main(["train", "--show"]) == 0
+    shown = capsys.readouterr().out
+    assert "eval.limit = " in shown and "train.out = " in shown
+    for refused in ("eval.model", "eval.out", "eval.backend", "eval.engine"):
+        assert f"{refused} " not in shown and f"{refused}." not in shown, refused
+    assert main(["baseline", "ppo", "--show"]) == 0
+    assert "train.log_every" not in capsys.readouterr().out  # verl logs every step itself
+    assert main(["sweep", "--show"]) == 0
+    assert "eval.model" not in capsys.readouterr().out

@@ -1,12 +1,13 @@
 import json
 
 import numpy as np
-
 import pytest
 from transformers import AutoTokenizer
 
+from dftune.batching import collate, plan_epoch
 from dftune.config import DataConfig
-from dftune.data import DataError, build_dataset, collate, gsm8k_boxed, plan_epoch, select_rows
+from dftune.data import build_dataset
+from dftune.records import DataError, gsm8k_boxed, select_rows
 from tests.conftest import write_jsonl
 
 
@@ -369,7 +370,8 @@ def test_hub_datasets_are_read_in_batches_from_arrow(tok, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from dftune.data import Source, _build, dataset_rows
+    from dftune.data import _build
+    from dftune.records import Source, dataset_rows
 
     (tmp_path / "hub" / "data").mkdir(parents=True)
     rows = [{"problem": f"What is {i} plus 1?", "solution": f"{i + 1}"} for i in range(2500)]

@@ -56,7 +56,7 @@ def tied_dir(tmp_path_factory):
 def _args(model, data, out, extra=()):
     return [f"model.name_or_path={model}", f"data.path={data}", "data.max_length=128", "train.global_batch=8",
             "train.micro_batch=4", "train.max_steps=4", "train.save_every=1", "train.keep_checkpoints=5",
-            f"train.out={out}", "train.tensorboard=false", "train.lr=3e-3", "train.objective=dft",
+            f"train.out={out}", "train.lr=3e-3", "train.objective=dft",
             "train.warmup_ratio=0.25", "train.precision=fp32", *extra]
 
 

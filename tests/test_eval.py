@@ -311,15 +311,17 @@ def test_compare_command_writes_json_and_markdown(tmp_path):
     _fake_eval(tmp_path / "a", {"math": [[True, True], [True, False], [False, False]]}, 2)
     _fake_eval(tmp_path / "b", {"math": [[True, False], [False, False], [False, False]]}, 2)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    r = subprocess.run([sys.executable, "-m", "dftune.cli", "compare", str(tmp_path / "a"), str(tmp_path / "b"),
+    # the reference first: b is the reference, the difference a - b (as the report's)
+    r = subprocess.run([sys.executable, "-m", "dftune.cli", "compare", str(tmp_path / "b"), str(tmp_path / "a"),
                         "--out", str(tmp_path / "cmp"), "--reps", "200"], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     data = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert data["benchmarks"]["math"]["diff"] == pytest.approx(0.5 - 1 / 6)
+    assert data["b"]["path"] == str(tmp_path / "b") and "the reference" in r.stdout
     assert (tmp_path / "cmp" / "compare.md").read_text().startswith("A = ")
     r = subprocess.run([sys.executable, "-m", "dftune.cli", "compare", str(tmp_path / "a"), str(tmp_path / "zzz"),
                         "--out", str(tmp_path / "cmp2")], capture_output=True, text=True, env=env)
-    assert r.returncode == 2 and "no summary.json" in r.stderr
+    assert r.returncode == 2 and "zzz not found" in r.stderr
 
 
 def test_vllm_eval_end_to_end_on_cpu(tiny_dir, shared_data, tmp_path):

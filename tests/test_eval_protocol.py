@@ -76,10 +76,10 @@ def test_an_evaluation_stores_both_verdicts(tiny_dir, toy, tmp_path):
 
 
 @pytest.mark.parametrize("change, match", [
-    ({"prompt": "deepseek"}, "eval.prompt: unknown prompt style 'deepseek'"),
-    ({"grader": "lighteval"}, "eval.grader: unknown grader"),
-    ({"stops": "never"}, "eval.stops: unknown stop policy"),
-    ({"backend": "sglang"}, "eval.backend: unknown generation backend"),
+    ({"prompt": "deepseek"}, "prompt: must be one of qwen-boxed, .*; got 'deepseek'"),
+    ({"grader": "lighteval"}, "grader: must be one of math-verify, paper; got 'lighteval'"),
+    ({"stops": "never"}, "stops: must be one of end-of-turn, .*; got 'never'"),
+    ({"backend": "sglang"}, "backend: must be one of vllm, hf; got 'sglang'"),
 ])
 def test_bad_settings_are_refused_before_anything_is_written(change, match, tiny_dir, toy, tmp_path):
     out = tmp_path / "ev"
@@ -141,17 +141,17 @@ def test_compare_ignores_the_seed_and_notices_changed_benchmarks(tiny_dir, toy, 
 
 
 def test_compare_command_force(tiny_dir, toy, tmp_path):
-    a, b = _two(tiny_dir, toy, tmp_path, prompt="plain")
+    a, b = _two(tiny_dir, toy, tmp_path, prompt="plain")  # `compare REFERENCE OTHER`: A is b, the reference B is a
     cmd = [sys.executable, "-m", "dftune.cli", "compare", str(a), str(b), "--out", str(tmp_path / "cmp"), "--reps", "50"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
-    assert r.returncode == 2 and "unlike evaluations: prompt (A 'qwen-boxed', B 'plain')" in r.stderr
+    assert r.returncode == 2 and "unlike evaluations: prompt (A 'plain', B 'qwen-boxed')" in r.stderr
     assert not (tmp_path / "cmp").exists()
     r = subprocess.run(cmd + ["--force"], capture_output=True, text=True, env=ENV)
     assert r.returncode == 0, r.stderr
     data = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert [d["key"] for d in data["differences"]] == ["prompt", "stops.tokens", "stops.strings"]
-    assert data["differences"][0] == {"key": "prompt", "a": "qwen-boxed", "b": "plain"} and data["grader"] == "math-verify"
-    assert "- prompt: A 'qwen-boxed', B 'plain'" in (tmp_path / "cmp" / "compare.md").read_text()
+    assert data["differences"][0] == {"key": "prompt", "a": "plain", "b": "qwen-boxed"} and data["grader"] == "math-verify"
+    assert "- prompt: A 'plain', B 'qwen-boxed'" in (tmp_path / "cmp" / "compare.md").read_text()
 
 
 def test_the_papers_numbers_beside_ours(toy):

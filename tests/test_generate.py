@@ -19,11 +19,11 @@ from dftune.eval.generate import (
     Completion,
     HFBackend,
     SamplingConfig,
-    end_of_turn_ids,
     is_repetitive,
     make_backend,
 )
 from dftune.eval.grade import grade_one
+from dftune.vocab import end_of_turn_ids
 
 ROOT = Path(__file__).resolve().parents[1]
 from tests.conftest import CHATTY_QUESTIONS as QUESTIONS
@@ -35,9 +35,10 @@ def test_end_of_turn_ids_come_from_the_tokenizer(chatty_dir):
     tok = AutoTokenizer.from_pretrained(chatty_dir)
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     assert tok.eos_token == "<|endoftext|>"
-    assert end_of_turn_ids(tok, "qwen-boxed") == [im_end]  # EOS itself is always a stop
-    assert end_of_turn_ids(tok, "chat") == [im_end]  # read off the chat template
-    assert end_of_turn_ids(tok, "plain") == []
+    eos = tok.eos_token_id
+    assert end_of_turn_ids(tok, "qwen-boxed") == [eos, im_end]  # EOS, then what the template ends a turn with
+    assert end_of_turn_ids(tok, "chat") == [eos, im_end]
+    assert end_of_turn_ids(tok, "plain") == [eos]  # a completion prompt has no turns
 
 
 def test_hf_backend_stops_at_the_end_of_turn(chatty_dir):
@@ -107,7 +108,8 @@ def test_vllm_backend_stops_at_the_end_of_turn(chatty_dir, tmp_path):
     script.write_text(textwrap.dedent(f"""
         import json
         from dftune.eval.benchmarks import build_prompt
-        from dftune.eval.generate import SamplingConfig, end_of_turn_ids, make_backend
+        from dftune.eval.generate import SamplingConfig, make_backend
+        from dftune.vocab import end_of_turn_ids
         if __name__ == "__main__":
             be = make_backend("vllm", {str(chatty_dir)!r}, max_model_len=512)
             prompts = [build_prompt(q, "qwen-boxed") for q in {[q for q, _ in QUESTIONS]!r}]

@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from dftune.config import Config, DataConfig, ModelConfig, TrainConfig, load_config
-from dftune.data import DataError
 from dftune.eval.generate import HFBackend, SamplingConfig
 from dftune.files import read_json, read_jsonl
 from dftune.offline.sample import gold_answer, load_questions, render_prompt, sample
+from dftune.records import DataError
 from dftune.settings import ConfigError
 from dftune.train import train
 from tests.conftest import write_jsonl
@@ -34,7 +34,7 @@ def sampler_model(tiny_dir, tmp_path_factory):
     data = write_jsonl(root / "teach.jsonl", [QA[0]] * 8 + [wrong] * 8)
     cfg = Config(model=ModelConfig(name_or_path=str(tiny_dir)), data=DataConfig(path=str(data)),
                  train=TrainConfig(objective="nll", lr=1e-2, min_lr_ratio=1.0, global_batch=16, micro_batch=16,
-                                   max_steps=30, warmup_ratio=0.0, out=str(root / "teach"), tensorboard=False))
+                                   max_steps=30, warmup_ratio=0.0, out=str(root / "teach")))
     return train(cfg), write_jsonl(root / "qa.jsonl", QA)
 
 
@@ -251,14 +251,18 @@ def test_grpo_baseline_on_trl_with_our_grader_as_reward(sampler_model, tmp_path)
     pytest.importorskip("trl")
     from dftune.offline.baselines import load_baseline_config, run_grpo
 
-    model, qa = sampler_model
+    model, _ = sampler_model
+    # Only the question the model was taught: its groups mix right (3) and wrong (4) answers, so
+    # the advantages are not all zero (on the other questions every reward is 0: no gradient).
+    qa = write_jsonl(tmp_path / "qa0.jsonl", [QA[0]] * 4)
     cfg = load_baseline_config(None, [f"model={model}", f"data={qa}", "global_batch=8", "micro_batch=8",
-                                      "num_generations=4", "max_steps=2", "lr=1e-3", "max_completion_length=40",
+                                      "num_generations=4", "max_steps=3", "lr=1e-3", "max_completion_length=40",
                                       f"out={tmp_path / 'grpo'}", "log_every=1", "beta=0.0",
                                       "lr_scheduler=constant"])
     final = run_grpo(cfg)
     log = read_jsonl(tmp_path / "grpo" / "log.jsonl")
     assert any("reward" in k for k in log[0])
+    assert max(r["reward_std"] for r in log if "reward_std" in r) > 0
     assert _changed(Path(model), final)
 
 

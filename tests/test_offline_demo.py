@@ -55,7 +55,7 @@ def trl_runs(tiny_dir, tmp_path_factory):
                                            for a in range(8)])
     train(Config(model=ModelConfig(name_or_path=str(tiny_dir)), data=DataConfig(path=str(rft)),
                  train=TrainConfig(objective="nll", lr=1e-3, global_batch=2, micro_batch=2, max_steps=3,
-                                   warmup_ratio=0.34, out=str(root / "rft"), tensorboard=False)))
+                                   warmup_ratio=0.34, out=str(root / "rft"))))
     return root, dpo, grpo
 
 

@@ -12,13 +12,14 @@ from safetensors.torch import load_file
 from dftune.batching import (
     collate_packed,
     collate_rows,
+    epoch_steps,
     pack,
     plan_epoch,
     plan_packed_epoch,
     step_batches,
 )
 from dftune.config import DataConfig, load_config
-from dftune.data import build_dataset, epoch_steps
+from dftune.data import build_dataset
 from dftune.model import CausalLMLoss, PackingError, check_packing
 from dftune.objective_spec import get_objective
 from dftune.tiny import build_model, build_tokenizer
@@ -186,7 +187,7 @@ def test_decoder_with_its_own_mask_is_refused(setup):
 def _cfg(tiny_dir, data, out, **extra):
     overrides = [f"model.name_or_path={tiny_dir}", f"data.path={data}", "data.max_length=128", "data.packing=true",
                  "train.global_batch=8", "train.micro_batch=2", "train.max_steps=5", "train.save_every=1",
-                 f"train.out={out}", "train.tensorboard=false", "train.lr=3e-3", "train.warmup_ratio=0.25",
+                 f"train.out={out}", "train.lr=3e-3", "train.warmup_ratio=0.25",
                  "train.precision=fp32", *[f"{k}={v}" for k, v in extra.items()]]
     return load_config(None, overrides)
 

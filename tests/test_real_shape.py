@@ -47,8 +47,7 @@ def test_qwen2_5_0_5b_shape_trains_bf16_mixed_and_serves_in_vllm(tmp_path, share
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-m", "dftune.cli", "train", f"model.name_or_path={base}", f"data.path={data}",
                         "data.max_length=256", "train.objective=dft", "train.precision=bf16-mixed",
-                        "train.global_batch=4", "train.micro_batch=2", "train.max_steps=2", f"train.out={out}",
-                        "train.tensorboard=false", "train.lr=1e-5"],
+                        "train.global_batch=4", "train.micro_batch=2", "train.max_steps=2", f"train.out={out}", "train.lr=1e-5"],
                        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, timeout=1800)
     seconds, peak = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
     print(f"\nQwen2.5-0.5B shape, 2 bf16-mixed DFT steps: {seconds:.0f} s, peak RSS {peak:.1f} GiB")

@@ -14,7 +14,7 @@ import yaml
 from dftune.analysis import summary as S
 from dftune.analysis.report import Run, build_report, write_report
 from dftune.analysis.tokens import ENTROPY_EDGES, P_EDGES
-from dftune.eval.metrics import summarize
+from dftune.eval.metrics import accuracy_by_problem, summarize
 
 XSS = "<script>alert(1)</script>"
 OOD = "ood<img src=x onerror=alert(1)>"  # a benchmark name is untrusted text too
@@ -197,7 +197,7 @@ def test_with_one_seed_the_interval_agrees_with_dftune_compare(tmp_path):
     g = S.Group("", {})
     for name in ("a", "b"):
         r = Run(name, tmp_path / name, summary=json.loads((tmp_path / name / "summary.json").read_text()))
-        r.acc = S.per_problem([json.loads(x) for x in (tmp_path / name / "samples.jsonl").read_text().splitlines()],
+        r.acc = accuracy_by_problem([json.loads(x) for x in (tmp_path / name / "samples.jsonl").read_text().splitlines()],
                               r.summary)
         g.arms[name] = S.Arm(name, [r])
     g.baseline = "b"
@@ -304,6 +304,34 @@ def test_two_evaluations_get_a_paired_comparison(tmp_path):
     rows = rows_of(page, "")
     assert set(rows) == {"sft", "dft"} and rows["dft"]["lo"] > 0  # the first is the reference
     assert "<code>evals/sft</code>" in page
+
+
+def test_runs_and_evaluations_are_paired_by_the_runs_config(tmp_path):
+    """Evaluations in folders named anything join the training runs whose final model they
+    evaluated (from each run's config); the objective column is the run's objective, its
+    schedule when it moved; the baseline is nll by name; Δ is objective − baseline."""
+    rng = np.random.default_rng(3)
+    for name, train, p in (("r1", {"objective": "dft", "objective_schedule": "nll@0.2,dft"}, 0.8),
+                           ("r2", {"objective": "nll"}, 0.3)):
+        run = tmp_path / "runs" / name
+        run.mkdir(parents=True)
+        (run / "config.yaml").write_text(yaml.safe_dump({"model": {"name_or_path": "base"},
+                                                         "train": {**train, "seed": 0, "out": str(run)}}))
+        (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log_rows(1.0, 0.5, 1.0, 0.8)))
+        write_eval(tmp_path / "evals" / f"e-{name}", verdicts(rng, p), model=str(run / "final"))
+    # a run whose eval/ subfolder evaluated another model: not this run's evaluation
+    other = tmp_path / "runs" / "r3"
+    other.mkdir()
+    (other / "config.yaml").write_text(yaml.safe_dump({"train": {"objective": "focal", "out": str(other)}}))
+    (other / "log.jsonl").write_text(json.dumps(log_rows(1.0, 0.5, 1.0, 0.8)[0]) + "\n")
+    write_eval(other / "eval", verdicts(rng, 0.5), model="somewhere/else/final")
+    inputs = [tmp_path / "evals" / "e-r1", tmp_path / "runs" / "r1", tmp_path / "runs" / "r2", tmp_path / "evals" / "e-r2",
+              other]
+    page = build_report(inputs, base=tmp_path)
+    rows = rows_of(page, "")
+    assert set(rows) == {"nll@0.2,dft", "nll"}, rows  # paired by config, named by what was trained; r3 unevaluated
+    assert rows["nll@0.2,dft"]["lo"] > 0 and rows["nll"].get("diff") is None  # nll is the baseline
+    assert "Δ = objective − nll" in page
 
 
 def _chromium():

@@ -35,7 +35,7 @@ def test_sweep_trains_evaluates_reuses_and_reports(tiny_dir, problems_file, tmp_
                                                           "answer": str(i + 2)}) + "\n" for i in range(2)))
     cfg_file = tmp_path / "base.yaml"
     cfg_file.write_text(f"model: {{name_or_path: {tiny_dir}}}\ndata: {{path: {problems_file}, max_length: 128}}\n"
-                        "train: {global_batch: 8, micro_batch: 8, max_steps: 2, tensorboard: false}\n")
+                        "train: {global_batch: 8, micro_batch: 8, max_steps: 2}\n")
     ev = EvalConfig(benchmarks=["toy"], backend="hf", prompt="chat", data_dir=str(tmp_path / "bench"), grade_workers=2,
                     sampling=SamplingConfig(n=2, max_new_tokens=8, seed=3))
     sw = SweepConfig(config=str(cfg_file), grid=["objective=nll,dft", "lr=1e-3,1e-2"], out=str(tmp_path / "sw"),

@@ -91,10 +91,9 @@ def test_the_notes_checker_parses_and_never_evaluates(text, answer, ok):
 
 def test_the_bases_share_one_layout_and_the_weak_rows_hold_no_special_token(tmp_path):
     from dftune.eval.benchmarks import build_prompt
-    from dftune.eval.generate import end_of_turn_ids
     from dftune.model import load_tokenizer
     from dftune.testbed import bases
-    from dftune.vocab import end_of_turn_ids as stop_targets
+    from dftune.vocab import end_of_turn_ids
 
     rows = bases.pretraining_rows(60)
     init = bases.initial_model(tmp_path, rows, hidden=32, layers=1, heads=1)
@@ -103,7 +102,7 @@ def test_the_bases_share_one_layout_and_the_weak_rows_hold_no_special_token(tmp_
     # the model's own template ("chat") is exactly the paper's qwen-boxed prompt, which periodic evaluation uses
     assert build_prompt(q, "chat", tok) == build_prompt(q, "qwen-boxed")
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    assert end_of_turn_ids(tok, "chat") == [im_end] and set(stop_targets(tok)) == {tok.eos_token_id, im_end}
+    assert end_of_turn_ids(tok, "chat") == [tok.eos_token_id, im_end]
     assert set(json.loads((init / "generation_config.json").read_text())["eos_token_id"]) == {tok.eos_token_id, im_end}
     weak = bases.notes_rows(tok, rows)
     specials = set(tok.all_special_ids)
@@ -370,7 +369,7 @@ def answering_base(tiny_dir, tmp_path):
     data = write_jsonl(tmp_path / "teach.jsonl", teach * 2)
     cfg = Config(model=ModelConfig(name_or_path=str(tiny_dir)), data=DataConfig(path=str(data), instruction_suffix=SUFFIX),
                  train=TrainConfig(objective="nll", lr=1e-2, min_lr_ratio=1.0, global_batch=16, micro_batch=16,
-                                   max_steps=80, warmup_ratio=0.0, out=str(tmp_path / "teach"), tensorboard=False))
+                                   max_steps=80, warmup_ratio=0.0, out=str(tmp_path / "teach")))
     return train(cfg)
 
 
@@ -423,7 +422,8 @@ def test_the_offline_demo_end_to_end(answering_base, tmp_path):
 
 
 def test_the_command_line_takes_the_mode_as_a_word():
-    from dftune.cli import COMMANDS, build_config, parse_argv
+    from dftune.arguments import build_config, parse_argv
+    from dftune.cli import COMMANDS
     from dftune.settings import ConfigError
     from dftune.testbed.demo_config import DemoConfig
 

@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from dftune.batching import collate
 from dftune.config import Config, DataConfig, ModelConfig, TrainConfig
-from dftune.data import build_dataset, collate
+from dftune.data import build_dataset
 from dftune.interop import compute_loss_func
 from dftune.model import CausalLMLoss
 from dftune.objective_spec import get_objective
@@ -27,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _cfg(tiny_dir, data, out, **train_kw):
     t = dict(objective="dft", lr=3e-3, global_batch=8, micro_batch=4, max_steps=4, out=str(out),
-             tensorboard=False, warmup_ratio=0.25)
+             warmup_ratio=0.25)
     t.update(train_kw)
     return Config(model=ModelConfig(name_or_path=str(tiny_dir)), data=DataConfig(path=str(data), max_length=128),
                   train=TrainConfig(**t))
@@ -104,8 +106,7 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(tiny_dir, problem
     for name, nproc in (("single", 1), ("ddp", 2)):
         out = tmp_path / name
         args = [f"model.name_or_path={tiny_dir}", f"data.path={problems_file}", "data.max_length=128",
-                "train.global_batch=8", "train.micro_batch=4", "train.max_steps=2", f"train.out={out}",
-                "train.tensorboard=false", "train.lr=3e-3", "train.objective=dft"]
+                "train.global_batch=8", "train.micro_batch=4", "train.max_steps=2", f"train.out={out}", "train.lr=3e-3", "train.objective=dft"]
         script.write_text("{}\n")
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}",
@@ -264,7 +265,7 @@ def test_periodic_evaluation_writes_a_learning_curve(tiny_dir, problems_file, tm
 @pytest.mark.parametrize("override, match", [
     ("eval.backend=vllm", "live model"),
     ("eval.model=some/model", "being trained"),
-    ("eval.benchmarks=", "at least one"),
+    ("eval.benchmarks=", "name at least one"),
 ])
 def test_periodic_evaluation_settings_it_cannot_honour_are_refused_first(tiny_dir, problems_file, tmp_path, override,
                                                                          match):
@@ -323,7 +324,7 @@ def test_fp16_is_refused_before_anything_loads(tiny_dir, problems_file, tmp_path
     from dftune.settings import ConfigError
 
     with pytest.raises(ConfigError, match="fp16 is not supported"):
-        _cfg(tiny_dir, problems_file, tmp_path / "x", precision="fp16-mixed")
+        train(_cfg(tiny_dir, problems_file, tmp_path / "x", precision="fp16-mixed"))
     assert not (tmp_path / "x").exists()
 
 
@@ -331,13 +332,13 @@ def test_fp16_is_refused_before_anything_loads(tiny_dir, problems_file, tmp_path
 
 
 def test_run_folder_is_never_mixed(tiny_dir, problems_file, tmp_path):
-    from dftune.run_folder import RunFolderError
+    from dftune.settings import ConfigError
 
     out = tmp_path / "run"
     train(_cfg(tiny_dir, problems_file, out, max_steps=2, save_every=1))
-    with pytest.raises(RunFolderError, match="already holds a run"):
+    with pytest.raises(ConfigError, match="already holds a run"):
         train(_cfg(tiny_dir, problems_file, out, max_steps=2))
-    with pytest.raises(RunFolderError, match=r"train.lr: saved 0.003, now 0.001"):
+    with pytest.raises(ConfigError, match=r"train.lr: saved 0.003, now 0.001"):
         train(_cfg(tiny_dir, problems_file, out, max_steps=2, lr=1e-3, resume=True))
     # harmless differences are allowed; a finished run resumed is returned as it is
     final = train(_cfg(tiny_dir, problems_file, out, max_steps=2, resume=True, log_every=5, keep_checkpoints=1))
@@ -346,6 +347,56 @@ def test_run_folder_is_never_mixed(tiny_dir, problems_file, tmp_path):
     train(_cfg(tiny_dir, problems_file, out, max_steps=1, overwrite=True, lr=1e-3))
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_0000001"]
     assert [r["step"] for r in _log(out)] == [1]
+
+
+def test_a_failed_start_does_not_block_the_corrected_one(tiny_dir, problems_file, tmp_path):
+    """A start that fails after claiming the folder (the weights do not load) leaves no
+    progress: the corrected command runs there without --overwrite."""
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"not weights")
+    out = tmp_path / "run"
+    with pytest.raises(Exception):
+        train(_cfg(broken, problems_file, out, max_steps=1))
+    assert (out / "config.yaml").is_file() and not (out / "log.jsonl").exists()
+    assert train(_cfg(tiny_dir, problems_file, out, max_steps=1)) == out / "final"
+    assert yaml.safe_load((out / "config.yaml").read_text())["model"]["name_or_path"] == str(tiny_dir)
+
+
+def test_resume_needs_a_complete_checkpoint(tiny_dir, problems_file, tmp_path):
+    from dftune.settings import ConfigError
+
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match="holds no run to resume; start it without --resume"):
+        train(_cfg(tiny_dir, problems_file, out, max_steps=3, resume=True))
+    assert not out.exists()
+
+    def stop(step, rec):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(tiny_dir, problems_file, out, max_steps=3), on_step=stop)  # save_every=0: no checkpoint
+    with pytest.raises(ConfigError, match="saved no complete checkpoint .log.jsonl reaches step 2"):
+        train(_cfg(tiny_dir, problems_file, out, max_steps=3, resume=True))
+    assert [r["step"] for r in _log(out)] == [1, 2]  # the refusal kept the log as it was
+
+
+def test_ctrl_c_names_the_checkpoint_and_the_command(tiny_dir, problems_file, tmp_path):
+    from dftune.cli import interrupted_message
+    from dftune.errors import Interrupted
+
+    def stop(step, rec):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted) as e:
+        train(_cfg(tiny_dir, problems_file, out, max_steps=5, save_every=2), on_step=stop)
+    assert e.value.resume == out / "checkpoints" / "step_0000002"
+    text = interrupted_message("train", ["cfg.yaml", "lr=1e-3", "--overwrite"], e.value, "")
+    assert f"the last checkpoint is {out / 'checkpoints' / 'step_0000002'}" in text
+    assert text.endswith("continue with: dftune train cfg.yaml lr=1e-3 --resume")
 
 
 def test_resume_ignores_unfinished_checkpoints_and_replays_log_once(tiny_dir, problems_file, tmp_path):
@@ -372,7 +423,8 @@ def test_keep_checkpoints_must_be_positive(tiny_dir, problems_file, tmp_path):
     from dftune.settings import ConfigError
 
     with pytest.raises(ConfigError, match="keep_checkpoints"):
-        _cfg(tiny_dir, problems_file, tmp_path, keep_checkpoints=0)
+        train(_cfg(tiny_dir, problems_file, tmp_path / "run", keep_checkpoints=0))
+    assert not (tmp_path / "run").exists()
 
 
 def test_checkpoint_metadata_cannot_run_code(tiny_dir, problems_file, tmp_path):
@@ -457,8 +509,9 @@ def test_final_model_is_saved_in_the_base_checkpoints_dtype(tiny_dir, problems_f
     assert "written in float32 (train.save_dtype=fp32)" in capsys.readouterr().out
     from dftune.settings import ConfigError
 
-    with pytest.raises(ConfigError, match="train.save_dtype"):
-        _cfg(base, problems_file, tmp_path / "run", save_dtype="int8")
+    with pytest.raises(ConfigError, match="train.save_dtype"):  # refused before anything loads
+        train(_cfg(base, problems_file, tmp_path / "bad", save_dtype="int8"))
+    assert not (tmp_path / "bad").exists()
 
 
 def test_schedule_weight_normalisation_and_protect_in_the_loop(tiny_dir, problems_file, tmp_path):
@@ -479,3 +532,44 @@ def test_schedule_weight_normalisation_and_protect_in_the_loop(tiny_dir, problem
     prot = _log(tmp_path / "prot")[0]
     # EOS targets are trained with NLL: their weight is 1 instead of p, so the mean weight rises
     assert prot["weight_mean"] > plain["weight_mean"] and prot["loss"] != pytest.approx(plain["loss"])
+
+
+def test_trackers_get_every_step_and_the_settings(tiny_dir, problems_file, tmp_path, monkeypatch):
+    """train.report_to: TensorBoard, W&B (offline) and MLflow (a local store) each hold the
+    run's steps; a resumed run continues the same W&B and MLflow run."""
+    pytest.importorskip("wandb")
+    mlflow = pytest.importorskip("mlflow")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())  # a local store, no server
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    out = tmp_path / "run"
+    cfg = _cfg(tiny_dir, problems_file, out, max_steps=3, save_every=2, report_to=["tensorboard", "wandb", "mlflow"])
+
+    def stop(step, rec):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, on_step=stop)
+    cfg.train.resume = True
+    train(cfg)
+    tb = EventAccumulator(str(out / "tb"))
+    tb.Reload()
+    assert [e.step for e in tb.Scalars("train/loss")] == [1, 2, 3]
+    run_id = (out / "mlflow_run_id").read_text()
+    history = mlflow.tracking.MlflowClient().get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in history) == [1, 2, 3]  # one run across the resume
+    assert mlflow.get_run(run_id).data.params["train.lr"] == "0.003"
+    wandb_runs = list((out / "wandb").glob("offline-run-*"))
+    assert wandb_runs and all(r.name.endswith((out / "wandb_id").read_text()) for r in wandb_runs)
+
+
+def test_an_unknown_or_missing_tracker_is_refused_first(tiny_dir, problems_file, tmp_path):
+    from dftune.settings import ConfigError
+
+    with pytest.raises(ConfigError, match="train.report_to: unknown tracker 'neptune'"):
+        train(_cfg(tiny_dir, problems_file, tmp_path / "run", report_to=["neptune"]))
+    assert not (tmp_path / "run").exists()

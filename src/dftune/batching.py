@@ -196,8 +196,3 @@ def collate(examples, pad_id: int) -> dict[str, torch.Tensor]:
         labels[i, :n] = torch.tensor(e.labels)
         mask[i, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def count_targets(examples) -> int:
-    """Tokens that carry loss after the shift (a label at position 0 predicts nothing)."""
-    return sum(sum(lab != IGNORE_INDEX for lab in e.labels[1:]) for e in examples)

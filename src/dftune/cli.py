@@ -1,6 +1,6 @@
 """The ``dftune`` command: a table of commands, each a plain function of one config dataclass.
 
-Every command reads its settings the same way (``dftune.config``):
+Every command reads its settings the same way (``dftune.arguments``, ``dftune.settings``):
 
     dftune COMMAND [CONFIG.yaml] [key=value ...] [--key value ...] [--flag] [ARG ...]
 
@@ -10,15 +10,16 @@ Every command reads its settings the same way (``dftune.config``):
 - ``--key value`` is the same as ``key=value`` (``--max-new-tokens 64``); a boolean key is a
   bare flag (``--resume``). ``ARG``s without ``=`` fill the command's positional field
   (the report's inputs, say).
-- ``--show`` lists every key with its default and meaning (the dataclass docstrings).
+- ``--show`` lists every key the command honours with its default and its help (the
+  docstring after each dataclass field).
 - ``--help`` shows the command's description with a runnable example.
 
-Errors a user can cause print as one line (exit status 2); DFTUNE_DEBUG=1 shows tracebacks.
+Errors a user can cause print as one line each (exit status 2), found before anything loads;
+DFTUNE_DEBUG=1 shows tracebacks. Ctrl-C says what was kept and the command that continues.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -50,20 +51,25 @@ def cmd_eval(cfg) -> None:
              dftune eval --model meta-llama/Llama-3.2-3B --prompt llama-base-boxed --grader paper --out evals/llama
     """
     from dftune.eval.run import evaluate, markdown_table
+    from dftune.eval.validate import validate_eval
 
+    validate_eval(cfg)
     summary = evaluate(cfg)
     print(markdown_table(summary))
     print(f"per-sample results: {cfg.out}/samples.jsonl; summary: {cfg.out}/summary.json")
 
 
 def cmd_compare(cfg) -> None:
-    """Paired comparison of two evaluations of the same problems: the per-benchmark difference
-    A - B with a 95% bootstrap interval and a sign test ("DFT - SFT = +x [lo, hi]").
+    """Paired comparison of two evaluations of the same problems, the reference first: the
+    per-benchmark difference OTHER - REFERENCE with a 95% bootstrap interval and a sign test
+    ("DFT - SFT = +x [lo, hi]"; the report's direction too).
 
-    example: dftune compare evals/dft evals/nll --out evals/dft-vs-nll
+    example: dftune compare evals/nll evals/dft --out evals/dft-vs-nll     # DFT - NLL
     """
     from dftune.eval.compare import compare_markdown, run_compare
+    from dftune.eval.validate import validate_compare
 
+    validate_compare(cfg)
     print(compare_markdown(run_compare(cfg)))
     if cfg.out:
         print(f"wrote {cfg.out}/compare.json and compare.md")
@@ -117,8 +123,9 @@ def cmd_report(cfg) -> None:
 
     example: dftune report runs/tiny-dft analysis/tiny -o report.html
     """
-    from dftune.analysis.report import write_report
+    from dftune.analysis.report import validate_report, write_report
 
+    validate_report(cfg)
     print(f"wrote {write_report(cfg.inputs, cfg.output, cfg.title)}")
 
 
@@ -162,8 +169,9 @@ def cmd_sample(cfg) -> None:
 
 def cmd_baseline_trl(kind: str):
     def run(cfg) -> None:
-        from dftune.offline.baselines import run_dpo, run_grpo
+        from dftune.offline.baselines import run_dpo, run_grpo, validate_baseline
 
+        validate_baseline(cfg, kind)
         print(f"final model: {(run_dpo if kind == 'dpo' else run_grpo)(cfg)}")
 
     return run
@@ -199,6 +207,7 @@ class Command:
     positional: str = ""  # the field bare ARGs fill
     flags: dict = field(default_factory=dict)  # short flag -> key
     yaml_field: str = ""  # a CONFIG.yaml argument is this field's value, not settings (sweep's training config)
+    on_interrupt: str = ""  # what Ctrl-C leaves behind, printed with "interrupted"
 
 
 def _cfg(module: str, name: str):
@@ -217,9 +226,11 @@ BASELINE_DOC = """DPO or GRPO baselines on TRL, PPO on verl, with configs mirror
              dftune baseline ppo configs/paper/ppo.yaml launch=false   # write verl's data and command only
     """
 
+RERUN_CONTINUES = "finished samples are kept in OUT/samples.jsonl: the same command continues"
+
 COMMANDS: dict[str, Command] = {
     "train": Command(_cfg("dftune.config", "Config"), cmd_train, cmd_train.__doc__),
-    "eval": Command(_cfg("dftune.eval.run", "EvalConfig"), cmd_eval, cmd_eval.__doc__,
+    "eval": Command(_cfg("dftune.eval.run", "EvalConfig"), cmd_eval, cmd_eval.__doc__, on_interrupt=RERUN_CONTINUES,
                     flags={"--tensor-parallel": "tensor_parallel_size", "--data-parallel": "data_parallel_size",
                            "--no-end-of-turn-stop": "stops=eos"}),
     "compare": Command(_cfg("dftune.eval.compare", "CompareConfig"), cmd_compare, cmd_compare.__doc__,
@@ -229,145 +240,17 @@ COMMANDS: dict[str, Command] = {
     "analyze": Command(_cfg("dftune.analysis.run", "AnalyzeConfig"), cmd_analyze, cmd_analyze.__doc__),
     "report": Command(_cfg("dftune.analysis.report", "ReportConfig"), cmd_report, cmd_report.__doc__,
                       positional="inputs", flags={"-o": "output"}),
-    "sweep": Command(_cfg("dftune.sweep", "SweepConfig"), cmd_sweep, cmd_sweep.__doc__, yaml_field="config"),
+    "sweep": Command(_cfg("dftune.sweep", "SweepConfig"), cmd_sweep, cmd_sweep.__doc__, yaml_field="config",
+                     on_interrupt="finished points are kept and an interrupted one resumes from its last checkpoint: "
+                                  "the same command continues"),
     "demo": Command(_cfg("dftune.testbed.demo_config", "DemoConfig"), cmd_demo, cmd_demo.__doc__, positional="mode"),
-    "sample": Command(_cfg("dftune.offline.sample", "SampleConfig"), cmd_sample, cmd_sample.__doc__),
+    "sample": Command(_cfg("dftune.offline.sample", "SampleConfig"), cmd_sample, cmd_sample.__doc__,
+                      on_interrupt=RERUN_CONTINUES),
     "baseline dpo": Command(_cfg("dftune.offline.baselines", "BaselineConfig"), cmd_baseline_trl("dpo"), BASELINE_DOC),
     "baseline grpo": Command(_cfg("dftune.offline.baselines", "BaselineConfig"), cmd_baseline_trl("grpo"), BASELINE_DOC),
     "baseline ppo": Command(_cfg("dftune.offline.ppo", "PPOConfig"), cmd_baseline_ppo, BASELINE_DOC),
     "tiny-model": Command(_cfg("dftune.tiny", "TinyConfig"), cmd_tiny_model, cmd_tiny_model.__doc__, positional="out"),
 }
-
-
-# ---- one argument grammar for every command ---------------------------------------------------
-
-
-@dataclass
-class Parsed:
-    yaml: str | None = None
-    overrides: list = field(default_factory=list)
-    show: bool = False
-    help: bool = False
-
-
-def _field_type(cls, key: str):
-    """The type of the field ``key`` resolves to (for flags: bool needs no value, lists collect)."""
-    import typing
-
-    from dftune.settings import resolve_key
-
-    typ = cls
-    for part in resolve_key(cls, key):
-        typ = typing.get_type_hints(typ)[part]
-    return typ
-
-
-def _is_bool(cls, key: str) -> bool:
-    from dftune.settings import ConfigError
-
-    try:
-        return _field_type(cls, key) is bool
-    except ConfigError:
-        return False
-
-
-def parse_argv(cls, argv: list[str], cmd: Command) -> Parsed:
-    """``[CONFIG.yaml] [key=value] [--key value] [--flag] [ARG]`` -> YAML path and overrides."""
-    import typing
-
-    from dftune.settings import ConfigError
-
-    out, positional, i = Parsed(), [], 0
-    while i < len(argv):
-        tok = argv[i]
-        i += 1
-        if tok in ("-h", "--help"):
-            out.help = True
-        elif tok == "--show":
-            out.show = True
-        elif tok.startswith("-") and len(tok) > 1 and not tok[1:2].isdigit():
-            name, eq, value = tok.partition("=")
-            key = cmd.flags.get(name) or name.lstrip("-").replace("-", "_")
-            if "=" in key:  # a flag that stands for a whole setting
-                out.overrides.append(key)
-                continue
-            if key.startswith("no_") and not eq and _is_bool(cls, key[3:]):  # --no-strip-think
-                out.overrides.append(f"{key[3:]}=false")
-                continue
-            typ = _field_type(cls, key)
-            if typ is bool and not eq:
-                out.overrides.append(f"{key}=true")
-                continue
-            if typing.get_origin(typ) is list and not eq:  # --grid a=1,2 b=3 --next: every item up to the next flag
-                items = []
-                while i < len(argv) and not argv[i].startswith("--"):
-                    items.append(argv[i])
-                    i += 1
-                if not items:
-                    raise ConfigError(f"{name} needs a value")
-                out.overrides.append((key, items))
-                continue
-            if not eq:
-                if i >= len(argv):
-                    raise ConfigError(f"{name} needs a value")
-                value = argv[i]
-                i += 1
-            out.overrides.append(f"{key}={value}")
-        elif "=" in tok:
-            out.overrides.append(tok)
-        elif tok.endswith((".yaml", ".yml")) and cmd.yaml_field:
-            out.overrides.append(f"{cmd.yaml_field}={tok}")
-        elif tok.endswith((".yaml", ".yml")) and out.yaml is None and not positional and not out.overrides:
-            out.yaml = tok
-        else:
-            positional.append(tok)
-    if positional:
-        if not cmd.positional:
-            raise ConfigError(f"unexpected argument {positional[0]!r}; settings are key=value (see --show)")
-        typ = _field_type(cls, cmd.positional)
-        if typing.get_origin(typ) is list:
-            out.overrides.append((cmd.positional, positional))
-        elif len(positional) == 1:
-            out.overrides.append(f"{cmd.positional}={positional[0]}")
-        else:
-            raise ConfigError(f"one {cmd.positional} expected, got {positional}")
-    return out
-
-
-def build_config(cls, parsed: Parsed):
-    """YAML + overrides -> the dataclass; list items given as flags keep their commas."""
-    from dftune.settings import apply_overrides, from_dict, read_yaml
-
-    data = read_yaml(parsed.yaml) if parsed.yaml else {}
-    for item in parsed.overrides:
-        if isinstance(item, tuple):  # (key, [items]) from a list flag or positionals
-            from dftune.settings import resolve_key
-
-            node, path = data, resolve_key(cls, item[0])
-            for part in path[:-1]:
-                node = node.setdefault(part, {})
-            node.setdefault(path[-1], [])
-            if not isinstance(node[path[-1]], list):
-                node[path[-1]] = []
-            node[path[-1]] = [*node[path[-1]], *_split_items(cls, item[0], item[1])]
-        else:
-            apply_overrides(cls, data, [item])
-    return from_dict(cls, data)
-
-
-def _split_items(cls, key: str, items: list[str]) -> list[str]:
-    """Items of a list flag are split on commas unless the field keeps them (metadata split=False)."""
-    import typing
-
-    from dftune.settings import resolve_key
-
-    typ, f = cls, None
-    for part in resolve_key(cls, key):
-        f = {x.name: x for x in dataclasses.fields(typ)}[part]
-        typ = typing.get_type_hints(typ)[part]
-    if f is not None and f.metadata.get("split", True) is False:
-        return list(items)
-    return [v.strip() for item in items for v in item.split(",") if v.strip()]
 
 
 def usage() -> str:
@@ -379,6 +262,7 @@ def usage() -> str:
 
 
 def main(argv=None) -> int:
+    from dftune.arguments import build_config, parse_argv
     from dftune.errors import UserError
     from dftune.settings import describe
 
@@ -410,16 +294,37 @@ def main(argv=None) -> int:
 
                 print("\n" + describe_objectives())
             return 0
+        from dftune.progress import quiet_library_bars
+
+        quiet_library_bars()
         cmd.run(build_config(cls, parsed))
     except UserError as e:
         if os.environ.get("DFTUNE_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(interrupted_message(name, argv, e, cmd.on_interrupt), file=sys.stderr)
         return 130
     return 0
+
+
+def interrupted_message(name: str, argv: list[str], e: KeyboardInterrupt, hint: str) -> str:
+    """What Ctrl-C leaves and the command that continues (a training run: from its last
+    checkpoint with --resume, or again with --overwrite when it saved none)."""
+    import shlex
+
+    from dftune.errors import Interrupted
+
+    if not isinstance(e, Interrupted) or name != "train":  # (sweep's points resume by themselves)
+        return f"interrupted{': ' + hint if hint else ''}"
+    keep = [a for a in argv if a not in ("--resume", "--overwrite") and a.partition("=")[0].split(".")[-1]
+            not in ("resume", "overwrite")]
+    if e.resume is not None:
+        again = shlex.join(["dftune", *name.split(), *keep, "--resume"])
+        return f"interrupted: {e.message}; the last checkpoint is {e.resume}; continue with: {again}"
+    again = shlex.join(["dftune", *name.split(), *keep, "--overwrite"])
+    return f"interrupted: {e.message}, before any checkpoint was saved (train.save_every); start again with: {again}"
 
 
 if __name__ == "__main__":

@@ -14,78 +14,77 @@ from pathlib import Path
 
 from dftune.eval.generate import SamplingConfig
 from dftune.eval.run import EvalConfig
-from dftune.settings import ConfigError, load
-from dftune.settings import choice as _choice
+from dftune.paths import data_problem, model_problem
+from dftune.settings import Problems, load
 
 
 @dataclass
 class ModelConfig:
-    """The model to fine-tune.
-
-    name_or_path: Hugging Face Hub id or local folder.
-    gguf_file: a GGUF file inside that folder, loaded through transformers (needs `gguf`).
-    gradient_checkpointing: recompute activations in backward to save memory.
-    lora_r: LoRA rank; 0 trains every weight.
-    lora_alpha, lora_dropout, lora_target_modules: peft LoraConfig values.
-    attn_implementation: passed to from_pretrained (e.g. sdpa, flash_attention_2).
-    trust_remote_code: allow custom model code from the Hub.
-    """
+    """The model to fine-tune."""
 
     name_or_path: str = ""
+    """Hugging Face Hub id or local folder."""
     gguf_file: str = ""
+    """a GGUF file inside that folder, loaded through transformers (needs `gguf`)."""
     gradient_checkpointing: bool = False
+    """recompute activations in backward to save memory."""
     lora_r: int = 0
+    """LoRA rank; 0 trains every weight."""
     lora_alpha: int = 16
+    """LoRA's scale (peft's lora_alpha): the update is scaled by lora_alpha / lora_r."""
     lora_dropout: float = 0.0
+    """Dropout on the LoRA branch's input (peft's lora_dropout), in [0, 1)."""
     lora_target_modules: str = "all-linear"
+    """The modules that get adapters: all-linear, or names separated by commas (e.g. q_proj,v_proj)."""
     attn_implementation: str = ""
+    """passed to from_pretrained (e.g. sdpa, flash_attention_2)."""
     trust_remote_code: bool = False
+    """allow custom model code from the Hub."""
 
 
 @dataclass
 class DataConfig:
-    """The training data.
-
-    path: a .jsonl/.json/.parquet file, a folder of them, or a Hub dataset id.
-    split: the Hub split (ignored for local files).
-    format: auto, messages, prompt_completion, problem_solution or question_answer.
-    prompt_field, response_field, messages_field: override the fields the format reads.
-    select: all, first:N (the paper took the first 100K rows) or random:N (seeded).
-    max_length: tokens per example; longer responses are cut at the end, and examples
-        whose prompt alone reaches max_length are dropped and counted.
-    instruction_suffix: text appended to every prompt (e.g. the boxed instruction).
-    system_prompt: a system turn before every prompt; empty for none.
-    chat_template: auto (the tokenizer's; error if it has none), plain (a minimal
-        "User:/Assistant:" template for base models), or a path to a .jinja file.
-    boxed_answers: rewrite GSM8K's final "#### 72" line as "\\boxed{72}".
-    on_bad_row: error (stop, naming file, row and field) or skip (drop and count).
-    packing: pack each step's examples into rows of max_length tokens (position_ids restart
-        per example, so attention and loss never cross one); train.micro_batch then counts
-        rows. The step keeps the same examples, so the gradient is the unpadded one. Needs
-        an attention that honours position_ids (sdpa, eager, flex, flash-attention).
-    cache: keep the tokenised data on disk, keyed by a hash of the data files, tokenizer,
-        template and these settings; a restarted run and every process of a run reuse it.
-    cache_dir: where; empty: $DFTUNE_CACHE_DIR, else ~/.cache/dftune/data.
-    workers: processes that tokenise; 0 picks (several from 30,000 rows, else one).
-    """
+    """The training data."""
 
     path: str = ""
+    """a .jsonl/.json/.parquet file, a folder of them, or a Hub dataset id."""
     split: str = "train"
+    """the Hub split (ignored for local files)."""
     format: str = "auto"
+    """auto, messages, prompt_completion, problem_solution or question_answer."""
     prompt_field: str = ""
+    """The field that holds the prompt; empty: the format's own (prompt, problem, question)."""
     response_field: str = ""
+    """The field that holds the response; empty: the format's own (completion, solution, answer)."""
     messages_field: str = ""
+    """The field that holds the chat messages (format messages); empty: messages."""
     select: str = "all"
+    """all, first:N (the paper took the first 100K rows) or random:N (seeded)."""
     max_length: int = 2048
+    """tokens per example; longer responses are cut at the end, and examples whose prompt alone reaches max_length
+    are dropped and counted."""
     instruction_suffix: str = ""
+    """text appended to every prompt (e.g. the boxed instruction)."""
     system_prompt: str = ""
+    """a system turn before every prompt; empty for none."""
     chat_template: str = "auto"
+    """auto (the tokenizer's; error if it has none), plain (a minimal "User:/Assistant:" template for base models),
+    or a path to a .jinja file."""
     boxed_answers: bool = True
+    """rewrite GSM8K's final "#### 72" line as "\\boxed{72}"."""
     on_bad_row: str = "error"
+    """error (stop, naming file, row and field) or skip (drop and count)."""
     packing: bool = False
+    """pack each step's examples into rows of max_length tokens (position_ids restart per example, so attention and
+    loss never cross one); train.micro_batch then counts rows. The step keeps the same examples, so the gradient
+    is the unpadded one. Needs an attention that honours position_ids (sdpa, eager, flex, flash-attention)."""
     cache: bool = True
+    """keep the tokenised data on disk, keyed by a hash of the data files, tokenizer, template and these settings; a
+    restarted run and every process of a run reuse it."""
     cache_dir: str = ""
+    """where; empty: $DFTUNE_CACHE_DIR, else ~/.cache/dftune/data."""
     workers: int = 0
+    """processes that tokenise; 0 picks (several from 30,000 rows, else one)."""
 
 
 @dataclass
@@ -115,6 +114,10 @@ class TrainingSection:
     """The run folder: config.yaml, log.jsonl, checkpoints, and the final model in OUT/final."""
     log_every: int = 10
     """Print a log line every N steps (log.jsonl gets every step)."""
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers that also get every step's numbers and the settings: tensorboard, wandb,
+    mlflow (a,b,c; empty: log.jsonl only, which is always written). Their own environment configures
+    them (WANDB_MODE=offline, MLFLOW_TRACKING_URI)."""
 
 
 @dataclass
@@ -157,8 +160,6 @@ class TrainConfig(TrainingSection):
     """Continue the run in train.out from its newest checkpoint (same settings required)."""
     overwrite: bool = False
     """Delete the run already in train.out and start again."""
-    tensorboard: bool = True
-    """Also write TensorBoard events (needs the tensorboard package)."""
     log_kl: bool = False
     """Keep a frozen reference to log KL(initial || current) every step, also for objectives that
     do not need one (costs a second forward pass)."""
@@ -169,22 +170,6 @@ class TrainConfig(TrainingSection):
     """The dtype the final model (OUT/final) is written in: auto, the base checkpoint's stored
     dtype (bf16 for the paper's models, although training keeps fp32 master weights under
     bf16-mixed), or bf16, fp16, fp32 (fp32: the master weights as trained)."""
-
-    def __post_init__(self):
-        if self.precision.startswith("fp16"):
-            raise ConfigError("train.precision: fp16 is not supported: fp16 gradients underflow without loss scaling, "
-                              "which dftune does not do; use bf16-mixed (GPUs since Ampere) or fp32")
-        _choice("train.precision", self.precision, ("auto", "bf16-mixed", "fp32", "bf16-pure"))
-        _choice("train.parallel", self.parallel, ("auto", "none", "ddp", "fsdp"))
-        _choice("train.save_dtype", self.save_dtype, ("auto", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32"))
-        for key in ("global_batch", "micro_batch", "keep_checkpoints"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"train.{key}: must be >= 1; got {getattr(self, key)}")
-        if self.global_batch % self.micro_batch:
-            raise ConfigError(f"train.global_batch ({self.global_batch}) must be a multiple of train.micro_batch "
-                              f"({self.micro_batch}) x processes")
-        if self.resume and self.overwrite:
-            raise ConfigError("train.resume and train.overwrite exclude each other")
 
 
 # the ``eval`` keys that the periodic evaluation cannot honour: it scores the live model in the
@@ -209,9 +194,14 @@ class Config:
     ``prompt: auto``)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The model to fine-tune (model.KEY=...)."""
     data: DataConfig = field(default_factory=DataConfig)
+    """The training data (data.KEY=...)."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """The optimisation and the run folder (train.KEY=...)."""
     eval: EvalConfig = field(default_factory=lambda: periodic_eval_defaults(), metadata={"omit": PERIODIC_OMITS})
+    """The periodic evaluation during training, every train.eval_every steps: dftune eval's settings, short
+    defaults."""
 
 
 
@@ -224,3 +214,70 @@ def periodic_eval_defaults() -> EvalConfig:
 def load_config(path: str | Path | None, overrides=()) -> Config:
     """The training run's config (YAML sections model/data/train, plus overrides)."""
     return load(Config, path, overrides)
+
+
+# ---- checks: every problem with the values, collected before anything loads ---------------
+
+
+def check_model(m: ModelConfig, p: Problems, where: str = "model") -> None:
+    p.add(model_problem(f"{where}.name_or_path", m.name_or_path, m.gguf_file))
+    p.at_least(f"{where}.lora_r", m.lora_r, 0)
+    if m.lora_r:
+        p.positive(f"{where}.lora_alpha", m.lora_alpha)
+        p.fraction(f"{where}.lora_dropout", m.lora_dropout)
+
+
+def check_data(d: DataConfig, p: Problems, where: str = "data") -> None:
+    from dftune.records import FORMATS, DataError, parse_select
+
+    p.add(data_problem(f"{where}.path", d.path))
+    p.one_of(f"{where}.format", d.format, ("auto", *FORMATS))
+    try:
+        parse_select(d.select)
+    except DataError:
+        p.append(f"{where}.select: must be all, first:N or random:N; got {d.select!r}")
+    p.at_least(f"{where}.max_length", d.max_length, 2)
+    p.one_of(f"{where}.on_bad_row", d.on_bad_row, ("error", "skip"))
+    if d.chat_template not in ("auto", "plain"):
+        p.check(Path(d.chat_template).is_file(), f"{where}.chat_template: {d.chat_template} not found "
+                                                 "(auto, plain, or a .jinja file)")
+    p.at_least(f"{where}.workers", d.workers, 0)
+
+
+def check_training(t: TrainingSection, p: Problems, world: int = 1, where: str = "train") -> None:
+    """The shared training section, the same for every trainer."""
+    p.positive(f"{where}.lr", t.lr)
+    p.fraction(f"{where}.warmup_ratio", t.warmup_ratio)
+    p.at_least(f"{where}.weight_decay", t.weight_decay, 0)
+    p.at_least(f"{where}.grad_clip", t.grad_clip, 0)
+    p.positive(f"{where}.epochs", t.epochs)
+    p.at_least(f"{where}.max_steps", t.max_steps, 0)
+    p.at_least(f"{where}.log_every", t.log_every, 1)
+    p.nonempty(f"{where}.out", t.out, "the run folder")
+    from dftune.trackers import tracker_problems
+
+    p.extend(tracker_problems(t.report_to, f"{where}.report_to"))
+    if p.at_least(f"{where}.global_batch", t.global_batch, 1) & p.at_least(f"{where}.micro_batch", t.micro_batch, 1):
+        p.check(t.global_batch % (t.micro_batch * world) == 0,
+                f"{where}.global_batch {t.global_batch} is not a multiple of {where}.micro_batch {t.micro_batch} x "
+                f"{world} process(es) = {t.micro_batch * world}")
+
+
+def check_train(t: TrainConfig, p: Problems, world: int = 1) -> None:
+    """The train section (the objective and its schedule are parsed by the caller, once)."""
+    from dftune.loss import BACKENDS
+    from dftune.precision import DTYPES, precision_problem
+
+    check_training(t, p, world)
+    p.add(precision_problem(t.precision))
+    p.one_of("train.save_dtype", t.save_dtype, ("auto", *DTYPES))
+    p.one_of("train.parallel", t.parallel, ("auto", "none", "ddp", "fsdp"))
+    p.one_of("train.loss_backend", t.loss_backend.partition(":")[0], BACKENDS)  # cce:...: its options checked apart
+    p.at_least("train.chunk_size", t.chunk_size, 0)
+    p.fraction("train.beta1", t.beta1)
+    p.fraction("train.beta2", t.beta2)
+    p.fraction("train.min_lr_ratio", t.min_lr_ratio, one=True)
+    p.at_least("train.save_every", t.save_every, 0)
+    p.at_least("train.keep_checkpoints", t.keep_checkpoints, 1)
+    p.at_least("train.eval_every", t.eval_every, 0)
+    p.check(not (t.resume and t.overwrite), "train.resume and train.overwrite exclude each other")

@@ -34,17 +34,30 @@ from pathlib import Path
 
 import numpy as np
 
-from dftune.batching import (  # noqa: F401  (re-exported: the batching API lives there)
-    Step, collate, count_targets, epoch_steps, pack, plan_epoch, plan_packed_epoch, step_batches,
-)
 from dftune.config import DataConfig
 from dftune.files import read_json
-from dftune.records import (  # noqa: F401  (re-exported)
-    FORMATS, DataError, Source, count_rows, dataset_rows, detect_format, gsm8k_boxed, iter_rows, open_source,
-    parse_select, read_records, select_rows, selected_rows, to_messages,
+from dftune.progress import bar, step
+from dftune.records import (
+    FORMATS,
+    DataError,
+    Source,
+    count_rows,
+    detect_format,
+    open_source,
+    parse_select,
+    selected_rows,
+    to_messages,
 )
-from dftune.tokenized import (  # noqa: F401
-    Builder, Example, TokenizedData, cache_key, default_cache_dir, file_digest, load, locked, publish, tokenizer_digest,
+from dftune.tokenized import (
+    Builder,
+    TokenizedData,
+    cache_key,
+    default_cache_dir,
+    file_digest,
+    load,
+    locked,
+    publish,
+    tokenizer_digest,
 )
 
 CHUNK_ROWS = 512  # rows per tokenizer call (and per task for a worker process)
@@ -293,6 +306,21 @@ def _workers(cfg: DataConfig, src: Source) -> int:
     return min(os.cpu_count() or 1, 8) if min(rows, n or rows) >= AUTO_WORKERS_ROWS else 1
 
 
+def _add_chunk(chunk, cfg: DataConfig, summary: DataSummary, builder: Builder) -> None:
+    """One tokenised chunk into the arrays; its dropped and bad rows counted (the first bad
+    row stops the run with data.on_bad_row=error)."""
+    summary.rows += len(chunk.kept) + len(chunk.dropped) + len(chunk.bad)
+    if chunk.bad and cfg.on_bad_row == "error":
+        raise DataError(chunk.bad[0][1])
+    for reason, source in chunk.dropped + [("bad_row", source) for source, _ in chunk.bad]:
+        summary.dropped[reason] = summary.dropped.get(reason, 0) + 1
+        named = summary.dropped_rows.setdefault(reason, [])
+        if len(named) < SHOW_DROPPED:
+            named.append(source)
+    builder.add(chunk.ids, chunk.mask, chunk.lengths, chunk.kept)
+    summary.truncated += chunk.truncated
+
+
 def _build(cfg: DataConfig, tokenizer, seed: int, src: Source, folder: Path) -> tuple[TokenizedData, DataSummary]:
     rows = selected_rows(src, cfg.select, seed)
     first = next(rows, None)
@@ -304,18 +332,13 @@ def _build(cfg: DataConfig, tokenizer, seed: int, src: Source, folder: Path) -> 
     fmt = cfg.format if cfg.format != "auto" else detect_format(rec, f"{src.names[fi]}:{row}")
     summary = DataSummary()
     builder = Builder(folder)
+    workers = _workers(cfg, src)
     try:
-        for chunk in _encoded_chunks(itertools.chain([first], rows), fmt, cfg, tokenizer, src.names, _workers(cfg, src)):
-            summary.rows += len(chunk.kept) + len(chunk.dropped) + len(chunk.bad)
-            if chunk.bad and cfg.on_bad_row == "error":
-                raise DataError(chunk.bad[0][1])
-            for reason, source in chunk.dropped + [("bad_row", source) for source, _ in chunk.bad]:
-                summary.dropped[reason] = summary.dropped.get(reason, 0) + 1
-                named = summary.dropped_rows.setdefault(reason, [])
-                if len(named) < SHOW_DROPPED:
-                    named.append(source)
-            builder.add(chunk.ids, chunk.mask, chunk.lengths, chunk.kept)
-            summary.truncated += chunk.truncated
+        with step(f"data: tokenising {cfg.path} ({workers} process{'es' if workers > 1 else ''})"), \
+                bar(desc="tokenise", unit="row") as shown:
+            for chunk in _encoded_chunks(itertools.chain([first], rows), fmt, cfg, tokenizer, src.names, workers):
+                shown.update(len(chunk.kept) + len(chunk.dropped) + len(chunk.bad))
+                _add_chunk(chunk, cfg, summary, builder)
         data = builder.finish(src.names)
     except BaseException:
         builder.abort()

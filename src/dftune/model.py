@@ -9,6 +9,8 @@ the decoder to get the final hidden states and hands them, with the head's weigh
 from __future__ import annotations
 
 import copy
+import sys
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -16,6 +18,7 @@ from torch import nn
 from dftune.config import ModelConfig
 from dftune.loss import LossResult, next_token_targets, token_loss
 from dftune.objectives import Objective
+from dftune.progress import main_process, step
 from dftune.settings import ConfigError
 
 
@@ -29,7 +32,14 @@ def load_tokenizer(name_or_path: str | ModelConfig, *, gguf_file: str = "", trus
     if not name_or_path:
         raise ConfigError("model.name_or_path is empty: give a Hub id or a local model folder")
     kw = {"gguf_file": gguf_file} if gguf_file else {}
-    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kw)
+    if not Path(name_or_path).expanduser().is_dir() and main_process():
+        print(f"model: {name_or_path} is not a folder here: fetching it from the Hugging Face Hub (once, then cached)",
+              file=sys.stderr, flush=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kw)
+    except OSError as e:  # not a folder here, and not a model the Hub has (or the Hub is out of reach)
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{name_or_path}: not a model folder here, and not loadable from the Hub ({why})") from None
     if tok.eos_token_id is None:
         raise ConfigError(f"{name_or_path}: the tokenizer has no EOS token; responses must end with one")
     if tok.pad_token_id is None:
@@ -45,7 +55,9 @@ def load_pretrained(name_or_path: str, *, dtype: torch.dtype = torch.float32, de
     kw = {"gguf_file": gguf_file} if gguf_file else {}
     if attn_implementation:
         kw["attn_implementation"] = attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, **kw)
+    where = "" if Path(name_or_path).expanduser().is_dir() else " from the Hugging Face Hub (downloaded once, then cached)"
+    with step(f"model: loading {name_or_path}{where} in {str(dtype).removeprefix('torch.')}"):
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, **kw)
     if gguf_file:
         drop_gguf_marker(model)
     return model.to(device)

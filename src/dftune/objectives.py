@@ -53,7 +53,6 @@ class TokenContext:
     token_class: Tensor | None = None  # (M,) int64 class of the target token (dftune.vocab)
 
 
-NORMALIZE = ("tokens", "weights")
 
 
 @dataclass(frozen=True)

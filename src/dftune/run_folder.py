@@ -1,4 +1,5 @@
-"""A training run's folder: claimed before anything loads, continued only with the same
+"""A training run's folder: checked (by reading only) with the rest of the settings, claimed
+once every check has passed, continued only from a complete checkpoint with the same
 settings, and the final model written into it atomically.
 
     runs/dft/config.yaml         the resolved settings (what the run used)
@@ -16,58 +17,97 @@ import torch
 
 from dftune import dist
 from dftune.config import Config
-from dftune.errors import UserError
-from dftune.settings import config_diff, save_config
-
-
-class RunFolderError(UserError, ValueError):
-    """The run folder holds another run, or a resume asks for different settings."""
-
+from dftune.settings import Problems, config_diff, save_config
 
 # Settings a resumed run may change: they alter logging, saving or speed, not the run.
-RESUMABLE_CHANGES = ("train.resume", "train.overwrite", "train.log_every", "train.tensorboard", "train.save_every",
+RESUMABLE_CHANGES = ("train.resume", "train.overwrite", "train.log_every", "train.report_to", "train.save_every",
                      "train.keep_checkpoints", "train.loss_backend", "train.chunk_size", "train.eval_every", "eval.",
                      "train.save_dtype",
                      "model.attn_implementation", "model.gradient_checkpointing", "data.cache", "data.workers")
-RUN_FILES = ("config.yaml", "log.jsonl", "eval_curve.jsonl", "data_summary.json", "checkpoints", "final", "final.tmp", "tb")
+RUN_FILES = ("config.yaml", "log.jsonl", "eval_curve.jsonl", "data_summary.json", "checkpoints", "final", "final.tmp", "tb",
+             "wandb", "wandb_id", "mlflow_run_id")
 
 
+def progress(out: Path) -> list[str]:
+    """What a run that got going leaves in ``out``: logged steps, checkpoints, a final model.
+    A start that failed before its first step leaves none of these (at most config.yaml and
+    data_summary.json), and does not block the next start."""
+    found = []
+    log = out / "log.jsonl"
+    if log.is_file() and log.stat().st_size:
+        found.append("log.jsonl")
+    if any((out / "checkpoints").glob("step_*")):
+        found.append("checkpoints")
+    if (out / "final").is_dir():
+        found.append("final")
+    return found
 
-def open_run_folder(cfg: Config, rt: dist.Runtime) -> Path | None:
-    """Check the run folder before anything loads; return the checkpoint to resume from.
 
-    A folder that holds a run is continued only with ``train.resume`` (and only with the
-    same settings, up to RESUMABLE_CHANGES), or cleared with ``train.overwrite``.
+def _last_logged_step(out: Path) -> int:
+    from dftune.files import read_jsonl
+
+    rows = read_jsonl(out / "log.jsonl") if (out / "log.jsonl").is_file() else []
+    return max((r.get("step", 0) for r in rows), default=0)
+
+
+def check_run_folder(cfg: Config, p: Problems) -> Path | None:
+    """The run folder's problems, found by reading only; returns the checkpoint to resume.
+
+    A folder that holds a run is continued only with ``train.resume`` (from a complete
+    checkpoint, with the same settings up to RESUMABLE_CHANGES), or replaced with
+    ``train.overwrite`` (when the run is claimed, not now: a failed check deletes nothing).
     """
     import yaml
 
     t, out = cfg.train, Path(cfg.train.out)
-    present = [n for n in RUN_FILES if (out / n).exists()]
-    rt.barrier()  # every process has looked before the main one changes anything
-    if present and t.overwrite:
-        if rt.is_main:
-            for name in present:
-                p = out / name
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-        rt.barrier()
-        present = []
-    if present and not t.resume:
-        raise RunFolderError(f"{out} already holds a run ({', '.join(present)}); continue it with --resume "
-                             f"(train.resume=true) or start again with --overwrite (train.overwrite=true)")
-    if present and (out / "config.yaml").is_file():
-        saved = yaml.safe_load((out / "config.yaml").read_text()) or {}
-        diff = [d for d in config_diff(saved, cfg) if not d[0].startswith(RESUMABLE_CHANGES)]
-        if diff:
-            lines = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, a, b in diff[:6])
-            raise RunFolderError(f"cannot resume {out} with different settings ({lines}); use another "
-                                 "train.out, or --overwrite to start again")
+    if not t.out:
+        return None
+    if out.exists() and not out.is_dir():
+        p.append(f"train.out: {out} is a file, not a run folder")
+        return None
+    started = progress(out)
+    if t.overwrite:
+        return None
+    if not t.resume:
+        p.check(not started, f"train.out: {out} already holds a run ({', '.join(started)}); continue it with "
+                             "--resume (train.resume=true) or start again with --overwrite (train.overwrite=true)")
+        return None
+    kept = dist.checkpoints(out)
+    if not kept:
+        if not started:
+            p.append(f"train.resume: {out} holds no run to resume; start it without --resume")
+        elif "final" in started:
+            p.append(f"train.resume: {out} holds a finished run (its model: {out / 'final'}) and no checkpoint; "
+                     "use another train.out, or --overwrite to train it again")
+        else:
+            p.append(f"train.resume: {out} holds a run that saved no complete checkpoint (log.jsonl reaches step "
+                     f"{_last_logged_step(out)}; train.save_every=0 saves only at the end); start it again with "
+                     "--overwrite")
+        return None
+    saved = yaml.safe_load((out / "config.yaml").read_text()) if (out / "config.yaml").is_file() else None
+    diff = [d for d in config_diff(saved or {}, cfg) if not d[0].startswith(RESUMABLE_CHANGES)] if saved else []
+    if diff:
+        lines = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, a, b in diff[:6])
+        p.append(f"train.resume: cannot resume {out} with different settings ({lines}); use another train.out, "
+                 "or --overwrite to start again")
+    return kept[-1]
+
+
+def claim_run_folder(cfg: Config, rt: dist.Runtime) -> None:
+    """Make ``train.out`` this run's, once every check has passed: the old run's files go
+    (--overwrite, or what a failed start left), then config.yaml, what the run uses."""
+    out = Path(cfg.train.out)
     if rt.is_main:
+        if cfg.train.overwrite or not progress(out):
+            for name in RUN_FILES:
+                path = out / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
     rt.barrier()
-    kept = dist.checkpoints(out)
-    return kept[-1] if (t.resume and kept) else None
-
 
 
 def export_note(final: Path, save_dtype: torch.dtype, setting: str, master: torch.dtype) -> str:

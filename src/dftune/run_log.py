@@ -11,10 +11,11 @@ from dftune.files import read_jsonl, write_text
 
 class RunLog:
     """log.jsonl (every step; on resume, cut back to the checkpoint's step so replayed steps
-    appear once), TensorBoard (optional), and a printed line every ``every`` steps."""
+    appear once), the trackers ``report_to`` names (``dftune.trackers``), and a printed line
+    every ``every`` steps."""
 
-    def __init__(self, out: Path, tensorboard: bool, every: int, enabled: bool, start: int):
-        self.enabled, self.every, self.tb, self.file = enabled, max(1, every), None, None
+    def __init__(self, out: Path, report_to: list[str], every: int, enabled: bool, start: int, settings: dict):
+        self.enabled, self.every, self.trackers, self.file = enabled, max(1, every), [], None
         if not enabled:
             return
         for name in ("log.jsonl", "eval_curve.jsonl"):
@@ -23,23 +24,18 @@ class RunLog:
                 kept = [r for r in read_jsonl(path) if r.get("step", 0) <= start]
                 write_text(path, "".join(_json_line(r) for r in kept))
         self.file = (out / "log.jsonl").open("a")
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+        from dftune.trackers import open_trackers
 
-                self.tb = SummaryWriter(str(out / "tb"), purge_step=start + 1)
-            except ImportError:
-                print("tensorboard is not installed: logging to log.jsonl only")
+        self.trackers = open_trackers(report_to, out, start, settings)
 
     def write(self, rec: dict, bar) -> None:
         if not self.enabled:
             return
         self.file.write(_json_line(rec))
         self.file.flush()
-        if self.tb:
-            for k, v in rec.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(f"train/{k}", v, rec["step"])
+        numbers = {k: v for k, v in rec.items() if isinstance(v, (int, float)) and k != "step"}
+        for tracker in self.trackers:
+            tracker.log(numbers, rec["step"])
         if bar is not None:
             bar.set_postfix(loss=f"{rec['loss']:.4f}", nll=f"{rec['nll']:.3f}", p=f"{rec['mean_prob']:.3f}")
         if rec["step"] % self.every == 0:
@@ -49,8 +45,8 @@ class RunLog:
     def close(self):
         if self.file:
             self.file.close()
-        if self.tb:
-            self.tb.close()
+        for tracker in self.trackers:
+            tracker.close()
 
 
 def _json_line(rec: dict) -> str:

@@ -42,6 +42,8 @@ def _is_list(typ) -> bool:
 
 def _coerce(value, typ, where: str, split: bool = True):
     if _is_list(typ):  # list[str]: a YAML list, or "a,b,c" from the command line
+        if isinstance(value, str) and split and value.strip().startswith("[") and value.strip().endswith("]"):
+            value = value.strip()[1:-1]  # "[a,b]" and "[]" typed on a command line: the list's items
         if isinstance(value, str):  # split=False (field metadata): items may hold commas
             return [v.strip() for v in value.split(",") if v.strip()] if split else [value]
         if isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float)) and not isinstance(v, bool)
@@ -74,37 +76,53 @@ def _omitted(f: dataclasses.Field) -> dict[str, str]:
 
 
 def from_dict(cls, data: dict, where: str = "", base=None, omit: dict | None = None):
-    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and bad types.
+    """Build dataclass ``cls`` from a nested dict; every unknown key and wrong type is
+    collected, then raised together (one line each).
 
     Keys not given keep ``base``'s values: a section's own defaults are those of the field
     that holds it (``Config.eval``'s short periodic evaluation, not ``EvalConfig()``'s).
     """
+    problems = Problems()
+    built = _build(cls, data, where, base, omit or {}, problems)
+    problems.raise_all()
+    return built
+
+
+def _build(cls, data, where: str, base, omit: dict, problems: Problems):
+    before = len(problems)
     if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+        problems.append(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+        return None
     hints = _hints(cls)
     fields_ = {f.name: f for f in dataclasses.fields(cls)}
-    omit = omit or {}
-    for key in data:
-        if key in omit:
-            raise ConfigError(f"{where}.{key}: not a setting here: {omit[key]}")
-    unknown = [k for k in data if k not in fields_]
-    if unknown:
-        raise ConfigError(f"{where or 'config'}: unknown key(s) {unknown}; known: "
-                          f"{sorted(k for k in fields_ if k not in omit)}")
     kwargs = {}
     for key, value in data.items():
-        typ, path = hints[key], f"{where}.{key}" if where else key
-        if dataclasses.is_dataclass(typ):
-            kwargs[key] = from_dict(typ, value or {}, path, _section_default(fields_[key], base), _omitted(fields_[key]))
+        path = f"{where}.{key}" if where else key
+        if key in omit:
+            problems.append(f"{path}: not a setting here: {omit[key]}")
+        elif key not in fields_:
+            known = [f"{where}.{k}" if where else k for k in fields_ if k not in omit]
+            problems.append(f"unknown key {path!r}{did_you_mean(path, known)}; known here: {', '.join(sorted(known))}")
+        elif dataclasses.is_dataclass(hints[key]):
+            kwargs[key] = _build(hints[key], value or {}, path, _section_default(fields_[key], base),
+                                 _omitted(fields_[key]), problems)
         else:
-            kwargs[key] = _coerce(value, typ, path, fields_[key].metadata.get("split", True))
+            try:
+                kwargs[key] = _coerce(value, hints[key], path, fields_[key].metadata.get("split", True))
+            except ConfigError as e:
+                problems.append(str(e))
+    if len(problems) > before:  # nothing built from a section with problems
+        return None
     if base is not None:
         kept = copy.deepcopy({f.name: getattr(base, f.name) for f in fields_.values() if f.init and f.name not in kwargs})
         kwargs = {**kept, **kwargs}
     try:
         return cls(**kwargs)
     except TypeError as e:  # a required field without a default
-        raise ConfigError(f"{where or cls.__name__}: {e}") from None
+        problems.append(f"{where or cls.__name__}: {e}")
+    except ConfigError as e:  # a dataclass that checks itself
+        problems.append(str(e))
+    return None
 
 
 def known_keys(cls, prefix: str = "", omit: dict | None = None) -> dict[str, object]:
@@ -237,6 +255,8 @@ def config_diff(saved: dict, cfg) -> list[tuple[str, object, object]]:
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
+    """{"train": {"lr": 1}} -> {"train.lr": 1}: nested settings as dotted keys (config
+    differences, the report's config table, a sampling run's stored settings)."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
@@ -266,15 +286,15 @@ def save_config(cfg, path: str | Path) -> None:
 
 def field_docs(cls) -> dict[str, str]:
     """Each field's help: the string literal right after the field in the class body (its
-    own docstring, as in litgpt's ``args.py``), a base class's for inherited fields. Fields
-    not yet documented that way fall back to ``name: text`` lines of the class docstring."""
-    docs = _class_docstring_docs(cls)
+    own docstring, as in litgpt's ``args.py``); a base class's for inherited fields. Read
+    from the source, so the help is where the field is and cannot drift from it."""
+    docs = {}
     for klass in reversed(cls.__mro__):  # a subclass's text wins over its base's
         if not dataclasses.is_dataclass(klass):
             continue
         try:
             body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
-        except (OSError, TypeError, IndexError):  # no source (built in a REPL): no help
+        except (OSError, TypeError, IndexError):  # no source (a class built in a REPL): no help
             continue
         for node, after in zip(body, body[1:]):
             if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
@@ -283,38 +303,19 @@ def field_docs(cls) -> dict[str, str]:
     return docs
 
 
-def _class_docstring_docs(cls) -> dict[str, str]:
-    """``name: text`` lines of a dataclass docstring (continuation lines indented)."""
-    docs, current = {}, None
-    for line in (cls.__doc__ or "").splitlines():
-        stripped = line.strip()
-        head, sep, rest = stripped.partition(":")
-        names = [n.strip() for n in head.split(",")]
-        if sep and names and all(n in {f.name for f in dataclasses.fields(cls)} for n in names):
-            for n in names:
-                docs[n] = rest.strip()
-            current = names
-        elif current and stripped and line.startswith("        "):
-            for n in current:
-                docs[n] += " " + stripped
-        else:
-            current = None
-    return docs
-
-
-def describe(cls, prefix: str = "", base=None, omit: dict | None = None) -> str:
+def describe(cls, prefix: str = "", base=None, omit: dict | None = None, title: str = "") -> str:
     """Every key with its default and meaning: the ``--show`` of each command. A nested
     section shows the defaults of the field that holds it (``base``), as ``from_dict`` uses,
     and only the keys its command honours."""
     hints, docs = _hints(cls), field_docs(cls)
-    paragraph = " ".join((cls.__doc__ or cls.__name__).strip().split("\n\n")[0].split())
+    paragraph = title or " ".join((cls.__doc__ or cls.__name__).strip().split("\n\n")[0].split())
     out = [f"[{prefix.rstrip('.') or cls.__name__}] {paragraph}"]
     sections = []
     for f in dataclasses.fields(cls):
         if f.name in (omit or {}):
             continue
         if dataclasses.is_dataclass(hints[f.name]):
-            sections.append((f.name, hints[f.name], _section_default(f, base), _omitted(f)))
+            sections.append((f.name, hints[f.name], _section_default(f, base), _omitted(f), docs.get(f.name, "")))
             continue
         if base is not None:
             default = getattr(base, f.name)
@@ -325,9 +326,9 @@ def describe(cls, prefix: str = "", base=None, omit: dict | None = None) -> str:
         if f.name in docs:
             line += f"\n      {docs[f.name]}"
         out.append(line)
-    for name, sub, sub_base, sub_omit in sections:
+    for name, sub, sub_base, sub_omit, sub_title in sections:
         out.append("")
-        out.append(describe(sub, f"{prefix}{name}.", sub_base, sub_omit))
+        out.append(describe(sub, f"{prefix}{name}.", sub_base, sub_omit, sub_title))
     return "\n".join(out)
 
 
@@ -341,8 +342,24 @@ class Problems(list):
             self.append(message)
         return ok
 
+    def add(self, problem: str | None) -> None:
+        """A check's result: its problem, or None when there is none."""
+        if problem:
+            self.append(problem)
+
     def at_least(self, where: str, value, low) -> bool:
         return self.check(value >= low, f"{where}: must be >= {low}; got {value}")
+
+    def positive(self, where: str, value) -> bool:
+        return self.check(value > 0, f"{where}: must be > 0; got {value}")
+
+    def fraction(self, where: str, value, *, one: bool = False) -> bool:
+        """``value`` in [0, 1), or [0, 1] with ``one``."""
+        ok = 0 <= value <= 1 if one else 0 <= value < 1
+        return self.check(ok, f"{where}: must be in [0, 1{']' if one else ')'}; got {value}")
+
+    def nonempty(self, where: str, value, what: str) -> bool:
+        return self.check(bool(value), f"{where}: empty; give {what}")
 
     def one_of(self, where: str, value, choices) -> bool:
         return self.check(value in choices, f"{where}: must be one of {', '.join(map(str, choices))}; got {value!r}")

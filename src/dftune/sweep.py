@@ -20,30 +20,27 @@ from pathlib import Path
 
 from dftune.config import Config, load_config
 from dftune.eval.run import EvalConfig
-from dftune.settings import ConfigError, config_diff, parse_scalar, read_yaml, resolve_key
+from dftune.settings import ConfigError, Problems, config_diff, parse_scalar, resolve_key
 
 
 @dataclass
 class SweepConfig:
-    """Settings of `dftune sweep`.
-
-    config: the training config (YAML) every point starts from.
-    grid: axes, each key=v1,v2 (repeat --grid per axis); the points are their product.
-    set: fixed key=value overrides applied to every point.
-    out: the sweep folder (one run folder per point, sweep.json, report.html).
-    print_only: print the train (and eval) commands instead of running them.
-    eval: how each point is evaluated (eval.benchmarks empty: not evaluated); model and out
-        are set per point.
-    """
+    """Settings of `dftune sweep`."""
 
     config: str = ""
+    """the training config (YAML) every point starts from."""
     grid: list[str] = field(default_factory=list, metadata={"split": False})
+    """axes, each key=v1,v2 (repeat --grid per axis); the points are their product."""
     set: list[str] = field(default_factory=list, metadata={"split": False})
+    """fixed key=value overrides applied to every point."""
     out: str = ""
+    """the sweep folder (one run folder per point, sweep.json, report.html)."""
     print_only: bool = False
+    """print the train (and eval) commands instead of running them."""
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(benchmarks=[]), metadata={"omit": {
         "model": "each point's model is its run's final model (OUT/POINT/final)",
         "out": "each point is evaluated into OUT/POINT/eval"}})
+    """how each point is evaluated (eval.benchmarks empty: not evaluated); model and out are set per point."""
 
 
 def split_values(raw: str) -> list[str]:
@@ -94,46 +91,76 @@ def _eval_overrides(ev: EvalConfig) -> list[str]:
     return [f"{k}={v}" for k, v in flat.items()]
 
 
-def run_sweep(cfg: SweepConfig) -> list[dict]:
-    """Train (and evaluate) every grid point not already finished; write sweep.json + report.html."""
-    if not cfg.config or not cfg.out:
-        raise ConfigError("sweep needs config (the training YAML) and out (the sweep folder)")
-    if not cfg.grid:
-        raise ConfigError("sweep needs at least one --grid key=v1,v2")
-    read_yaml(cfg.config)  # a missing or broken file fails now
+def plan_sweep(cfg: SweepConfig) -> tuple[list[str], list[dict]]:
+    """The grid's axes and points, every point's config checked (as ``dftune train`` would)
+    against its folder, before anything is trained or written; every problem raised together."""
+    from dftune.paths import file_problem
+    from dftune.train import launched_world
+
+    p = Problems()
+    p.add(file_problem("config", cfg.config, "training config (YAML)"))
+    p.nonempty("out", cfg.out, "the sweep folder")
+    p.nonempty("grid", cfg.grid, "at least one axis: --grid key=v1,v2")
+    if cfg.eval.benchmarks:
+        from dftune.eval.validate import check_eval
+
+        check_eval(cfg.eval, p, "eval.", model_set=True)
+    p.raise_all()  # the points are built from these
     out_dir = Path(cfg.out)
     axes, points = parse_grid(cfg.grid)
     plan = []
     for values in points:
         name = point_name(values)
         ovr = list(cfg.set) + [f"{k}={v}" for k, v in values.items()] + [f"train.out={out_dir / name}"]
-        plan.append({"name": name, "values": values, "overrides": ovr,
-                     "cfg": load_config(cfg.config, ovr)})  # every point is checked before any training
+        run = load_config(cfg.config, ovr)
+        for problem in _point_problems(run, launched_world()):
+            if problem not in p:  # a problem every point shares is told once
+                p.append(problem)
+        plan.append({"name": name, "values": values, "overrides": ovr, "cfg": run})
+    p.raise_all()
+    return axes, plan
+
+
+def _point_problems(run, world: int) -> list[str]:
+    """A point's problems: its settings, and a folder trained with other settings."""
+    import yaml
+
+    from dftune.run_folder import progress
+    from dftune.train import check_run
+
+    p = Problems()
+    check_run(run, p, world)
+    saved = Path(run.train.out) / "config.yaml"
+    if saved.is_file() and progress(Path(run.train.out)):
+        diff = [d for d in config_diff(yaml.safe_load(saved.read_text()) or {}, run)
+                if d[0] not in ("train.resume", "train.overwrite")]
+        if diff:
+            k, a, b = diff[0]
+            p.append(f"{run.train.out} was trained with other settings ({k}: {a!r} there, {b!r} now); use another "
+                     "out, or delete that point's folder")
+    return p
+
+
+def run_sweep(cfg: SweepConfig) -> list[dict]:
+    """Train (and evaluate) every grid point not already finished; write sweep.json + report.html."""
+    axes, plan = plan_sweep(cfg)
+    out_dir = Path(cfg.out)
     evaluate_points = bool(cfg.eval.benchmarks)
     if cfg.print_only:
         for p in plan:
-            print(shlex.join(["dftune", "train", cfg.config, *p["overrides"], "--resume"]))
+            print(shlex.join(["dftune", "train", cfg.config, *p["overrides"]]))
             if evaluate_points:
                 run = out_dir / p["name"]
                 print(shlex.join(["dftune", "eval", f"model={run / 'final'}", f"out={run / 'eval'}",
                                   *_eval_overrides(cfg.eval)]))
         return plan
-    for p in plan:  # a finished point is reused only if it was trained with these settings
-        saved = out_dir / p["name"] / "config.yaml"
-        if saved.is_file():
-            import yaml
-
-            diff = [d for d in config_diff(yaml.safe_load(saved.read_text()) or {}, p["cfg"])
-                    if d[0] not in ("train.resume", "train.overwrite")]
-            if diff:
-                k, a, b = diff[0]
-                raise ConfigError(f"{out_dir / p['name']} was trained with other settings ({k}: {a!r} there, {b!r} now); "
-                                  "use another out, or delete that point's folder")
     from dftune.files import write_json
 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "sweep.json", {"config": cfg.config, "axes": axes, "overrides": list(cfg.set),
                                         "points": [{"name": p["name"], "values": p["values"]} for p in plan]})
+    from dftune.dist import checkpoints
+    from dftune.run_folder import progress
     from dftune.train import train
 
     for i, p in enumerate(plan, 1):
@@ -141,8 +168,10 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
         if (run / "final" / "config.json").is_file():
             print(f"[{i}/{len(plan)}] {p['name']}: trained already")
         else:
-            print(f"[{i}/{len(plan)}] {p['name']}: training")
-            p["cfg"].train.resume = True  # a point interrupted mid-way continues from its checkpoint
+            t = p["cfg"].train
+            t.resume = bool(checkpoints(run))  # a point interrupted mid-way continues from its checkpoint
+            t.overwrite = not t.resume and bool(progress(run))  # one stopped before any checkpoint starts again
+            print(f"[{i}/{len(plan)}] {p['name']}: {'resuming' if t.resume else 'training'}")
             train(p["cfg"])
         if evaluate_points:
             from dftune.eval.run import evaluate

@@ -68,7 +68,7 @@ def build_model(vocab_size: int, *, hidden: int = 128, layers: int = 2, heads: i
 
 def texts_from(path: str, limit: int = 2000) -> list[str]:
     """Every string field of the first ``limit`` records of a data file, for the tokenizer."""
-    from dftune.data import read_records
+    from dftune.records import read_records
 
     out = []
     for _, rec in read_records(path)[:limit]:
@@ -90,31 +90,38 @@ def make_tiny(out_dir: str | Path, texts, *, vocab_size: int = 512, seed: int = 
 
 @dataclass
 class TinyConfig:
-    """Settings of `dftune tiny-model` (a tiny random Llama and a BPE tokenizer, offline).
-
-    out: the folder to write (model + tokenizer, loadable by transformers and vLLM).
-    data: a data file whose text trains the tokenizer.
-    limit: records of it used for the tokenizer.
-    vocab_size: the BPE vocabulary (plus 4 special tokens).
-    hidden, layers, heads: the model's shape (head_dim = hidden / heads; vLLM on CPU needs >= 32).
-    seed: the initialisation.
-    """
+    """Settings of `dftune tiny-model` (a tiny random Llama and a BPE tokenizer, offline)."""
 
     out: str = ""
+    """the folder to write (model + tokenizer, loadable by transformers and vLLM)."""
     data: str = ""
+    """a data file whose text trains the tokenizer."""
     limit: int = 2000
+    """records of it used for the tokenizer."""
     vocab_size: int = 512
+    """the BPE vocabulary (plus 4 special tokens)."""
     hidden: int = 128
+    """The model's width (head_dim = hidden / heads; vLLM on CPU needs head_dim >= 32)."""
     layers: int = 2
+    """The model's depth."""
     heads: int = 2
+    """Attention heads."""
     seed: int = 0
+    """the initialisation."""
 
 
 def make_tiny_from(cfg: TinyConfig) -> Path:
-    from dftune.settings import ConfigError
+    from dftune.paths import data_problem
+    from dftune.settings import Problems
 
-    if not cfg.out or not cfg.data:
-        raise ConfigError("tiny-model needs out (the folder to write) and data (text for the tokenizer)")
+    p = Problems()
+    p.nonempty("out", cfg.out, "the folder to write")
+    p.add(data_problem("data", cfg.data))
+    for key in ("limit", "vocab_size", "hidden", "layers", "heads"):
+        p.at_least(key, getattr(cfg, key), 1)
+    p.check(cfg.heads < 1 or cfg.hidden % cfg.heads == 0,
+            f"hidden: {cfg.hidden} is not a multiple of heads {cfg.heads}")
+    p.raise_all()
     return make_tiny(cfg.out, texts_from(cfg.data, cfg.limit), vocab_size=cfg.vocab_size, seed=cfg.seed,
                      hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads, intermediate=2 * cfg.hidden)
 

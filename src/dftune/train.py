@@ -29,17 +29,19 @@ from pathlib import Path
 import torch
 
 from dftune import dist
-from dftune.config import Config
-from dftune.data import DataError, build_dataset, epoch_steps, step_batches
-from dftune.errors import UserError
+from dftune.batching import epoch_steps, step_batches
+from dftune.config import Config, check_data, check_model, check_train
+from dftune.data import build_dataset
+from dftune.errors import Interrupted, UserError
 from dftune.files import write_json
 from dftune.loss import normalize_gradients_
 from dftune.model import CausalLMLoss, load_model, load_tokenizer, reference_kind, stored_dtype
 from dftune.precision import DTYPES, Precision
-from dftune.run_folder import export_final, export_note, open_run_folder
+from dftune.records import DataError
+from dftune.run_folder import check_run_folder, claim_run_folder, export_final, export_note
 from dftune.run_log import RunLog
 from dftune.schedule import Schedule, objective_schedule
-from dftune.settings import ConfigError
+from dftune.settings import ConfigError, Problems, to_dict
 
 
 class NonFiniteError(UserError, RuntimeError):
@@ -123,32 +125,26 @@ class Setup:
     start: int = 0  # the step a resumed run continues from
 
 
-def setup(cfg: Config, rt: dist.Runtime) -> Setup:
-    """Precision and schedule from their settings, the run folder, the data (every row
-    validated before the model's weights are read), the model and the optimizer, and the
-    checkpoint to resume from."""
+def setup(cfg: Config, rt: dist.Runtime, schedule: Schedule, resume_from: Path | None) -> Setup:
+    """Precision from its setting, the data (every row validated before the model's weights
+    are read), the run folder claimed, the model and the optimizer, and the checkpoint's
+    state. ``cfg`` was validated and ``schedule`` parsed by ``validate``."""
     t = cfg.train
-    schedule = objective_schedule(t.objective_schedule or t.objective)
     parallel = dist.resolve_parallel(t.parallel, rt.world)
-    if parallel == "fsdp" and cfg.model.lora_r > 0:
-        raise ConfigError("LoRA with FSDP is not supported (LoRA's trainable state is small): use train.parallel=ddp")
-    if t.eval_every:
-        from dftune.eval.run import check_periodic_eval
-
-        check_periodic_eval(cfg.eval)
     precision = Precision.resolve(t.precision, rt.device, parallel)
     out = Path(t.out)
-    resume_from = open_run_folder(cfg, rt)
     random.seed(t.seed)
     torch.manual_seed(t.seed)
 
     tokenizer = load_tokenizer(cfg.model)
     examples, summary = build_dataset(cfg.data, tokenizer, seed=t.seed)
+    if len(examples) < t.global_batch:
+        raise DataError(f"{cfg.data.path}: {len(examples)} usable examples is fewer than one global batch "
+                        f"(train.global_batch {t.global_batch})")
+    claim_run_folder(cfg, rt)  # the data is good: the folder is this run's now, before the model loads
     if rt.is_main:
         print(f"data: {summary}")
         write_json(out / "data_summary.json", summary.__dict__)
-    if len(examples) < t.global_batch:
-        raise DataError(f"{len(examples)} usable examples is fewer than one global batch ({t.global_batch})")
     batches = Batches(cfg, examples, rt, tokenizer.pad_token_id)
     total = t.max_steps or max(1, math.ceil(t.epochs * batches.per_epoch))
 
@@ -222,37 +218,83 @@ def train_step(s: Setup, step: int, logs_entropy: bool) -> dict:
     return rec
 
 
+def launched_world() -> int:
+    """Processes the launcher (torchrun, accelerate) announces in WORLD_SIZE; 1 without one."""
+    import os
+
+    raw = os.environ.get("WORLD_SIZE", "1")
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigError(f"WORLD_SIZE={raw!r} in the environment is not a positive integer")
+    return int(raw)
+
+
+def check_run(cfg: Config, p: Problems, world: int = 1) -> Schedule | None:
+    """Every problem with a training run's settings (not its folder); the objective schedule,
+    parsed once (None when it does not parse)."""
+    t = cfg.train
+    check_model(cfg.model, p)
+    check_data(cfg.data, p)
+    check_train(t, p, world)
+    schedule = None
+    try:
+        schedule = objective_schedule(t.objective_schedule or t.objective)
+    except UserError as e:
+        p.append(f"train.{'objective_schedule' if t.objective_schedule else 'objective'}: {e}")
+    if t.parallel == "fsdp":
+        p.check(cfg.model.lora_r == 0, "model.lora_r: LoRA with FSDP is not supported (LoRA's trainable state is "
+                                       "small): use train.parallel=ddp")
+    if t.loss_backend.partition(":")[0] in ("cce", "liger"):  # what the installed library cannot do, found now
+        from dftune import loss_gpu
+
+        try:
+            loss_gpu.check(t.loss_backend)
+        except UserError as e:
+            p.append(f"train.loss_backend: {e}")
+    if t.eval_every:
+        from dftune.eval.validate import check_eval
+
+        check_eval(cfg.eval, p, "eval.", periodic=True)
+    return schedule
+
+
+def validate(cfg: Config) -> tuple[Schedule, Path | None]:
+    """Every problem with a training run's settings and folder, found before anything is
+    loaded or written and raised together; the objective schedule, parsed once; the
+    checkpoint to resume from."""
+    p = Problems()
+    schedule = check_run(cfg, p, launched_world())
+    resume_from = check_run_folder(cfg, p)
+    p.raise_all()
+    return schedule, resume_from
+
+
 def train(cfg: Config, on_step=None) -> Path:
     """Run training as configured; return the folder of the final model.
 
     on_step(step, record) is called after each optimizer step (tests use it to stop a
     run part-way, as a kill would).
     """
-    objective_schedule(cfg.train.objective_schedule or cfg.train.objective)  # a bad spec fails before anything loads
-    if cfg.train.loss_backend.partition(":")[0] in ("cce", "liger"):  # as does what the installed library cannot do
-        from dftune import loss_gpu
-
-        loss_gpu.check(cfg.train.loss_backend)
+    schedule, resume_from = validate(cfg)
     rt = dist.init_runtime()
     try:
-        return _train(cfg, rt, on_step)
+        return _train(cfg, rt, schedule, resume_from, on_step)
     finally:
         rt.close()
 
 
-def _train(cfg: Config, rt: dist.Runtime, on_step) -> Path:
+def _train(cfg: Config, rt: dist.Runtime, schedule: Schedule, resume_from: Path | None, on_step) -> Path:
     t = cfg.train
-    s = setup(cfg, rt)
+    s = setup(cfg, rt, schedule, resume_from)
     if s.start >= s.total and (s.out / "final" / "config.json").is_file():
         return s.out / "final"  # finished already
-    log = RunLog(s.out, t.tensorboard, t.log_every, rt.is_main, s.start)
+    log = RunLog(s.out, t.report_to, t.log_every, rt.is_main, s.start, to_dict(cfg))
     bar = None
     if rt.is_main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=s.total, initial=s.start, desc=f"train {s.schedule.spec}", unit="step", dynamic_ncols=True,
                    disable=None)  # None: no bar when output is not a terminal (CI logs)
-    t0, tokens_seen = time.perf_counter(), 0
+    t0, tokens_seen, step = time.perf_counter(), 0, s.start
     try:
         for step in range(s.start, s.total):
             logs_entropy = step == s.start or (step + 1) % log.every == 0 or step + 1 == s.total
@@ -268,6 +310,9 @@ def _train(cfg: Config, rt: dist.Runtime, on_step) -> Path:
                 _periodic_eval(s, step + 1)
             if on_step is not None:
                 on_step(step + 1, rec)
+    except KeyboardInterrupt:
+        kept = dist.checkpoints(s.out)
+        raise Interrupted(f"training stopped at step {step}", resume=kept[-1] if kept else None) from None
     finally:
         log.close()
         if bar is not None:

@@ -33,14 +33,26 @@ def _render(tokenizer, messages, **kw):
     return tokenizer.apply_chat_template(messages, tokenize=False, **kw)
 
 
-def end_of_turn_ids(tokenizer) -> list[int]:
-    """EOS and the special token the chat template writes right after an assistant message
-    (<|im_end|>, <|eot_id|>, <end_of_turn>...): the tokens that end a response.
+# Qwen's evaluation stops chat-format prompts at these too, besides the model's EOS
+QWEN_END_OF_TURN = ("<|im_end|>", "<|endoftext|>")
 
-    Only a special or added token counts: a template that ends turns with plain text
-    ("\\n\\n") adds nothing here. Without a template (or one that fails to render) only EOS.
+
+def end_of_turn_ids(tokenizer, prompt_style: str = "chat") -> list[int]:
+    """The tokens that end a response, the one definition (generation stops at them, the
+    probe and the analysis report their probability, ``protect=special`` trains them):
+    EOS, then the special token the chat template writes right after an assistant message
+    (<|im_end|>, <|eot_id|>, <end_of_turn>...), and for the paper's ``qwen-boxed`` prompt
+    (Qwen's own chat format, whatever the tokenizer's template) Qwen's <|im_end|> and
+    <|endoftext|> where the vocabulary has them as one token (Qwen's evaluation stops at both).
+
+    Only a special or added token counts as the template's: a template that ends turns with
+    plain text ("\\n\\n") adds nothing. Without a template (or one that fails to render),
+    and for ``prompt_style`` plain (a completion prompt has no turns), EOS only.
     """
     ids = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+    if prompt_style == "plain":
+        return ids
+    marked = _added_or_special(tokenizer)
     if getattr(tokenizer, "chat_template", None):
         try:
             text = _render(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _MARK}])
@@ -49,9 +61,12 @@ def end_of_turn_ids(tokenizer) -> list[int]:
         if _MARK in text:
             after = text.split(_MARK, 1)[1]
             first = tokenizer(after, add_special_tokens=False)["input_ids"][:1]
-            if first and first[0] in _added_or_special(tokenizer) and first[0] not in ids:
+            if first and first[0] in marked:
                 ids.append(int(first[0]))
-    return ids
+    if prompt_style == "qwen-boxed":
+        vocab = tokenizer.get_vocab()
+        ids += [int(vocab[t]) for t in QWEN_END_OF_TURN if isinstance(vocab.get(t), int)]
+    return list(dict.fromkeys(ids))
 
 
 def _added_or_special(tokenizer) -> set[int]:

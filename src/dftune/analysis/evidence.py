@@ -13,13 +13,13 @@ from dftune.analysis.page import (
     Context,
     details,
     esc,
-    flat,
     img,
     pct,
     relpath_value,
     table,
 )
-from dftune.analysis.summary import primary
+from dftune.eval.metrics import avg_key, primary_metric, samples_per_problem
+from dftune.settings import flatten
 
 FOLD_ROWS = 6  # tables longer than this are folded into <details>
 
@@ -33,7 +33,7 @@ def eval_section(ctx: Context) -> str:
     benches = list(dict.fromkeys(b for r in with_eval for b in r.summary["benchmarks"]))
     rows, warnings = [], []
     for r in with_eval:
-        n, key = r.summary["sampling"]["n"], primary(r.summary)
+        n, key = samples_per_problem(r.summary), primary_metric(r.summary)
         cells = [esc(r.name)]
         for b in benches:
             m = r.summary["benchmarks"].get(b)
@@ -49,7 +49,7 @@ def eval_section(ctx: Context) -> str:
         cells.append("" if mean is None else f"<b>{pct(mean, 2)}</b>")
         rows.append(cells)
         warnings += [f"{r.name}: {w}" for w in r.summary.get("warnings", [])]
-    key0 = primary(with_eval[0].summary)
+    key0 = primary_metric(with_eval[0].summary)
     graders = sorted({r.summary.get("grader", "math-verify") for r in with_eval
                       if r.summary.get("grader") in ("math-verify", "paper")}) or ["math-verify"]
     body = _table_maybe_folded(["run"] + benches + ["mean"], rows, f"Every run and seed ({len(rows)})")
@@ -63,17 +63,17 @@ def eval_section(ctx: Context) -> str:
 def _graders_table(runs: list, benches: list) -> str:
     """avg@n and maj@n under each grader (math-verify, paper), per run and benchmark."""
     def cell(m: dict, n: int) -> str:
-        if f"avg@{n}" not in m:
+        if avg_key(n) not in m:
             return ""
         extra = f" · pass@{n} {pct(m[f'pass@{n}'], 2)}" if f"pass@{n}" in m else ""
-        return f"{pct(m[f'avg@{n}'], 2)}<br><small>maj@{n} {pct(m[f'maj@{n}'], 2)}{extra}</small>"
+        return f"{pct(m[avg_key(n)], 2)}<br><small>maj@{n} {pct(m[f'maj@{n}'], 2)}{extra}</small>"
 
     rows = []
     for r in runs:
-        n = r.summary["sampling"]["n"]
+        n = samples_per_problem(r.summary)
         for g in ("math-verify", "paper"):
             ms = [r.summary["benchmarks"].get(b, {}).get("by_grader", {}).get(g, {}) for b in benches]
-            if any(f"avg@{n}" in m for m in ms):
+            if any(avg_key(n) in m for m in ms):
                 mean = r.summary.get("mean_by_grader", {}).get(g, {})
                 rows.append([esc(r.name), g] + [cell(m, n) for m in ms] + [cell(mean, n)])
     if not rows:
@@ -129,7 +129,8 @@ def compare_section(ctx: Context, direct: list) -> str:
                      f"<span class='{cls}'>{100 * b['diff']:+.2f}</span>",
                      f"{100 * b['ci95'][0]:+.2f} to {100 * b['ci95'][1]:+.2f}", f"{b['p_bootstrap']:.3g}",
                      f"{st['a_better']} / {st['b_better']} / {st['ties']}" if st else "", f"{st['p']:.3g}" if st else ""])
-    head = ["benchmark", "problems", f"{ref.name} {c['metric']}", f"{run.name} {c['metric']}", "Δ", "95% CI",
+    head = ["benchmark", "problems", f"{ref.name} {c['metric']}", f"{run.name} {c['metric']}",
+            f"Δ = {run.name} − {ref.name}", "95% CI",
             "p (bootstrap)", f"{run.name} better / worse / tied", "p (sign test)"]
     warn = (f"<p><b>Unlike evaluations</b>: their settings differ (the numbers are not comparable as they stand):"
             f"</p><ul>{unlike}</ul>" if unlike else "")
@@ -144,8 +145,8 @@ def sweep_section(folder: Path, sweep: dict, runs: list) -> str:
     points = []
     for pt in sweep.get("points", []):
         r = by_dir.get(str((Path(folder) / pt["name"]).resolve()))
-        if r and r.summary and primary(r.summary) in r.summary.get("mean", {}):
-            points.append((pt["values"], 100 * r.summary["mean"][primary(r.summary)]))
+        if r and r.summary and primary_metric(r.summary) in r.summary.get("mean", {}):
+            points.append((pt["values"], 100 * r.summary["mean"][primary_metric(r.summary)]))
     out = []
     for axis in sweep.get("axes", []):
         if axis.endswith("seed"):
@@ -175,7 +176,7 @@ def _grouped_table(folder: Path, sweep: dict, by_dir: dict) -> str:
         r = by_dir.get(str((Path(folder) / pt["name"]).resolve()))
         if not (r and r.summary):
             continue
-        key = primary(r.summary)
+        key = primary_metric(r.summary)
         name = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in pt["values"].items() if not k.endswith("seed")) or "all"
         for b, m in r.summary["benchmarks"].items():
             if key in m:
@@ -293,7 +294,7 @@ def samples_section(ctx: Context) -> str:
 
 
 def config_section(ctx: Context) -> str:
-    cfgs = {r.name: flat(r.config) for r in ctx.runs if r.config}
+    cfgs = {r.name: flatten(r.config) for r in ctx.runs if r.config}
     if len(cfgs) < 2:
         return ""
     keys = sorted({k for c in cfgs.values() for k in c})

@@ -56,16 +56,6 @@ def swatch(name: str, colors: dict) -> str:
     return f'<span class="sw" style="background:{esc(c)}"></span>{esc(name)}'
 
 
-def flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def fmt(v) -> str:
     if v is None:
         return ""

@@ -28,24 +28,24 @@ import yaml
 from dftune.analysis import evidence as E
 from dftune.analysis import page as P
 from dftune.analysis import sections as S
-from dftune.analysis.summary import Arm, Group, findings, per_problem, score_group
+from dftune.analysis.summary import Arm, Group, findings, score_group
 from dftune.errors import UserError
 from dftune.eval.general import is_summary as is_general
+from dftune.eval.metrics import accuracy_by_problem
 from dftune.files import read_jsonl
+from dftune.settings import flatten
 
 
 @dataclass
 class ReportConfig:
-    """Settings of `dftune report`.
-
-    inputs: run, evaluation, analysis, sweep or general-suite folders; probe.json files.
-    output: the HTML file to write.
-    title: the page title.
-    """
+    """Settings of `dftune report`."""
 
     inputs: list[str] = field(default_factory=list, metadata={"split": False})
+    """run, evaluation, analysis, sweep or general-suite folders; probe.json files."""
     output: str = "report.html"
+    """the HTML file to write."""
     title: str = "dftune report"
+    """the page title."""
 
 
 class ReportError(UserError, ValueError):
@@ -107,8 +107,43 @@ def _load_eval(r: Run, folder: Path) -> None:
     r.summary, r.eval_dir = _json(folder / "summary.json"), folder
     if r.summary and "benchmarks" in r.summary and (folder / "samples.jsonl").is_file():
         rows = _jsonl(folder / "samples.jsonl")
-        r.acc = per_problem(rows, r.summary) or None
+        r.acc = accuracy_by_problem(rows, r.summary) or None
         r.examples = pick_examples(rows)
+
+
+def evaluates(summary: dict | None, run: Path, config: dict | None) -> bool:
+    """Is this evaluation (its summary's model) of the run's final model? Told by the run's
+    config (train.out/final) or folder (RUN/final): the same path resolved, else the same
+    last two parts (the run folder's name and final: a path written on another machine)."""
+    model = (summary or {}).get("model")
+    if not isinstance(model, str) or not model:
+        return False
+    train = (config or {}).get("train") or {}
+    targets = [run / "final"] + [Path(train[k]) / "final" for k in ("out", "out_dir") if train.get(k)]
+    m = Path(model)
+    return any(m.resolve() == t.resolve() or m.parts[-2:] == t.parts[-2:] for t in targets)
+
+
+def pair_evaluations(runs: list[Run]) -> list[Run]:
+    """Evaluation folders given beside the training runs they evaluate join those runs (paired
+    by the run's config, whatever the folders are called); the rest stay as they are."""
+    trained = [r for r in runs if r.config and r.summary is None]
+    out = []
+    for r in runs:
+        run = next((t for t in trained if r.summary and not (r.config or r.log) and evaluates(r.summary, t.path, t.config)),
+                   None)
+        if run is None:
+            out.append(r)
+            continue
+        run.summary, run.eval_dir, run.acc, run.examples = r.summary, r.eval_dir, r.acc, r.examples
+        trained.remove(run)
+    return out
+
+
+def objective_label(config: dict | None) -> str | None:
+    """What a run trained with: its objective, or its schedule when the objective moved."""
+    train = (config or {}).get("train") or {}
+    return train.get("objective_schedule") or train.get("objective")
 
 
 def load_run(path: Path, name: str | None = None) -> Run:
@@ -135,7 +170,13 @@ def load_run(path: Path, name: str | None = None) -> Run:
     r.config = yaml.safe_load(cfg.read_text()) if cfg.is_file() else None
     r.log = _jsonl(p / "log.jsonl")
     r.eval_curve = _jsonl(p / "eval_curve.jsonl")
-    _load_eval(r, p if (p / "summary.json").is_file() else p / "eval")
+    if (p / "summary.json").is_file():
+        _load_eval(r, p)
+    elif (p / "eval" / "summary.json").is_file():  # RUN/eval: attached when it evaluates this run's model
+        _load_eval(r, p / "eval")
+        if r.config and not evaluates(r.summary, p, r.config):
+            r.summary = r.acc = None
+            r.examples = []
     if is_general(r.summary):  # a general-suite folder (dftune eval-general)
         r.general, r.summary, r.acc, r.examples = r.summary, None, None, []
     if r.summary is None:
@@ -181,7 +222,8 @@ def sweep_groups(folder: Path, sweep: dict, runs: dict[str, Run]) -> list[Group]
     return list(groups.values())
 
 
-IGNORED_KEYS = ("train.seed", "train.objective", "train.out", "train.resume", "train.overwrite")
+IGNORED_KEYS = ("train.seed", "train.objective", "train.objective_schedule", "train.out", "train.resume",
+                "train.overwrite")
 
 
 def run_groups(runs: list[Run]) -> list[Group]:
@@ -190,8 +232,8 @@ def run_groups(runs: list[Run]) -> list[Group]:
     runs = [r for r in runs if r.summary or r.log]
     if not runs:
         return []
-    key = {id(r): str((r.config or {}).get("train", {}).get("objective") or r.name) if r.config else r.name for r in runs}
-    flat = {id(r): {k: v for k, v in P.flat(r.config or {}).items() if k not in IGNORED_KEYS} for r in runs}
+    key = {id(r): str(objective_label(r.config) or r.name) for r in runs}
+    flat = {id(r): {k: v for k, v in flatten(r.config or {}).items() if k not in IGNORED_KEYS} for r in runs}
     for r in runs:
         same = [x for x in runs if key[id(x)] == key[id(r)]]
         if any(json.dumps(flat[id(x)], sort_keys=True, default=str) != json.dumps(flat[id(r)], sort_keys=True, default=str)
@@ -257,8 +299,8 @@ def build_report(paths: list[str | Path], title: str = "dftune report", base: st
             r.name = f"{p.resolve().parent.name}/{r.name}"
         seen[r.name] = r
         runs.append(r)
-        if not (r.summary or r.log):
-            extras.append(r)
+    runs = pair_evaluations(runs)
+    extras = [r for r in runs if not (r.summary or r.log)]
     groups = []
     for folder, sweep, pts, _ in sweeps:
         groups += sweep_groups(folder, sweep, {str(r.path.resolve()): r for r in pts})
@@ -284,6 +326,19 @@ def build_report(paths: list[str | Path], title: str = "dftune report", base: st
             f"<h1>{P.esc(title)}</h1><p class='meta'>Generated {time.strftime('%Y-%m-%d %H:%M')} from {len(paths)} "
             f"input{'s' if len(paths) != 1 else ''} (listed at the end); paths relative to this page's folder.</p>"
             f"{body}<h2>Inputs</h2><ul>{inputs}</ul><script>{P.JS}</script></body></html>")
+
+
+def validate_report(cfg: ReportConfig) -> None:
+    """`dftune report`'s settings: inputs that exist, an output file to write."""
+    from dftune.settings import Problems
+
+    p = Problems()
+    if p.nonempty("inputs", cfg.inputs, "run, evaluation, analysis or sweep folders (or probe.json files)"):
+        for path in cfg.inputs:
+            p.check(Path(path).exists(), f"inputs: {path} not found")
+    if p.nonempty("output", cfg.output, "the HTML file to write (-o report.html)"):
+        p.check(not Path(cfg.output).is_dir(), f"output: {cfg.output} is a folder; give the HTML file to write")
+    p.raise_all()
 
 
 def write_report(paths, out: str | Path, title: str = "dftune report") -> Path:

@@ -18,55 +18,89 @@ from dftune.settings import ConfigError
 
 @dataclass
 class SampleDataConfig:
-    """The data sample the statistics are computed on (response tokens, as in training).
-
-    data: a training-format data file (jsonl/json/parquet/folder) or a Hub dataset id.
-    limit: the first N rows.
-    max_length: tokens per example (longer responses are cut).
-    format: auto, messages, prompt_completion, problem_solution or question_answer.
-    chat_template: auto (the tokenizer's), plain, or a .jinja file.
-    instruction_suffix: text appended to every prompt (as in training).
-    batch_size: sequences per forward pass.
-    """
+    """The data sample the statistics are computed on (response tokens, as in training)."""
 
     data: str = ""
+    """a training-format data file (jsonl/json/parquet/folder) or a Hub dataset id."""
     limit: int = 256
+    """the first N rows."""
     max_length: int = 1024
+    """tokens per example (longer responses are cut)."""
     format: str = "auto"
+    """auto, messages, prompt_completion, problem_solution or question_answer."""
     chat_template: str = "auto"
+    """auto (the tokenizer's), plain, or a .jinja file."""
     instruction_suffix: str = ""
+    """text appended to every prompt (as in training)."""
     batch_size: int = 8
+    """sequences per forward pass."""
 
 
 @dataclass
 class ProbeConfig:
-    """Settings of `dftune probe` (how strong is the model's prior on this data?).
-
-    model: the base model: a local folder or a Hub id.
-    out: also write the result as JSON here (the report reads it); empty: print only.
-    sample: the data sample (sample.data, sample.limit, ...; bare keys work: data=..., limit=...).
-    """
+    """Settings of `dftune probe` (how strong is the model's prior on this data?)."""
 
     model: str = ""
+    """the base model: a local folder or a Hub id."""
     out: str = ""
+    """also write the result as JSON here (the report reads it); empty: print only."""
     sample: SampleDataConfig = field(default_factory=SampleDataConfig)
+    """the data sample (sample.data, sample.limit, ...; bare keys work: data=..., limit=...)."""
 
 
 @dataclass
 class AnalyzeConfig:
-    """Settings of `dftune analyze` (token probabilities of several models on one sample).
-
-    models: name=path pairs (a,b,... ; a bare path is named by its folder); the first is the
-        base unless `base` says otherwise.
-    base: the name of the reference model (shifts, risers/fallers and KL are against it).
-    out: the output folder (token_probs.json).
-    sample: the data sample (sample.data, sample.limit, ...; bare keys work: data=..., limit=...).
-    """
+    """Settings of `dftune analyze` (token probabilities of several models on one sample)."""
 
     models: list[str] = field(default_factory=list)
+    """name=path pairs (a,b,... ; a bare path is named by its folder); the first is the base unless `base` says
+    otherwise."""
     base: str = ""
+    """the name of the reference model (shifts, risers/fallers and KL are against it)."""
     out: str = ""
+    """the output folder (token_probs.json)."""
     sample: SampleDataConfig = field(default_factory=SampleDataConfig)
+    """the data sample (sample.data, sample.limit, ...; bare keys work: data=..., limit=...)."""
+
+
+def check_sample(s: SampleDataConfig, p) -> None:
+    from dftune.paths import data_problem
+
+    p.add(data_problem("sample.data", s.data))
+    p.at_least("sample.limit", s.limit, 1)
+    p.at_least("sample.max_length", s.max_length, 2)
+    p.at_least("sample.batch_size", s.batch_size, 1)
+
+
+def validate_probe(cfg: ProbeConfig) -> None:
+    """`dftune probe`'s settings, every problem raised together before anything loads."""
+    from dftune.paths import model_problem
+    from dftune.settings import Problems
+
+    p = Problems()
+    p.add(model_problem("model", cfg.model))
+    check_sample(cfg.sample, p)
+    p.raise_all()
+
+
+def validate_analyze(cfg: AnalyzeConfig) -> None:
+    """`dftune analyze`'s settings, every problem raised together before anything loads."""
+    from dftune.paths import model_problem
+    from dftune.settings import Problems
+
+    p = Problems()
+    try:
+        models = parse_models(cfg.models)
+    except ConfigError as e:
+        p.append(str(e))
+        models = {}
+    for name, path in models.items():
+        p.add(model_problem(f"models ({name})", path))
+    if models:
+        p.check(not cfg.base or cfg.base in models, f"base: {cfg.base!r} is not one of models ({', '.join(models)})")
+    p.nonempty("out", cfg.out, "the output folder")
+    check_sample(cfg.sample, p)
+    p.raise_all()
 
 
 def sample_examples(tokenizer, s: SampleDataConfig):
@@ -91,8 +125,7 @@ def run_probe(cfg: ProbeConfig) -> dict:
     from dftune.model import load_pretrained, load_tokenizer
     from dftune.precision import inference_dtype
 
-    if not cfg.model:
-        raise ConfigError("model is empty: give the base model's folder or Hub id")
+    validate_probe(cfg)
     tok = load_tokenizer(cfg.model)
     exs = sample_examples(tok, cfg.sample)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -126,12 +159,9 @@ def run_analyze(cfg: AnalyzeConfig, progress: bool = True) -> dict:
     from dftune.model import load_pretrained, load_tokenizer
     from dftune.precision import inference_dtype
 
+    validate_analyze(cfg)
     models = parse_models(cfg.models)
     base = cfg.base or next(iter(models))
-    if base not in models:
-        raise ConfigError(f"base {base!r} is not one of models ({', '.join(models)})")
-    if not cfg.out:
-        raise ConfigError("out is empty: give the output folder")
     tok = load_tokenizer(models[base])
     exs = sample_examples(tok, cfg.sample)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -46,7 +46,7 @@ def group_table(g: Group, colors: dict, found: list[Finding]) -> str:
         data = {"arm": arm.name, "score": arm.score, "diff": arm.diff, "lo": (arm.diff_ci95 or [None])[0],
                 "hi": (arm.diff_ci95 or [None, None])[1], "p": arm.p}
         attrs.append("".join(f' data-{k}="{esc(v)}"' for k, v in data.items() if v is not None))
-    head = ["objective", f"{g.metric or 'accuracy'}, %", f"Δ vs {g.baseline}, points" if g.baseline else "Δ"]
+    head = ["objective", f"{g.metric or 'accuracy'}, %", f"Δ = objective − {g.baseline}, points" if g.baseline else "Δ"]
     label = f"<h3>{esc(g.label)}</h3>" if g.label else ""
     items = "".join(f"<li>{_finding(f, g.label)}</li>" for f in found)
     return (f"<div class='group' data-group='{esc(g.label)}'>{label}{table(head, rows, cls='rank', row_attrs=attrs)}"

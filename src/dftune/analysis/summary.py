@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dftune.eval.metrics import BOOTSTRAP_REPS, interval
+from dftune.eval.metrics import BOOTSTRAP_REPS, interval, primary_metric
 
 # finding thresholds (documented in docs/design.md, shown in the page's notes)
 TAIL_MIN = 0.005  # a tail's share (p < 0.1, p > 0.9) "moved" by at least half a point ...
@@ -64,7 +64,6 @@ class Group:
     metric: str = ""
     benchmarks: list = field(default_factory=list)
     problems: int = 0
-    seeds_note: str = ""
     boot: dict = field(default_factory=dict)  # arm name -> (reps,) replicates of its score
     analysis: object = None  # the Run holding this group's token_probs.json
     probe: object = None  # the Run holding this group's probe.json
@@ -81,22 +80,6 @@ class Group:
         obs = self.arms[a].score - self.arms[b].score
         p = (1 + np.sum(np.abs(d - d.mean()) >= abs(obs) - 1e-12)) / (len(d) + 1)
         return obs, interval(d), float(min(1.0, p))
-
-
-def primary(summary: dict) -> str:
-    return summary.get("primary") or f"avg@{summary['sampling']['n']}"
-
-
-def per_problem(rows, summary: dict) -> dict[str, dict[str, float]]:
-    """{benchmark: {problem id: accuracy over its n samples}} from samples.jsonl rows; only
-    problems with all n samples (as `dftune compare`)."""
-    n = summary.get("n") or summary["sampling"]["n"]
-    got: dict[str, dict[str, list]] = {b: {} for b in summary.get("benchmarks", {})}
-    for r in rows:
-        b = r.get("benchmark")
-        if b in got and isinstance(r.get("sample"), int) and 0 <= r["sample"] < n:
-            got[b].setdefault(str(r.get("id")), [None] * n)[r["sample"]] = bool(r.get("correct"))
-    return {b: {i: sum(v) / n for i, v in ps.items() if None not in v} for b, ps in got.items()}
 
 
 def bootstrap(arms: dict[str, list[dict]], reps: int = BOOTSTRAP_REPS, seed: int = 0):
@@ -132,8 +115,8 @@ def score_group(group: Group, reps: int = BOOTSTRAP_REPS, seed: int = 0) -> Grou
         evals = [r for r in arm.runs if r.summary]
         if not evals:
             continue
-        group.metric = group.metric or primary(evals[0].summary)
-        arm.seed_scores = [r.summary.get("mean", {}).get(primary(r.summary)) for r in evals]
+        group.metric = group.metric or primary_metric(evals[0].summary)
+        arm.seed_scores = [r.summary.get("mean", {}).get(primary_metric(r.summary)) for r in evals]
         arm.seed_scores = [s for s in arm.seed_scores if s is not None]
         trunc = [m.get("truncated") for r in evals for m in r.summary.get("benchmarks", {}).values()]
         trunc = [t for t in trunc if t is not None]

@@ -21,12 +21,10 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from dftune import files
 from dftune.loss import next_token_targets, token_loss
 from dftune.model import _hidden, decoder_and_head
 from dftune.vocab import CLASS_NAMES, CONTENT, NUMBER, end_of_turn_ids, token_classes
@@ -49,14 +47,15 @@ class TokenStats:
 def load_for_analysis(path: str, device: torch.device):
     from transformers import AutoModelForCausalLM
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    from dftune.precision import inference_dtype
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=inference_dtype(device)).to(device).eval()
 
 
 @torch.no_grad()
 def token_stats(model, examples, pad_id: int, *, base=None, batch_size: int = 8, progress=None) -> TokenStats:
-    """Statistics of ``model`` on ``examples`` (dftune.data.Example); KL against ``base``."""
-    from dftune.data import collate
+    """Statistics of ``model`` on ``examples`` (dftune.tokenized.Example); KL against ``base``."""
+    from dftune.batching import collate
 
     device = next(model.parameters()).device
     ids, logps, ents, kls = [], [], [], []
@@ -315,7 +314,7 @@ def probe_report(st: TokenStats, classes: np.ndarray, eot_ids, *, decode=None, *
 
 def probe(model, examples, tokenizer, *, model_name: str = "", data: str = "", batch_size: int = 8,
           progress=None) -> dict:
-    """Pre-flight probe of a base ``model`` on ``examples`` (dftune.data.Example), response
+    """Pre-flight probe of a base ``model`` on ``examples`` (dftune.tokenized.Example), response
     tokens only: statistics overall, per token class and for the end-of-turn token, and the
     recommended objective with its reason and warnings (``probe_report``'s schema).
 
@@ -353,8 +352,3 @@ def format_probe(result: dict) -> str:
     out.append(f"recommended objective: {rec['objective']}\n  {rec['reasoning']}")
     out += [f"warning [{w['code']}]: {w['message']}" for w in rec.get("warnings", [])]
     return "\n".join(out)
-
-
-def write_json(path: Path, data) -> None:
-    """Kept for existing callers; ``dftune.files.write_json`` is the one atomic writer."""
-    files.write_json(path, data)

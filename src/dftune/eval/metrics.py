@@ -44,6 +44,37 @@ def interval(replicates: np.ndarray, level: float = 0.95) -> list[float]:
     return [float(lo), float(hi)]
 
 
+def avg_key(n: int) -> str:
+    """The paper's number for ``n`` samples per problem, by name: avg@n (built here only)."""
+    return f"avg@{n}"
+
+
+def samples_per_problem(summary: dict) -> int:
+    """``n`` of an evaluation's summary.json, the one way to read it: its "n" (what
+    ``summarize_rows`` writes), else its sampling settings' (files written before "n" was)."""
+    return int(summary["n"] if "n" in summary else summary["sampling"]["n"])
+
+
+def primary_metric(summary: dict) -> str:
+    """The summary's primary metric key (avg@n)."""
+    return summary.get("primary") or avg_key(samples_per_problem(summary))
+
+
+def accuracy_by_problem(rows, summary: dict, grader: str = "") -> dict[str, dict[str, float]]:
+    """{benchmark: {problem id: accuracy over its n samples}} from samples.jsonl rows; only
+    problems with all n samples (the first row of each (problem, sample) counts). ``grader``
+    (math-verify or paper): that grader's verdicts (a row's ``verdicts``); empty: the primary's."""
+    n = samples_per_problem(summary)
+    got: dict[str, dict[str, list]] = {b: {} for b in summary.get("benchmarks", {})}
+    for r in rows:
+        b, j = r.get("benchmark"), r.get("sample")
+        if b in got and isinstance(j, int) and 0 <= j < n:
+            slot = got[b].setdefault(str(r.get("id")), [None] * n)
+            if slot[j] is None:
+                slot[j] = bool(((r.get("verdicts") or {}).get(grader) or r).get("correct"))
+    return {b: {i: sum(v) / n for i, v in ps.items() if None not in v} for b, ps in got.items()}
+
+
 def summarize(correct: dict[str, list[bool]], ks=(1, 4, 8, 16), majority: dict[str, bool] | None = None,
               seed: int = 0) -> dict:
     """correct[problem_id] = per-sample verdicts (same length k for every problem).
@@ -63,7 +94,7 @@ def summarize(correct: dict[str, list[bool]], ks=(1, 4, 8, 16), majority: dict[s
     out = {
         "problems": len(correct),
         "samples": k,
-        f"avg@{k}": sum(runs) / k,
+        avg_key(k): sum(runs) / k,
         "ci95": interval(bootstrap_means([per_problem], seed=seed)),
         "std": statistics.pstdev(runs) if k > 1 else 0.0,
         "first_sample": runs[0],

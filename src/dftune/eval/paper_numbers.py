@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from pathlib import PurePath
 
+from dftune.eval.metrics import avg_key, samples_per_problem
+
 SOURCE = "arXiv 2508.05629, Table 1 (averages as quoted in PAPER.md)"
 BENCHMARKS = ("math500", "minerva_math", "olympiadbench", "aime24", "amc23")
 
@@ -51,8 +53,7 @@ def paper_rows(summary: dict) -> list[dict]:
     hub_id = paper_model(summary.get("model", ""))
     if hub_id is None:
         return []
-    n = summary.get("n") or summary["sampling"]["n"]
-    key, paper = f"avg@{n}", PAPER_MODELS[hub_id]
+    key, paper = avg_key(samples_per_problem(summary)), PAPER_MODELS[hub_id]
     rows = []
     for b in BENCHMARKS:
         m = summary.get("benchmarks", {}).get(b)

@@ -20,8 +20,9 @@ with it. Exactly one BOS, or none for tokenizers without (Qwen).
 
 Stops (``stop_settings``, the ``eval.stops`` policy), besides EOS, which always stops:
 
-- ``end-of-turn`` (default): chat-format styles stop at the chat template's end-of-turn
-  token and Qwen's ``<|im_end|>`` / ``<|endoftext|>`` where the vocabulary has them; the
+- ``end-of-turn`` (default): chat-format styles stop at ``dftune.vocab.end_of_turn_ids``
+  (the chat template's end-of-turn token; for qwen-boxed also Qwen's ``<|im_end|>`` /
+  ``<|endoftext|>`` where the vocabulary has them); the
   base-model styles stop at their own ends of turn (llama-base-boxed: ``<|eot_id|>``,
   ``<|end_of_text|>``), and at the harness's stop strings; plain also at "\\n\\nUser:" (a
   turn it invents).
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 from dftune.errors import UserError
 from dftune.eval.paper_answer import HARNESS_STOP_STRINGS
+from dftune.vocab import end_of_turn_ids
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 PROMPTS = ("qwen-boxed", "llama-base-boxed", "deepseek-math", "chat", "plain", "auto")
@@ -129,44 +131,6 @@ def prompt_ids(tok, text: str, bos: bool | None = None) -> list[int]:
     return ids
 
 
-# Qwen's evaluation stops chat-format prompts at these, besides the model's EOS.
-QWEN_END_OF_TURN = ("<|im_end|>", "<|endoftext|>")
-
-
-def _token_id(tok, token: str) -> int | None:
-    """The id of ``token`` if the tokenizer has it as one token, else None."""
-    tid = tok.get_vocab().get(token)
-    return tid if isinstance(tid, int) else None
-
-
-def _template_end_of_turn(tok) -> int | None:
-    """The special token the chat template puts right after an assistant message."""
-    if not getattr(tok, "chat_template", None):
-        return None
-    mark = "dftune-end-of-turn-probe"
-    try:
-        text = tok.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": mark}],
-                                       tokenize=False)
-    except Exception:  # templates may refuse this conversation shape: no end-of-turn known
-        return None
-    after = text[text.rfind(mark) + len(mark):] if mark in text else ""
-    ids = tok(after, add_special_tokens=False)["input_ids"] if after else []
-    specials = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
-    return ids[0] if ids and ids[0] in specials else None
-
-
-def end_of_turn_ids(tok, prompt_style: str) -> list[int]:
-    """Token ids that end a completion besides EOS, for prompts of ``prompt_style``.
-
-    qwen-boxed / chat: the chat template's end-of-turn token (from the tokenizer) and
-    Qwen's ``<|im_end|>`` / ``<|endoftext|>`` where the vocabulary has them; plain: none.
-    """
-    if prompt_style == "plain":
-        return []
-    ids = [_template_end_of_turn(tok)] + [_token_id(tok, t) for t in QWEN_END_OF_TURN]
-    return sorted({i for i in ids if i is not None and i != tok.eos_token_id})
-
-
 def _ids(tok, tokens) -> list[int]:
     vocab = tok.get_vocab()
     return [vocab[t] for t in tokens if isinstance(vocab.get(t), int)]
@@ -184,8 +148,8 @@ def stop_settings(tok, style: str, policy: str, model_path: str = "") -> tuple[l
         return sorted(set(ids)), list(HARNESS_STOP_STRINGS)
     if policy != "end-of-turn":
         raise PromptError(f"unknown stop policy {policy!r}; choose from {', '.join(STOP_POLICIES)}")
-    if style in CHAT_STYLES:
-        return end_of_turn_ids(tok, style), []
+    if style in CHAT_STYLES:  # the one definition (dftune.vocab), less EOS, which always stops
+        return [i for i in end_of_turn_ids(tok, style) if i != tok.eos_token_id], []
     ids = _ids(tok, LLAMA_TURN_ENDS + DEEPSEEK_STOPS) if style == "llama-base-boxed" else _ids(tok, DEEPSEEK_STOPS)
     strings = list(HARNESS_STOP_STRINGS) + (["\n\nUser:"] if style == "plain" else [])
     return sorted({i for i in ids if i != tok.eos_token_id}), strings

@@ -14,7 +14,7 @@ from dataclasses import asdict
 
 from dftune.eval.grade import FAILURES, GRADER_VERSION, PROTOCOLS, STATUSES, failure_counts
 from dftune.eval.paper_grade import PAPER_GRADER_VERSION
-from dftune.eval.metrics import bootstrap_means, generation_stats, interval, summarize
+from dftune.eval.metrics import avg_key, bootstrap_means, generation_stats, interval, samples_per_problem, summarize
 from dftune.eval.paper_numbers import paper_rows
 from dftune.eval.vote import majority_correct
 
@@ -46,7 +46,7 @@ def summarize_rows(cfg, problems: dict, done: dict) -> dict:
     """summary.json: per benchmark the primary grader's metrics, generation statistics and
     verdict counts, and every grader's avg@n / maj@n / pass@k; their means; warnings."""
     n = cfg.sampling.n
-    primary = f"avg@{n}"
+    primary = avg_key(n)
     summary = {"model": cfg.model, "prompt": cfg.prompt, "backend": cfg.backend, "sampling": asdict(cfg.sampling),
                "n": n, "primary": primary, "grader": cfg.grader, "graders": {}, "benchmarks": {}, "mean": {},
                "mean_by_grader": {}, "warnings": [], "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -92,31 +92,32 @@ def _pct(x) -> str:
 def markdown_table(summary: dict) -> str:
     """results.md: one row per benchmark and the mean (the primary grader); both graders
     side by side; the paper's numbers where it reports this model; warnings and verdicts."""
-    n = summary["sampling"]["n"]
+    n = samples_per_problem(summary)
+    avg = avg_key(n)
     ks = sorted({k for k in (1, 4, 8, 16, n) if k <= n})
     grader = summary.get("grader") if summary.get("grader") in PROTOCOLS else "math-verify"
-    head = (["benchmark", "problems", f"avg@{n}", "95% CI", "std"] + [f"pass@{k}" for k in ks]
+    head = (["benchmark", "problems", avg, "95% CI", "std"] + [f"pass@{k}" for k in ks]
             + [f"maj@{n}", "first sample", "mean tokens", "truncated", "repetitive", "grader failures"])
     lines = [f"Graded by **{grader}** (the primary grader, `eval.grader`).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for b, m in summary["benchmarks"].items():
-        if f"avg@{n}" not in m:  # a benchmark with no problems
+        if avg not in m:  # a benchmark with no problems
             continue
         ci = m.get("ci95", [0.0, 0.0])
         g = m.get("grader", {})
-        cells = [b, str(m["problems"]), _pct(m[f"avg@{n}"]), f"{_pct(ci[0])}-{_pct(ci[1])}", _pct(m["std"])]
+        cells = [b, str(m["problems"]), _pct(m[avg]), f"{_pct(ci[0])}-{_pct(ci[1])}", _pct(m["std"])]
         cells += [_pct(m[f"pass@{k}"]) for k in ks]
         cells += [_pct(m.get(f"maj@{n}", 0.0)), _pct(m["first_sample"]), f"{m.get('mean_tokens', 0):.0f}",
                   _pct(m.get("truncated", 0.0)), _pct(m.get("repetitive", 0.0)), str(g.get("failures", 0))]
         lines.append("| " + " | ".join(cells) + " |")
     mean = summary.get("mean", {})
-    if f"avg@{n}" in mean:
+    if avg in mean:
         ci = mean["ci95"]
-        cells = ["**mean**", "", f"**{_pct(mean[f'avg@{n}'])}**", f"{_pct(ci[0])}-{_pct(ci[1])}"]
+        cells = ["**mean**", "", f"**{_pct(mean[avg])}**", f"{_pct(ci[0])}-{_pct(ci[1])}"]
         cells += [""] * (1 + len(ks)) + [_pct(mean[f"maj@{n}"])] + [""] * 5
         lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
-    text += (f"\nAccuracy in %. avg@{n}: mean over the {n} samples of every problem (the paper's number); 95% CI: "
+    text += (f"\nAccuracy in %. {avg}: mean over the {n} samples of every problem (the paper's number); 95% CI: "
              "bootstrap over problems; std: spread of the per-sample-index accuracies; truncated: samples that hit "
              "the token budget; repetitive: samples stuck in a loop.\n")
     text += both_graders_table(summary)
@@ -132,19 +133,20 @@ def markdown_table(summary: dict) -> str:
 
 def both_graders_table(summary: dict) -> str:
     """avg@n, maj@n and pass@k under each grader, per benchmark and their mean."""
-    n = summary["sampling"]["n"]
+    n = samples_per_problem(summary)
+    avg = avg_key(n)
     graders = [g for g in PROTOCOLS if any(g in m.get("by_grader", {}) for m in summary["benchmarks"].values())]
     if len(graders) < 2:
         return ""
     ks = [k for k in sorted({1, n}) if k <= n]
-    cols = [(f"avg@{n}", g) for g in graders] + [(f"maj@{n}", g) for g in graders] + [
+    cols = [(avg, g) for g in graders] + [(f"maj@{n}", g) for g in graders] + [
         (f"pass@{k}", g) for k in ks if k != 1 for g in graders]
     text = ("\nUnder both graders (math-verify: strict; paper: the DFT paper's harness, the one to quote beside the "
             "paper's numbers):\n\n| benchmark | " + " | ".join(f"{k} {g}" for k, g in cols) + " |\n|"
             + "---|" * (len(cols) + 1) + "\n")
     for b, m in summary["benchmarks"].items():
         by = m.get("by_grader", {})
-        if not all(f"avg@{n}" in by.get(g, {}) for g in graders):
+        if not all(avg in by.get(g, {}) for g in graders):
             continue
         text += f"| {b} | " + " | ".join(_pct(by[g][k]) for k, g in cols) + " |\n"
     means = summary.get("mean_by_grader", {})

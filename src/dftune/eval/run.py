@@ -36,8 +36,9 @@ from dftune.eval.generate import (
 )
 from dftune.eval.grade import PROTOCOLS, grade_batch
 from dftune.eval.prompts import (
+    PROMPTS,
+    STOP_POLICIES,
     build_prompt,
-    check_prompt_settings,
     resolve_prompt,
     stop_description,
     stop_settings,
@@ -51,6 +52,7 @@ from dftune.files import (
     write_json,
     write_text,
 )
+from dftune.settings import Problems
 
 log = logging.getLogger("dftune.eval")
 
@@ -62,58 +64,48 @@ class EvalError(UserError, ValueError):
 
 @dataclass
 class EvalConfig:
-    """What to evaluate and how (defaults: the paper's protocol).
-
-    model: model folder or Hub id.
-    out: the results folder (samples.jsonl, summary.json, results.md); re-running with the
-        same folder resumes, and refuses other settings.
-    benchmarks: benchmark names: math500, minerva_math, olympiadbench, aime24, amc23,
-        gsm8k, aime25, or NAME for a NAME/test.jsonl under data_dir.
-    backend: vllm (what real evaluations run) or hf (transformers, for CPU and small runs).
-    prompt: qwen-boxed, llama-base-boxed, deepseek-math (the paper's prompts for Qwen,
-        LLaMA and DeepSeekMath models, the exact text of its harness), chat (the model's own
-        template with the same instruction), plain (the layout of data.chat_template=plain)
-        or auto (the paper's prompt for the model's family; in training, the run's layout).
-    grader: the primary grader: math-verify (strict) or paper (the paper's harness: quote
-        it beside the paper's numbers). Both verdicts are stored for every sample.
-    data_dir: folder with NAME/test.jsonl files; empty: $DFTUNE_DATA_DIR, else the Hub.
-    limit: the first N problems of each benchmark; 0: all.
-    sampling: how completions are sampled (n, temperature, top_p, max_new_tokens, seed, stop).
-    engine: backend options (tensor/data parallel size, max_model_len, memory, dtype, batch_size).
-    stops: where generation stops besides EOS: end-of-turn (the prompt's end-of-turn tokens:
-        the chat template's and Qwen's for qwen-boxed/chat, and the harness's stop strings for
-        the base-model prompts), paper (exactly the paper's harness: its stop strings, and
-        <|im_end|>/<|endoftext|> only when the model path contains "qwen2") or eos.
-    strip_think: grade only what follows </think> (a reasoning model's final answer).
-    chunk: problems generated and graded between two appends to samples.jsonl.
-    grade_workers: grader processes; 0: the CPU count.
-    grade_timeout: the graders' time limit per parse or comparison (math-verify), per
-        sample (paper), in seconds.
-    warn_failures: warn when more than this fraction of a benchmark's samples are grader
-        failures (timeout, memory, parse error, crash).
-    """
+    """What to evaluate and how (defaults: the paper's protocol)."""
 
     model: str = ""
+    """model folder or Hub id."""
     out: str = ""
+    """the results folder (samples.jsonl, summary.json, results.md); re-running with the same folder resumes, and
+    refuses other settings."""
     benchmarks: list[str] = field(default_factory=lambda: list(PAPER_FIVE))
+    """benchmark names: math500, minerva_math, olympiadbench, aime24, amc23, gsm8k, aime25, or NAME for a
+    NAME/test.jsonl under data_dir."""
     backend: str = "vllm"
+    """vllm (what real evaluations run) or hf (transformers, for CPU and small runs)."""
     prompt: str = "qwen-boxed"
-    """qwen-boxed, llama-base-boxed, deepseek-math (the paper's prompts, the exact text of its harness), chat, plain
-    (the layout of data.chat_template=plain) or auto (the paper's prompt for the model's family)."""
+    """qwen-boxed, llama-base-boxed, deepseek-math (the paper's prompts for Qwen, LLaMA and DeepSeekMath models, the
+    exact text of its harness), chat (the model's own template with the same instruction), plain (the layout of
+    data.chat_template=plain) or auto (the paper's prompt for the model's family; in training, the run's layout)."""
     grader: str = "math-verify"
-    """The primary grader: math-verify (strict) or paper (the paper's harness); both verdicts are stored."""
+    """the primary grader: math-verify (strict) or paper (the paper's harness: quote it beside the paper's numbers);
+    both verdicts are stored for every sample."""
     data_dir: str = ""
+    """folder with NAME/test.jsonl files; empty: $DFTUNE_DATA_DIR, else the Hub."""
     limit: int = 0
+    """the first N problems of each benchmark; 0: all."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """how completions are sampled (n, temperature, top_p, max_new_tokens, seed, stop)."""
     engine: EngineConfig = field(default_factory=EngineConfig)
+    """backend options (tensor/data parallel size, max_model_len, memory, dtype, batch_size)."""
     stops: str = "end-of-turn"
-    """Where generation stops besides EOS: end-of-turn (the prompt's end-of-turn tokens and stop strings), paper
-    (the paper's harness exactly: <|im_end|>/<|endoftext|> only for model paths containing "qwen2") or eos."""
+    """where generation stops besides EOS: end-of-turn (the prompt's end-of-turn tokens, and the harness's stop
+    strings for the base-model prompts), paper (exactly the paper's harness: its stop strings, and
+    <|im_end|>/<|endoftext|> only when the model path contains "qwen2") or eos."""
     strip_think: bool = False
+    """grade only what follows </think> (a reasoning model's final answer)."""
     chunk: int = 64
+    """problems generated and graded between two appends to samples.jsonl."""
     grade_workers: int = 0
+    """grader processes; 0: the CPU count."""
     grade_timeout: int = 5
+    """the graders' time limit: per parse or comparison (math-verify), per sample (paper), in seconds."""
     warn_failures: float = 0.01
+    """warn when more than this fraction of a benchmark's samples are grader failures (timeout, memory, parse error,
+    crash)."""
 
 
 # the settings a resumed evaluation must share with the stored one
@@ -122,26 +114,23 @@ CHECKED = ("graders", "grader", "model", "model_weights", "backend", "prompt", "
 BACKENDS = ("vllm", "hf")
 
 
-def check_eval_config(cfg: EvalConfig, where: str = "eval") -> None:
-    """One-line errors for settings no evaluation can use: unknown prompt style, stop
-    policy, grader or backend (before anything is loaded or written)."""
-    check_prompt_settings(cfg.prompt, cfg.stops, where)
-    if cfg.grader not in PROTOCOLS:
-        raise EvalError(f"{where}.grader: unknown grader {cfg.grader!r}; choose from {', '.join(PROTOCOLS)}")
-    if cfg.backend not in BACKENDS:
-        raise EvalError(f"{where}.backend: unknown generation backend {cfg.backend!r}; choose from {', '.join(BACKENDS)}")
+def check_eval_config(cfg: EvalConfig, problems=None, where: str = "") -> None:
+    """The named choices no evaluation can do without (prompt style, stop policy, grader,
+    backend): added to ``problems`` (a ``settings.Problems``, ``dftune.eval.validate``'s
+    list) or, without one, raised as one error before anything is loaded or written."""
+    p = Problems() if problems is None else problems
+    p.one_of(f"{where}prompt", cfg.prompt, PROMPTS)
+    p.one_of(f"{where}stops", cfg.stops, STOP_POLICIES)
+    p.one_of(f"{where}grader", cfg.grader, PROTOCOLS)
+    p.one_of(f"{where}backend", cfg.backend, BACKENDS)
+    if problems is None:
+        p.raise_all()
 
 
 def read_samples(path) -> list[dict]:
     """Every complete row of a samples.jsonl (``dftune.files.read_jsonl``: a torn final
     line is skipped, never cut off; a bad line before the end is an error)."""
     return read_jsonl(path)
-
-
-def append_rows(path, rows: list[dict]) -> None:
-    """Append rows as the file's one writer: a torn final line left by a crash is cut first."""
-    repair_tail(path)
-    append_jsonl(path, rows)
 
 
 def model_fingerprint(model: str) -> str:
@@ -165,7 +154,7 @@ def _check_settings(out: Path, settings: dict) -> dict:
     """The stored settings merged with these; a difference that would mix results is an error."""
     path = out / "eval_config.json"
     old = read_json(path)
-    if old is None:
+    if old is None or not read_samples(out / "samples.jsonl"):  # a start that sampled nothing binds nothing
         return settings
     for key in CHECKED:
         if old.get(key) != settings[key]:
@@ -289,25 +278,6 @@ def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None, backend=None, p
     write_json(out / "summary.json", summary)
     write_text(out / "results.md", markdown_table(summary))
     return summary
-
-
-def check_periodic_eval(cfg: EvalConfig) -> None:
-    """Refuse ``eval`` settings that periodic evaluation inside training cannot honour, before
-    any training: it evaluates the live model, in the training process, with transformers."""
-    from dftune.settings import ConfigError
-
-    try:
-        check_eval_config(cfg)
-    except UserError as e:
-        raise ConfigError(str(e)) from None
-    if cfg.model or cfg.out:
-        raise ConfigError("eval.model / eval.out: periodic evaluation scores the model being trained and writes "
-                          "eval_curve.jsonl in the run folder; leave them empty (dftune eval evaluates a saved model)")
-    if cfg.backend != "hf":
-        raise ConfigError(f"eval.backend={cfg.backend}: periodic evaluation generates with the live model in the "
-                          "training process (hf); evaluate checkpoints with vLLM by dftune eval")
-    if not cfg.benchmarks:
-        raise ConfigError("eval.benchmarks: name at least one benchmark for the periodic evaluation")
 
 
 def quick_eval(model, tokenizer, cfg: EvalConfig, runtime=None, synced: bool = False, chat_template: str = "",

@@ -65,6 +65,32 @@ class BaselineConfig:
 SCHEDULERS = {"cosine": "cosine", "constant": "constant_with_warmup"}  # ours -> transformers' names
 
 
+def validate_baseline(cfg: BaselineConfig, kind: str) -> None:
+    """Every problem with a DPO (``kind`` dpo) or GRPO run's settings, raised together before
+    anything loads."""
+    from dftune.config import check_training
+    from dftune.paths import data_problem, model_problem
+    from dftune.settings import Problems
+
+    p = Problems()
+    p.add(model_problem("model", cfg.model))
+    p.add(data_problem("data", cfg.data))
+    check_training(cfg.train, p, world_size())
+    p.one_of("lr_scheduler", cfg.lr_scheduler, tuple(SCHEDULERS))
+    p.at_least("beta", cfg.beta, 0)
+    p.one_of("dtype", cfg.dtype, ("auto", "bf16", "fp32"))
+    if kind == "dpo":
+        p.at_least("max_length", cfg.max_length, 2)
+    else:
+        p.at_least("num_generations", cfg.num_generations, 2)
+        p.at_least("max_completion_length", cfg.max_completion_length, 1)
+        p.at_least("temperature", cfg.temperature, 0)
+        p.check(cfg.train.global_batch % max(cfg.num_generations, 1) == 0,
+                f"train.global_batch {cfg.train.global_batch} (completions) must be a multiple of num_generations "
+                f"{cfg.num_generations}: each question's group is in one step")
+    p.raise_all()
+
+
 def load_baseline_config(path: str | None, overrides: list[str]) -> BaselineConfig:
     """YAML (optional) + key=value overrides, checked (dftune.config.load)."""
     return load(BaselineConfig, path, overrides)
@@ -121,7 +147,7 @@ def _common_args(cfg: BaselineConfig, batch_unit: str = "sequences") -> dict:
         max_grad_norm=cfg.train.grad_clip, per_device_train_batch_size=cfg.train.micro_batch,
         gradient_accumulation_steps=accum, num_train_epochs=cfg.train.epochs,
         max_steps=cfg.train.max_steps if cfg.train.max_steps > 0 else -1, seed=cfg.train.seed,
-        lr_scheduler_type=SCHEDULERS[cfg.lr_scheduler], report_to="none", save_strategy="no",
+        lr_scheduler_type=SCHEDULERS[cfg.lr_scheduler], report_to=list(cfg.train.report_to) or "none", save_strategy="no",
         logging_steps=cfg.train.log_every, use_cpu=not cuda, bf16=cuda and cfg.dtype in ("auto", "bf16"),
         disable_tqdm=False, **warmup_args(cfg.train.warmup_ratio),
     )
@@ -131,7 +157,10 @@ def _model_and_tokenizer(cfg: BaselineConfig):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dtype = torch.bfloat16 if (torch.cuda.is_available() and cfg.dtype in ("auto", "bf16")) else torch.float32
+    from dftune.precision import torch_dtype
+
+    # bf16 only where it computes fast (CUDA); on a CPU the baselines run in fp32
+    dtype = torch_dtype(cfg.dtype, "cuda") if torch.cuda.is_available() else torch.float32
     tok = AutoTokenizer.from_pretrained(cfg.model)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -223,7 +252,7 @@ def run_dpo(cfg: BaselineConfig) -> Path:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from dftune.data import read_records, select_rows
+    from dftune.records import read_records, select_rows
 
     rows = [r for _, r in select_rows(read_records(cfg.data), cfg.select, cfg.train.seed)]
     for i, r in enumerate(rows, 1):

@@ -135,6 +135,10 @@ def check(cfg: PPOConfig) -> int:
     p.check(0.0 <= t.warmup_ratio < 1.0, f"train.warmup_ratio: must be in [0, 1); got {t.warmup_ratio}")
     p.one_of("lr_scheduler", cfg.lr_scheduler, ("constant", "cosine"))
     p.check(all("=" in x for x in cfg.extra), f"extra: expected key=value strings, got {cfg.extra!r}")
+    from dftune.trackers import TRACKERS
+
+    for name in t.report_to:  # installed where verl runs, not necessarily here
+        p.one_of("train.report_to", name, tuple(TRACKERS))
     world = max(cfg.gpus_per_node, 1) * max(cfg.nodes, 1)
     if t.global_batch >= 1 and cfg.mini_batch >= 1 and t.micro_batch >= 1 and cfg.rollout_tp >= 1:
         p.check(t.global_batch % cfg.mini_batch == 0,
@@ -260,7 +264,7 @@ def verl_overrides(cfg: PPOConfig, train_file: Path) -> dict[str, str]:
         "trainer.default_local_dir": str(out / "checkpoints"),
         "trainer.project_name": "dftune",
         "trainer.experiment_name": out.name,
-        "trainer.logger": "[console,file]",
+        "trainer.logger": "[" + ",".join(["console", "file", *cfg.train.report_to]) + "]",
         "trainer.save_freq": cfg.save_every,
         "trainer.test_freq": -1,
         "trainer.val_before_train": False,

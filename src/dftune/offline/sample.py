@@ -24,13 +24,7 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from dftune.data import (
-    DataError,
-    detect_format,
-    read_records,
-    select_rows,
-    set_chat_template,
-)
+from dftune.data import set_chat_template
 from dftune.eval.generate import SamplingConfig
 from dftune.eval.grade import boxed_contents, grade_batch
 from dftune.files import (
@@ -41,8 +35,8 @@ from dftune.files import (
     write_json,
     write_jsonl,
 )
-from dftune.records import gsm8k_final
-from dftune.settings import ConfigError
+from dftune.records import DataError, detect_format, gsm8k_final, read_records, select_rows
+from dftune.settings import ConfigError, Problems, flatten
 
 PROMPT_FIELD = {"problem_solution": "problem", "question_answer": "question", "prompt_completion": "prompt"}
 
@@ -132,19 +126,12 @@ def _sha256(obj) -> str:
     return hashlib.sha256(json.dumps(obj, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def check_settings(out: Path, settings: dict) -> None:
     """Refuse to add samples drawn with other settings to ``out``; else record the settings."""
     path = out / "sample_config.json"
     old = read_json(path)
-    if old is not None:
-        before, now = _flat(old), _flat(settings)
+    if old is not None and read_jsonl(out / "samples.jsonl"):  # a start that sampled nothing binds nothing
+        before, now = flatten(old), flatten(settings)
         diff = [k for k in now if before.get(k) != now[k]]
         if diff:
             lines = "; ".join(f"{k}: {str(before.get(k))[:60]!r} -> {str(now[k])[:60]!r}" for k in diff)
@@ -240,46 +227,67 @@ def write_datasets(out: Path, questions: list[Question], done: dict[str, dict[in
 
 @dataclass
 class SampleConfig:
-    """Settings of `dftune sample` (rejection sampling for the offline-RL setting).
-
-    model: the policy to sample from: a local folder or a Hub id.
-    data: problem/solution or question/answer rows (the gold answer comes from the data).
-    out: the output folder (re-running with the same settings resumes).
-    k: responses per question.
-    select: all, first:N (the paper: first:100000 of NuminaMath-CoT) or random:N.
-    backend: vllm (what real runs use) or hf (transformers generate, for CPUs and tests).
-    instruction_suffix: text appended to every question (e.g. the boxed instruction).
-    chat_template: auto (the tokenizer's), plain, or a .jinja file.
-    temperature, top_p, max_new_tokens, seed: sampling (the paper: temperature 1.0).
-    batch_size: hf backend: sequences per generate call.
-    tensor_parallel_size: vllm backend: GPUs per model.
-    grade_workers: grader processes (0: one per CPU).
-    """
+    """Settings of `dftune sample` (rejection sampling for the offline-RL setting)."""
 
     model: str = ""
+    """the policy to sample from: a local folder or a Hub id."""
     data: str = ""
+    """problem/solution or question/answer rows (the gold answer comes from the data)."""
     out: str = ""
+    """the output folder (re-running with the same settings resumes)."""
     k: int = 4
+    """responses per question."""
     select: str = "all"
+    """all, first:N (the paper: first:100000 of NuminaMath-CoT) or random:N."""
     backend: str = "vllm"
+    """vllm (what real runs use) or hf (transformers generate, for CPUs and tests)."""
     instruction_suffix: str = ""
+    """text appended to every question (e.g. the boxed instruction)."""
     chat_template: str = "auto"
+    """auto (the tokenizer's), plain, or a .jinja file."""
     temperature: float = 1.0
+    """Sampling temperature (the paper: 1.0); 0 is greedy."""
     top_p: float = 1.0
+    """Nucleus sampling mass (1.0: off)."""
     max_new_tokens: int = 2048
+    """The generation budget of each response, in tokens."""
     seed: int = 0
+    """Base seed; each question's seed is derived from it and its id."""
     batch_size: int = 64
+    """hf backend: sequences per generate call."""
     tensor_parallel_size: int = 1
+    """vllm backend: GPUs per model."""
     grade_workers: int = 0
+    """grader processes (0: one per CPU)."""
+
+
+def validate_sample(cfg: SampleConfig) -> None:
+    """Every problem with `dftune sample`'s settings, raised together before anything loads."""
+    from dftune.paths import data_problem, model_problem
+
+    p = Problems()
+    p.add(model_problem("model", cfg.model))
+    p.add(data_problem("data", cfg.data))
+    p.nonempty("out", cfg.out, "the output folder")
+    p.at_least("k", cfg.k, 1)
+    p.check(cfg.select == "all" or (cfg.select.partition(":")[0] in ("first", "random")
+                                    and cfg.select.partition(":")[2].isdigit()),
+            f"select: must be all, first:N or random:N; got {cfg.select!r}")
+    p.one_of("backend", cfg.backend, ("vllm", "hf"))
+    if cfg.chat_template not in ("auto", "plain"):
+        p.check(Path(cfg.chat_template).is_file(), f"chat_template: {cfg.chat_template} not found")
+    p.at_least("temperature", cfg.temperature, 0)
+    p.check(0 < cfg.top_p <= 1, f"top_p: must be in (0, 1]; got {cfg.top_p}")
+    p.at_least("max_new_tokens", cfg.max_new_tokens, 1)
+    p.at_least("batch_size", cfg.batch_size, 1)
+    p.at_least("tensor_parallel_size", cfg.tensor_parallel_size, 1)
+    p.at_least("grade_workers", cfg.grade_workers, 0)
+    p.raise_all()
 
 
 def run_sample(cfg: SampleConfig) -> dict:
     """`dftune sample`: check the settings, then sample() (see its docstring)."""
-    for key in ("model", "data", "out"):
-        if not getattr(cfg, key):
-            raise ConfigError(f"sample: {key} is empty")
-    if cfg.backend not in ("vllm", "hf"):
-        raise ConfigError(f"sample: backend must be vllm or hf; got {cfg.backend!r}")
+    validate_sample(cfg)
     from dftune.eval.generate import EngineConfig
 
     engine = EngineConfig(batch_size=cfg.batch_size, tensor_parallel_size=cfg.tensor_parallel_size)

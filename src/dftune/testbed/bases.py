@@ -126,7 +126,7 @@ def _pretrain(init: Path, folder: Path, data: DataConfig, *, steps: int, batch: 
     run = Config(model=ModelConfig(name_or_path=str(init)), data=data,
                  train=TrainConfig(objective="nll", lr=lr, global_batch=batch, micro_batch=batch, max_steps=steps,
                                    epochs=100, warmup_ratio=0.05, min_lr_ratio=0.1, out=str(folder / "run"),
-                                   tensorboard=False, log_every=max(steps // 4, 1)))
+                                   log_every=max(steps // 4, 1)))
     final = train(run)
     final.rename(folder / "final.tmp")
     (folder / "final.tmp").rename(folder / "final")  # the cache entry appears only once complete

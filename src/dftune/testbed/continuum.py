@@ -9,6 +9,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from dftune.eval.metrics import avg_key
 from dftune.settings import ConfigError
 from dftune.testbed import bases, tables
 from dftune.testbed.demo_config import DemoConfig
@@ -215,7 +216,7 @@ def continuum_tables(root: Path, cfg: DemoConfig, points: list[dict], priors: li
             row["eot_p"] = tables.seed_interval([eot_p[(prior, obj, s)] for s in sorted(seeds)])
         eos.append(row)
     curves = tables.curve_rows(root, tuned, "prior", CURVE_BENCHMARK)
-    return {"schema": tables.TABLES_SCHEMA, "kind": "continuum", "metric": f"avg@{cfg.eval_n}", "n": cfg.eval_n,
+    return {"schema": tables.TABLES_SCHEMA, "kind": "continuum", "metric": avg_key(cfg.eval_n), "n": cfg.eval_n,
             "problems_per_split": cfg.eval_problems, "seeds": cfg.seeds, "splits": splits + ["mean"], "group": "prior",
             "baseline": "nll", "intervals": {"cell": tables.CELL_INTERVAL, "diff": tables.DIFF_INTERVAL},
             "settings": {k: getattr(cfg, k) for k in ("pretrain_steps", "finetune_steps", "finetune_batch", "finetune_lr",

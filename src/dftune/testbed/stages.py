@@ -175,7 +175,7 @@ def finetune(base: Path, data: DataConfig, out: Path, *, objective: str, lr: flo
         shutil.rmtree(out, ignore_errors=True)  # an interrupted run: start it again
         run = Config(model=ModelConfig(name_or_path=str(base)), data=data,
                      train=TrainConfig(objective=objective, lr=lr, global_batch=batch, micro_batch=batch, max_steps=steps,
-                                       epochs=100, seed=seed, out=str(out), tensorboard=False, log_every=10**6,
+                                       epochs=100, seed=seed, out=str(out), log_every=10**6,
                                        eval_every=curve_every if curve is not None else 0))
         if curve is not None:
             run.eval = curve

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from dftune.eval.compare import sign_test
-from dftune.eval.metrics import interval
+from dftune.eval.metrics import accuracy_by_problem, interval
 from dftune.files import read_json, read_jsonl
 
 TABLES_SCHEMA = 1
@@ -76,12 +76,8 @@ def paired_difference(a: np.ndarray, b: np.ndarray, reps: int = 10_000, seed: in
 
 def per_problem(folder: Path, benchmark: str) -> dict[str, float]:
     """{problem id: accuracy over its n samples} of one benchmark of an evaluation folder."""
-    n = read_json(folder / "summary.json")["sampling"]["n"]
-    acc: dict[str, list[bool]] = {}
-    for r in read_jsonl(folder / "samples.jsonl"):
-        if r["benchmark"] == benchmark and r["sample"] < n:
-            acc.setdefault(r["id"], []).append(bool(r["correct"]))
-    return {i: sum(v) / n for i, v in acc.items()}
+    summary = read_json(folder / "summary.json")
+    return accuracy_by_problem(read_jsonl(folder / "samples.jsonl"), summary)[benchmark]
 
 
 def accuracy_matrix(folders: list[Path], benchmark: str) -> tuple[np.ndarray, list[str]]:
