@@ -329,3 +329,44 @@ def test_baseline_config_errors(monkeypatch):
     grpo = load_baseline_config(str(ROOT / "configs/paper/grpo.yaml"), [])
     assert (grpo.train.lr, grpo.train.warmup_ratio, grpo.num_generations, grpo.train.global_batch // grpo.num_generations) == (
         1e-6, 0.1, 4, 256)
+
+
+def _dpo_trainer(model, rows, tmp_path):
+    """TRL's DPOTrainer on ``rows`` (built, not trained): its tokenised dataset is what DPO sees."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    args = DPOConfig(output_dir=str(tmp_path / "dpo"), report_to="none", use_cpu=True, bf16=False, max_length=256)
+    return DPOTrainer(model=AutoModelForCausalLM.from_pretrained(model), args=args,
+                      train_dataset=Dataset.from_list(rows), processing_class=tok), tok
+
+
+def test_dpo_pairs_end_with_the_models_own_eos_as_rft_trains_them(sampler_model, tmp_path):
+    """The pairs dftune sample writes reach DPO as the tokens dftune train gives the same
+    prompt and response (RFT's): the response ends with the tokenizer's EOS, not with the
+    chat template's <|im_end|> and newline, which is what TRL makes of them as conversations."""
+    pytest.importorskip("trl")
+    from dftune.offline.baselines import dpo_text_rows, dpo_token_mismatch
+
+    model, _ = sampler_model
+    pair = {"prompt": [{"role": "user", "content": "What is 1 plus 2?"}],
+            "chosen": [{"role": "assistant", "content": "We add them. \\boxed{3}"}],
+            "rejected": [{"role": "assistant", "content": "We add them. \\boxed{4}"}]}
+    trainer, tok = _dpo_trainer(model, [pair], tmp_path / "conv")  # TRL's own conversational rendering
+    row = trainer.train_dataset[0]
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert im_end in row["chosen_ids"] and row["chosen_ids"][-1] != tok.eos_token_id
+    assert dpo_token_mismatch(row, tok, pair)  # differs from dftune train's tokens: the check can fail
+
+    trainer, tok = _dpo_trainer(model, dpo_text_rows([pair], tok), tmp_path / "ours")
+    row = trainer.train_dataset[0]
+    assert dpo_token_mismatch(row, tok, pair) == ""
+    assert row["chosen_ids"][-1] == row["rejected_ids"][-1] == tok.eos_token_id and im_end not in row["chosen_ids"]
+    rft = write_jsonl(tmp_path / "rft.jsonl", [{"prompt": "What is 1 plus 2?", "completion": "We add them. \\boxed{3}"}])
+    from dftune.data import build_dataset
+
+    ex = build_dataset(DataConfig(path=str(rft)), tok)[0][0]  # what RFT trains on, through the training data path
+    assert list(ex.input_ids) == list(row["prompt_ids"]) + list(row["chosen_ids"])
+    assert tok.decode(row["rejected_ids"]) == "We add them. \\boxed{4}<|endoftext|>"

@@ -413,8 +413,8 @@ def test_the_offline_demo_end_to_end(answering_base, tmp_path):
     cfg = DemoConfig(mode="offline", out=str(tmp_path / "off"), cache_dir=str(tmp_path / "cache"),
                      real_base=str(answering_base), seeds=1, finetune_steps=1, finetune_batch=2, splits="id",
                      eval_problems=2, eval_n=2, max_new_tokens=16,
-                     offline=OfflineSettings(questions=4, k=4, sample_tokens=16, dpo_batch=2, dpo_steps=1,
-                                             grpo_questions=1, grpo_steps=1))
+                     offline=OfflineSettings(questions=4, k=4, sample_tokens=16, dpo_batch=2, dpo_epochs=2,
+                                             grpo_questions=1, grpo_steps=2))  # TRL: step 1 is warm-up at 0
     report = run_demo(cfg)
     root = tmp_path / "off"
     assert report.is_file()
@@ -425,18 +425,26 @@ def test_the_offline_demo_end_to_end(answering_base, tmp_path):
     assert [p["values"]["objective"] for p in sweep["points"]] == ["base", "rft", "dft_on_rft", "dpo", "grpo"]
     t = read_json(root / "tables.json")
     assert t["kind"] == "offline" and t["sampling"] == stats and "verl" in t["settings"]["ppo"]
-    assert t["settings"]["lr_scale"] == pytest.approx(cfg.finetune_lr / 5e-5)
+    assert t["settings"]["grpo"]["schedule"] == "constant" and t["settings"]["dpo"]["schedule"] == "cosine"
     for cell in t["accuracy"]:
         if cell["split"] == "id":
             f = root / next(p["name"] for p in sweep["points"] if p["values"]["objective"] == cell["objective"])
             assert cell["values"] == pytest.approx([_avg(f, "id")])
     assert {d["objective"] for d in t["vs_baseline"]} == {"dft_on_rft", "dpo", "grpo"}
+    assert {d["objective"] for d in t["vs_base"]} == {"rft", "dft_on_rft", "dpo", "grpo"}
+    assert [r["set"] for r in t["base_pass"]] == ["training questions", "id"]
+    for m in t["movement"]:  # every run's measured budget and movement
+        assert m["optimizer_steps"] >= 1 and m["lr_sum"] > 0 and m["weight_change"] > 0 and "dlogp_seq_wrong" in m
+    grpo = next(m for m in t["movement"] if m["objective"] == "grpo")
+    assert read_json(root / "setting=offline_objective=grpo_seed=0" / "budget.json")["lr_sum"] == grpo["lr_sum"]
     for name in ("dpo", "grpo"):
         folder = root / f"setting=offline_objective={name}_seed=0"
         assert (folder / "log.jsonl").is_file() and (folder / "final" / "config.json").is_file()
     shown = {tab["title"]: tab for tab in t["tables"]}
     rows = {r[0]: r for r in shown["Offline RL in miniature: accuracy by method"]["rows"]}
     assert list(rows) == ["base", "rft", "dft_on_rft", "dpo", "grpo"] and rows["rft"][-3] == ""  # the baseline
+    assert rows["base"][-4] == "" and rows["rft"][-4] == tables.fmt_diff(
+        next(d for d in t["vs_base"] if (d["objective"], d["split"]) == ("rft", "mean")))
     diff = next(d for d in t["vs_baseline"] if (d["objective"], d["split"]) == ("dpo", "mean"))
     assert rows["dpo"][-3] == tables.fmt_diff(diff)
     md, page = (root / "results.md").read_text(), report.read_text()

@@ -147,7 +147,7 @@ def cmd_demo(cfg) -> None:
 
     example: dftune demo                       # the continuum, weak and strong prior: 792 s of CPU (under 10 minutes on 2 cores)
              dftune demo --full                # firmer numbers: 5 seeds, 100 problems per split (about 16 minutes)
-             dftune demo offline               # RFT, DFT-on-RFT, DPO and GRPO from the strong base: about 5 minutes
+             dftune demo offline               # RFT, DFT-on-RFT, DPO and GRPO: about 7 minutes (11 under load)
     """
     from dftune.testbed.demo import run_demo
 

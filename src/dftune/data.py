@@ -135,7 +135,7 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
-def _response_text(tokenizer, text: str) -> str:
+def response_text(tokenizer, text: str) -> str:
     return " " + text if tokenizer.chat_template == PLAIN_TEMPLATE else text  # "Assistant: ...", as a whole turn renders
 
 
@@ -143,7 +143,7 @@ def tokenize_example(tokenizer, messages: list[dict], fmt: str, source: str, whe
     """(input_ids, labels) with -100 outside the assistant text."""
     if fmt != "messages":  # the paper's layout: template prompt, then response + EOS
         prompt = _render(tokenizer, messages[:-1], True, source, where)
-        p, r = _encode(tokenizer, [prompt, _response_text(tokenizer, messages[-1]["content"])])
+        p, r = _encode(tokenizer, [prompt, response_text(tokenizer, messages[-1]["content"])])
         response = r + [tokenizer.eos_token_id]
         return p + response, [-100] * len(p) + response
     ids: list[int] = []
@@ -215,7 +215,7 @@ def encode_rows(rows, fmt: str, cfg: DataConfig, tokenizer, names: list[str]) ->
             else:
                 msgs = to_messages(rec, fmt, cfg, source)
                 texts += [_render(tokenizer, msgs[:-1], True, source, repr(cfg.prompt_field or FORMATS[fmt][0])),
-                          _response_text(tokenizer, msgs[-1]["content"])]
+                          response_text(tokenizer, msgs[-1]["content"])]
                 per_row.append((fi, row, None, len(texts) - 2))
         except DataError as e:
             per_row.append((fi, row, str(e), source))

@@ -167,8 +167,31 @@ def _model_and_tokenizer(cfg: BaselineConfig):
     return AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype), tok
 
 
+def lr_recorder():
+    """A TrainerCallback that keeps the learning rate each optimizer step used (read from the
+    optimizer just before its step: after the previous scheduler step, so the rate applied,
+    where transformers' logged ``learning_rate`` is the next step's). ``_finish`` writes them
+    to budget.json: the run's learning-rate budget is measured, not recomputed."""
+    from transformers import TrainerCallback
+
+    class LrRecorder(TrainerCallback):
+        def __init__(self):
+            self.lrs: list[float] = []
+
+        def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+            self.lrs.append(float(optimizer.param_groups[0]["lr"]))
+
+    return LrRecorder()
+
+
+def lr_budget(lrs: list[float]) -> dict:
+    """budget.json: the rate of every optimizer step and their sum (the learning-rate budget:
+    under Adam, a step moves each weight by about its rate, so the sum bounds the movement)."""
+    return {"optimizer_steps": len(lrs), "lr_sum": float(sum(lrs)), "lr": [float(x) for x in lrs]}
+
+
 def _finish(trainer, tok, cfg: BaselineConfig, kind: str) -> Path:
-    from dftune.files import write_text
+    from dftune.files import write_json, write_text
 
     out = Path(cfg.train.out)
     final = out / "final"
@@ -179,11 +202,53 @@ def _finish(trainer, tok, cfg: BaselineConfig, kind: str) -> Path:
         json.dumps({"step": r.get("step", i + 1), **{k: v for k, v in r.items() if isinstance(v, (int, float))}}) + "\n"
         for i, r in enumerate(logs)))
     write_text(out / "config.yaml", yaml.safe_dump({"baseline": kind, **asdict(cfg)}, sort_keys=False))
+    recorder = next(c for c in trainer.callback_handler.callbacks if hasattr(c, "lrs"))
+    write_json(out / "budget.json", lr_budget(recorder.lrs))
     return final
 
 
+def _last_text(x) -> str:
+    """A conversation's last turn, or a plain string (dftune's prompt/completion convention)."""
+    return x[-1]["content"] if isinstance(x, list) else x
+
+
+def dpo_text_rows(rows: list[dict], tok) -> list[dict]:
+    """(prompt, chosen, rejected) rows as the text ``dftune train`` sees for a prompt/completion
+    row: the user's text (a string, or a conversation's last turn) in the model's chat template
+    with the generation prompt (what the samples answered), each response followed by the
+    tokenizer's EOS, the model's own end of a response (RFT and DFT-on-RFT train on exactly
+    these tokens). Given to TRL as conversations instead, each response would end with the chat
+    template's end of turn (ChatML: ``<|im_end|>`` and a newline), tokens a base that ends with
+    EOS never produces, whose log-probability would dominate the pair's."""
+    from dftune.data import response_text
+    from dftune.offline.sample import render_prompt
+
+    return [{"prompt": render_prompt(tok, _last_text(r["prompt"])),
+             **{k: response_text(tok, _last_text(r[k])) + tok.eos_token for k in ("chosen", "rejected")}}
+            for r in rows]
+
+
+def dpo_token_mismatch(trainer_row: dict, tok, row: dict) -> str:
+    """"" when TRL's tokens of a pair's chosen sequence (``trainer_row``: its prompt_ids and
+    chosen_ids) are those ``dftune train`` makes of the same prompt and response, else what
+    differs (TRL tokenises prompt + response as one text and may add a BOS; ``dftune.data``
+    encodes them apart, without special tokens)."""
+    from dftune.data import tokenize_example
+
+    msgs = [{"role": "user", "content": _last_text(row["prompt"])},
+            {"role": "assistant", "content": _last_text(row["chosen"])}]
+    ours = tokenize_example(tok, msgs, "prompt_completion", "dpo")[0]
+    theirs = list(trainer_row["prompt_ids"]) + list(trainer_row["chosen_ids"])
+    if theirs == ours:
+        return ""
+    i = next((j for j, (x, y) in enumerate(zip(theirs, ours)) if x != y), min(len(theirs), len(ours)))
+    return (f"DPO's tokens differ from dftune train's at position {i}: {tok.decode(theirs[i:i + 8])!r} vs "
+            f"{tok.decode(ours[i:i + 8])!r}")
+
+
 def run_dpo(cfg: BaselineConfig) -> Path:
-    """DPO (Rafailov et al. 2023) with TRL's DPOTrainer on (prompt, chosen, rejected) rows."""
+    """DPO (Rafailov et al. 2023) with TRL's DPOTrainer on (prompt, chosen, rejected) rows,
+    rendered by ``dpo_text_rows`` (the model's own end of response)."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -194,12 +259,15 @@ def run_dpo(cfg: BaselineConfig) -> Path:
         missing = {"prompt", "chosen", "rejected"} - set(r)
         if missing:
             raise ConfigError(f"{cfg.data}, row {i}: missing field(s) {sorted(missing)} (write it with dftune sample)")
-    rows = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
     args = _common_args(cfg, "pairs")
     model, tok = _model_and_tokenizer(cfg)
     Path(cfg.train.out).mkdir(parents=True, exist_ok=True)
     args = DPOConfig(beta=cfg.beta, max_length=cfg.max_length, **args)
-    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(dpo_text_rows(rows, tok)),
+                         processing_class=tok, callbacks=[lr_recorder()])
+    mismatch = dpo_token_mismatch(trainer.train_dataset[0], tok, rows[0])
+    if mismatch:
+        print(f"warning: {mismatch}")
     trainer.train()
     return _finish(trainer, tok, cfg, "dpo")
 
@@ -233,6 +301,6 @@ def run_grpo(cfg: BaselineConfig) -> Path:
     args = GRPOConfig(num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,
                       temperature=cfg.temperature, beta=cfg.beta, **args)
     trainer = GRPOTrainer(model=model, reward_funcs=[grader_reward], args=args, train_dataset=Dataset.from_list(rows),
-                          processing_class=tok)
+                          processing_class=tok, callbacks=[lr_recorder()])
     trainer.train()
     return _finish(trainer, tok, cfg, "grpo")

@@ -144,16 +144,23 @@ def base_folder(prior: str, cache: Path, **recipe) -> Path:
 
 
 def pretrained_base(prior: str, cache: Path, *, steps: int, examples: int, batch: int, lr: float, hidden: int,
-                    layers: int, heads: int, notation: str = "symbols") -> Path:
+                    layers: int, heads: int, notation: str = "symbols", wrong_last_steps: float = 0.0) -> Path:
     """The cached ``final`` folder of the ``prior`` base, pretrained if missing: ``steps``
     steps of ``batch`` problems (of ``examples``) at ``lr``, from the shared initialisation;
-    the weak base's notes in ``notation`` (``tasks.NOTATIONS``)."""
+    the weak base's notes in ``notation`` (``tasks.NOTATIONS``).
+    ``wrong_last_steps`` (strong only): the share of its pretraining solutions whose last step
+    is off by 1 to 3 (``tasks.with_wrong_last_step``): a base that often slips at the end of a
+    derivation it otherwise gets right (the offline demo's)."""
+    import random
+
     from dftune.model import load_tokenizer
 
     recipe = {"steps": steps, "examples": examples, "batch": batch, "lr": lr, "hidden": hidden, "layers": layers,
               "heads": heads}
     if prior == "weak":
         recipe["notation"] = notation
+    if wrong_last_steps:  # only when set: the other bases keep their cache keys
+        recipe["wrong_last_steps"] = wrong_last_steps
     folder = base_folder(prior, cache, **recipe)
     if (folder / "final" / "config.json").is_file():
         print(f"base '{prior}': cached at {folder}")
@@ -162,6 +169,8 @@ def pretrained_base(prior: str, cache: Path, *, steps: int, examples: int, batch
     rows = pretraining_rows(examples)
     init = initial_model(cache, rows, hidden=hidden, layers=layers, heads=heads)
     if prior == "strong":
+        rng = random.Random("sloppy")
+        rows = [tasks.with_wrong_last_step(r, rng) if rng.random() < wrong_last_steps else r for r in rows]
         data = data_config(write_jsonl(folder / "pretrain.jsonl",
                                         [{"problem": r["problem"], "solution": r["solution"]} for r in rows]))
         print(f"base 'strong': pretraining {steps} steps in the demonstrations' format -> {folder}")

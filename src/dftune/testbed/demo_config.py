@@ -7,36 +7,53 @@ from dataclasses import dataclass, field
 
 @dataclass
 class OfflineSettings:
-    """The offline-RL demo (`dftune demo offline`): from the strong base, k samples per
-    question make the RFT data and DPO pairs; RFT, DFT-on-RFT, DPO and GRPO train from that
-    base. The paper's relative settings, learning rates scaled like the SFT one (see
-    docs/testbed.md): DPO lr = SFT lr / 50, batch = half SFT's, warm-up 0.05; GRPO lr =
-    SFT lr / 50, group 4, warm-up 0.1."""
+    """The offline-RL demo (`dftune demo offline`): from a strong base that often slips at the
+    last step, k samples per question make the RFT data and DPO pairs; RFT, DFT-on-RFT, DPO
+    and GRPO train from that base; tables.json states each one's learning-rate budget (the
+    sum of the rate over its optimizer steps) as measured (docs/testbed.md).
 
+    base_wrong_last_steps: the share of the base's pretraining solutions whose last step is
+        off by 1 to 3: its samples then hold right and wrong endings of the same derivation
+        (pass@k well above pass@1); 0: the continuum demo's strong base.
+    questions: training questions sampled from (the narrow demonstrations' distribution).
+    k: samples per question (the paper: 4).
+    sample_tokens: generation length when sampling (and GRPO's).
+    dpo_lr, dpo_batch, dpo_epochs, dpo_beta: DPO (TRL): rate (cosine after a 0.05 warm-up),
+        pairs per step, passes over the pairs, KL strength.
+    grpo_lr, grpo_questions, grpo_group, grpo_steps, grpo_beta: GRPO (TRL): rate (constant
+        after a 0.1 warm-up), questions per step, completions per question, steps, KL coefficient.
+    objectives: which to train: rft, dft_on_rft, dpo, grpo (PPO needs verl on a GPU: not here).
+    """
+
+    base_wrong_last_steps: float = 0.5
+    """The share of the base's pretraining solutions whose last step is off by 1 to 3 (0: the
+    continuum demo's strong base)."""
     questions: int = 256
-    """training questions sampled from (the narrow demonstrations' distribution)."""
+    """Training questions sampled from (the narrow demonstrations' distribution)."""
     k: int = 4
-    """samples per question (the paper: 4)."""
+    """Samples per question (the paper: 4)."""
     sample_tokens: int = 80
-    """generation length when sampling."""
-    dpo_lr: float = 1e-5
-    """DPO (TRL): the learning rate."""
+    """Generation length when sampling, and GRPO's."""
+    dpo_lr: float = 1e-4
+    """DPO's peak rate (cosine after a 0.05 warm-up)."""
     dpo_batch: int = 8
-    """DPO: pairs per step."""
-    dpo_steps: int = 0
-    """DPO: optimizer steps; 0: one epoch over the pairs."""
-    dpo_beta: float = 0.1
-    """DPO: the KL strength beta."""
-    grpo_lr: float = 1e-5
-    """GRPO (TRL): the learning rate."""
+    """DPO's (correct, incorrect) pairs per optimizer step."""
+    dpo_epochs: float = 3.0
+    """DPO's passes over the pairs."""
+    dpo_beta: float = 0.5
+    """DPO's KL strength."""
+    grpo_lr: float = 5e-5
+    """GRPO's rate (constant after a 0.1 warm-up, as verl runs it)."""
     grpo_questions: int = 8
-    """GRPO: questions per step (each with k completions)."""
-    grpo_steps: int = 16
-    """GRPO: optimizer steps."""
+    """GRPO's questions per optimizer step."""
+    grpo_group: int = 4
+    """GRPO's completions per question (the group; the paper: 4)."""
+    grpo_steps: int = 60
+    """GRPO's optimizer steps."""
     grpo_beta: float = 0.0
-    """GRPO: the KL coefficient (0: none)."""
+    """GRPO's KL coefficient (0: no reference model, verl's default)."""
     objectives: str = "rft,dft_on_rft,dpo,grpo"
-    """which to train: rft, dft_on_rft, dpo, grpo (PPO needs verl on a GPU: not here)."""
+    """Which to train: rft, dft_on_rft, dpo, grpo (PPO needs verl on a GPU: not here)."""
 
 
 @dataclass
@@ -132,7 +149,7 @@ FULL = {"seeds": 5, "eval_problems": 100, "curve_priors": "weak,strong", "curve_
         "weak_objectives": "nll,dft,auto,dft:floor=0.1,dft:protect=special"}
 
 
-FULL_OFFLINE = {"questions": 512, "grpo_steps": 32}
+FULL_OFFLINE = {"questions": 512}
 
 
 def apply_full(cfg: DemoConfig) -> DemoConfig:

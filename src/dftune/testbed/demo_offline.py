@@ -1,18 +1,25 @@
 """`dftune demo offline`: the paper's offline-RL table in miniature, on a CPU.
 
-From the testbed's strong base (cached; the same one the continuum demo uses):
+    dftune demo offline                                   # RFT, DFT-on-RFT, DPO, GRPO
+    dftune demo offline offline.objectives=rft,dft_on_rft,nll_on_all,dft_on_all  # the controls
+
+From a base with the strong prior's recipe whose pretraining solutions end, half of the
+time, in a wrong last step (``offline.base_wrong_last_steps``; cached like the continuum's):
 1. sample k responses per training question at temperature 1.0 and grade them
    (``dftune.offline.sample``): the correct ones are the RFT data, (correct, incorrect)
-   pairs of a question the DPO data;
+   pairs of a question the DPO data; the base's pass@1 and pass@k on them are recorded;
 2. train from the same base, for every seed: RFT (NLL on the correct samples, the
    continuum demo's SFT recipe), DFT on the same file, DPO and GRPO (TRL, with our grader
-   as GRPO's reward). PPO is wired on verl, which needs a GPU: not run here;
-3. evaluate base and every model like the continuum demo; tables with seeds and intervals
-   (differences paired to RFT), results.md, tables.json, report.html.
-
-The paper's relative settings (PAPER.md) with every learning rate scaled by the same
-factor as the demo's SFT one (finetune_lr / 5e-5): DPO and GRPO at 1/50 of the SFT rate,
-DPO's batch half of SFT's with warm-up 0.05, GRPO group size 4 (= k) with warm-up 0.1.
+   as GRPO's reward; GRPO at a constant rate after its warm-up, as verl runs it), and on
+   request NLL and DFT on every sample, graded or not (the controls that separate what the
+   correctness filter does from what DFT's weight does). PPO is wired on verl, which needs
+   a GPU: not run here;
+3. evaluate base and every model like the continuum demo; measure each model's
+   learning-rate budget (the sum of the rate over its optimizer steps, from its own logs),
+   how far it moved from the base and what it changed on the base's held-out samples
+   (``offline_analysis.py``);
+4. tables with seeds and intervals (differences paired to the base and to RFT), results.md,
+   tables.json, report.html (``offline_tables.py``).
 """
 
 from __future__ import annotations
@@ -22,13 +29,13 @@ from pathlib import Path
 
 from dftune.config import DataConfig
 from dftune.eval.metrics import avg_key
-from dftune.files import write_jsonl
+from dftune.files import read_json, read_jsonl, write_jsonl
 from dftune.settings import ConfigError
 from dftune.testbed import bases, tables, tasks
 from dftune.testbed.bases import PROMPT
 from dftune.testbed.demo_config import DemoConfig
 from dftune.testbed.stages import (
-    build_bases,
+    base_for,
     elapsed,
     evaluate_model,
     finetune,
@@ -37,12 +44,16 @@ from dftune.testbed.stages import (
     prepare,
     run_jobs,
     splits_of,
+    test_rows,
     worker_count,
     write_sweep,
 )
 
-OBJECTIVES = ("rft", "dft_on_rft", "dpo", "grpo")
-PAPER_SFT_LR = 5e-5
+OBJECTIVES = ("rft", "dft_on_rft", "dpo", "grpo", "nll_on_all", "dft_on_all")
+# the SFT-loop methods: (objective, file of the sampled folder); *_on_all train on every sample,
+# graded or not (the controls that separate what the correctness filter does from what DFT does)
+SFT_RUNS = {"rft": ("nll", "rft.jsonl"), "dft_on_rft": ("dft", "rft.jsonl"), "nll_on_all": ("nll", "all.jsonl"),
+            "dft_on_all": ("dft", "all.jsonl")}
 
 
 def _objectives(cfg: DemoConfig) -> list[str]:
@@ -64,38 +75,62 @@ def write_questions(cfg: DemoConfig, root: Path) -> Path:
     """Training questions from the demonstrations' distribution (other problems than theirs)."""
     rows = tasks.generate(tasks.SPLITS["train_narrow"], cfg.offline.questions, seed=3, prefix="q")
     return write_jsonl(root / "data" / "questions.jsonl",
-                              [{"id": r["id"], "problem": r["problem"], "solution": r["solution"], "answer": r["answer"]}
-                               for r in rows])
+                       [{"id": r["id"], "problem": r["problem"], "solution": r["solution"], "answer": r["answer"]}
+                        for r in rows])
+
+
+def dpo_config(cfg: DemoConfig, root: Path, base: Path, out: Path, seed: int):
+    """DPO's run (TRL): the sampled pairs, cosine after a 0.05 warm-up (the paper's DPO)."""
+    from dftune.offline.baselines import BaselineConfig, baseline_training
+
+    o = cfg.offline
+    train = baseline_training(lr=o.dpo_lr, warmup_ratio=0.05, global_batch=o.dpo_batch, micro_batch=o.dpo_batch,
+                              epochs=o.dpo_epochs, seed=seed, out=str(out), log_every=1)
+    return BaselineConfig(model=str(base), data=str(root / "sampled" / "dpo.jsonl"), train=train, lr_scheduler="cosine",
+                          beta=o.dpo_beta, max_length=bases.MAX_LENGTH)
+
+
+def grpo_config(cfg: DemoConfig, root: Path, base: Path, out: Path, seed: int):
+    """GRPO's run (TRL): the training questions, group size ``grpo_group``, a constant rate
+    after a 0.1 warm-up (verl's schedule, which the paper ran; docs/design.md), no KL term."""
+    from dftune.offline.baselines import BaselineConfig, baseline_training
+
+    o = cfg.offline
+    completions = o.grpo_questions * o.grpo_group
+    train = baseline_training(lr=o.grpo_lr, warmup_ratio=0.1, global_batch=completions, micro_batch=completions,
+                              max_steps=o.grpo_steps, seed=seed, out=str(out), log_every=1)
+    return BaselineConfig(model=str(base), data=str(root / "data" / "questions.jsonl"), instruction_suffix=bases.SUFFIX,
+                          train=train, lr_scheduler="constant", num_generations=o.grpo_group,
+                          max_completion_length=o.sample_tokens, temperature=1.0, beta=o.grpo_beta,
+                          max_length=bases.MAX_LENGTH)
 
 
 def _offline_job(cfg: DemoConfig, root: Path, files: dict, base: Path, obj: str, seed: int) -> None:
     """One method's run from the base (objective "base": its evaluation only), in a worker."""
-    from dftune.offline.baselines import BaselineConfig, baseline_training, run_dpo, run_grpo
+    from dftune.offline.baselines import run_dpo, run_grpo
 
-    o, sampled = cfg.offline, root / "sampled"
     out = root / folder_name({"setting": "offline", "objective": obj, "seed": seed})
     final = out / "final"
     if obj == "base":
         final = base
-    elif obj in ("rft", "dft_on_rft"):
-        rft = DataConfig(path=str(sampled / "rft.jsonl"), max_length=bases.MAX_LENGTH)
-        final = finetune(base, rft, out, objective="nll" if obj == "rft" else "dft", lr=cfg.finetune_lr,
-                         batch=cfg.finetune_batch, steps=cfg.finetune_steps, seed=seed)
+    elif obj in SFT_RUNS:
+        objective, name = SFT_RUNS[obj]
+        data = DataConfig(path=str(root / "sampled" / name), max_length=bases.MAX_LENGTH)
+        final = finetune(base, data, out, objective=objective, lr=cfg.finetune_lr, batch=cfg.finetune_batch,
+                         steps=cfg.finetune_steps, seed=seed)
     elif not (final / "config.json").is_file():
-        common = {"model": str(base), "max_length": bases.MAX_LENGTH}
-        if obj == "dpo":
-            train = baseline_training(lr=o.dpo_lr, warmup_ratio=0.05, global_batch=o.dpo_batch, micro_batch=o.dpo_batch,
-                                      max_steps=o.dpo_steps, seed=seed, out=str(out), log_every=1)
-            final = run_dpo(BaselineConfig(data=str(sampled / "dpo.jsonl"), train=train, beta=o.dpo_beta, **common))
-        else:
-            train = baseline_training(lr=o.grpo_lr, warmup_ratio=0.1, global_batch=o.grpo_questions * o.k,
-                                      micro_batch=o.grpo_questions * o.k, max_steps=o.grpo_steps, seed=seed,
-                                      out=str(out), log_every=1)
-            final = run_grpo(BaselineConfig(data=str(root / "data" / "questions.jsonl"), instruction_suffix=bases.SUFFIX,
-                                            train=train, num_generations=o.k, max_completion_length=o.sample_tokens,
-                                            temperature=1.0, beta=o.grpo_beta, **common))
+        make, run = (dpo_config, run_dpo) if obj == "dpo" else (grpo_config, run_grpo)
+        final = run(make(cfg, root, base, out, seed))
     if not (out / "eval" / "summary.json").is_file():
         evaluate_model(cfg, final, out / "eval", files["benchmarks"], PROMPT)
+
+
+def _base_job(cfg: DemoConfig, cache: Path) -> Path:
+    """The offline demo's base: the strong recipe, with ``base_wrong_last_steps`` of its
+    pretraining solutions ending in a wrong last step (cached like the continuum's bases)."""
+    return bases.pretrained_base("strong", cache, steps=cfg.pretrain_steps, examples=cfg.pretrain_examples,
+                                 batch=cfg.pretrain_batch, lr=cfg.pretrain_lr, hidden=cfg.hidden, layers=cfg.layers,
+                                 heads=cfg.heads, wrong_last_steps=cfg.offline.base_wrong_last_steps)
 
 
 def _sample_job(cfg: DemoConfig, root: Path, base: Path, questions: Path) -> dict:
@@ -108,23 +143,53 @@ def _sample_job(cfg: DemoConfig, root: Path, base: Path, questions: Path) -> dic
                   engine=EngineConfig(batch_size=cfg.eval_batch))
 
 
+def lr_budget(run: Path) -> dict:
+    """The learning-rate budget a run spent, from its own records: {optimizer_steps, lr_sum}
+    (``dftune train``: the rate of every step in log.jsonl; TRL: budget.json, the rates the
+    optimizer used)."""
+    recorded = read_json(run / "budget.json")
+    if recorded is not None:
+        return {"optimizer_steps": recorded["optimizer_steps"], "lr_sum": recorded["lr_sum"]}
+    lrs = [r["lr"] for r in read_jsonl(run / "log.jsonl") if "lr" in r]
+    return {"optimizer_steps": len(lrs), "lr_sum": float(sum(lrs))}
+
+
+def _analysis_job(root: Path, base: Path, names: dict[str, str], rows: list[dict]) -> dict:
+    """Movement and held-out log-probability changes of the runs ``names`` ({label: folder})."""
+    from dftune.testbed.offline_analysis import measure
+
+    return measure(base, {label: root / folder / "final" for label, folder in names.items()}, rows)
+
+
+def held_out(cfg: DemoConfig, root: Path) -> list[dict]:
+    """The base's evaluation samples, with the gold derivations of their problems."""
+    from dftune.testbed.offline_analysis import held_out_rows
+
+    problems = {(s, r["id"]): (r["problem"], r["solution"]) for s in splits_of(cfg) for r in test_rows(cfg, s)}
+    folder = root / folder_name({"setting": "offline", "objective": "base", "seed": 0}) / "eval"
+    return held_out_rows(folder, problems, bases.SUFFIX)
+
+
 def run_offline(cfg: DemoConfig) -> Path:
     from dftune.analysis.report import write_report
     from dftune.files import write_json, write_text
+    from dftune.testbed.offline_tables import offline_report_tables, offline_settings, pass_rows
 
     t0, load_start = time.time(), load_average()
     o = cfg.offline
     objectives = _objectives(cfg)
-    splits_of(cfg)
+    splits = splits_of(cfg)
     root, cache, files = prepare(cfg)
-    prior = "real" if cfg.real_base else "strong"
-    base = build_bases(cfg, [prior], cache)[prior]
+    base = base_for(cfg, "real", cache) if cfg.real_base else run_jobs(_base_job, [(cfg, cache)], 1)[0]
     timings = {"base": time.time() - t0}
     questions = write_questions(cfg, root)
 
     # 1. k samples per question from the base, graded: rft.jsonl and dpo.jsonl
     t = time.time()
     stats = run_jobs(_sample_job, [(cfg, root, base, questions)], 1)[0]
+    write_jsonl(root / "sampled" / "all.jsonl", [{"id": f"{r['id']}-{r['sample']}", "prompt": r["prompt"],
+                                                  "completion": r["response"]}
+                                                 for r in read_jsonl(root / "sampled" / "samples.jsonl")])
     timings["sample"] = time.time() - t
     print(f"sampled: {stats['correct']} correct of {stats['responses']} ({stats['yield']:.0%}), "
           f"{stats['dpo_pairs']} DPO pairs")
@@ -132,7 +197,7 @@ def run_offline(cfg: DemoConfig) -> Path:
         raise ConfigError(f"the base's samples gave {stats['correct']} correct responses and {stats['dpo_pairs']} pairs: "
                           f"too few for a batch ({cfg.finetune_batch} / {o.dpo_batch}); raise offline.questions")
 
-    # 2. every method and seed from the base, the base's own evaluation beside them; 3. evaluate
+    # 2. every method and seed from the base, the base's own evaluation beside them; evaluated
     grid = [("base", 0)] + [(obj, seed) for obj in objectives for seed in range(cfg.seeds)]
     points = [{"name": folder_name(v), "values": v}
               for v in ({"setting": "offline", "objective": obj, "seed": seed} for obj, seed in grid)]
@@ -140,22 +205,34 @@ def run_offline(cfg: DemoConfig) -> Path:
     run_jobs(_offline_job, [(cfg, root, files, base, obj, seed) for obj, seed in grid], cfg.workers)
     timings["runs"] = time.time() - t
     print(f"{len(grid)} points trained and evaluated ({elapsed(t0)})")
-    scale = cfg.finetune_lr / PAPER_SFT_LR
+
+    # 3. what each run spent and changed, on the base's held-out samples (a job per seed)
+    t = time.time()
+    rows = held_out(cfg, root)
+    per_seed = [{obj: folder_name({"setting": "offline", "objective": obj, "seed": s}) for obj in objectives}
+                for s in range(cfg.seeds)]
+    measured = run_jobs(_analysis_job, [(root, base, names, rows) for names in per_seed], cfg.workers)
+    timings["analysis"] = time.time() - t
+    movement = [{"objective": obj, "seed": s, **lr_budget(root / per_seed[s][obj]), **measured[s][obj]}
+                for obj in objectives for s in range(cfg.seeds)]
 
     write_sweep(root, cfg, ["setting", "objective", "seed"], "rft", points)
-    splits = splits_of(cfg)
     accuracy, diffs = tables.accuracy_tables(root, points, splits, "setting", "rft")
+    vs_base = base_differences(root, points, splits)
+    base_eval = root / points[0]["name"] / "eval"
     result = {"schema": tables.TABLES_SCHEMA, "kind": "offline", "metric": avg_key(cfg.eval_n), "n": cfg.eval_n,
               "problems_per_split": cfg.eval_problems, "seeds": cfg.seeds, "splits": splits + ["mean"],
               "group": "setting", "baseline": "rft",
               "intervals": {"cell": tables.CELL_INTERVAL, "diff": tables.DIFF_INTERVAL},
-              "sampling": stats, "settings": offline_settings(cfg, scale),
-              "accuracy": accuracy, "vs_baseline": diffs,
+              "sampling": stats, "base_pass": pass_rows(stats, base_eval, splits),
+              "settings": offline_settings(cfg), "accuracy": accuracy, "vs_baseline": diffs, "vs_base": vs_base,
+              "movement": movement, "held_out_samples": {k: sum(r["kind"] == k for r in rows)
+                                                         for k in ("clean", "lucky", "wrong")},
               "eos": [{"setting": "offline", "objective": obj, "seeds": len(s),
                        **tables.generation_summary([root / s[k] / "eval" for k in sorted(s)])}
                       for (_, obj), s in tables._groups(points, "setting").items()],
               "timing": {"total_s": round(time.time() - t0, 1), "workers": worker_count(cfg.workers),
-                        "load_average_start": load_start, "load_average_end": load_average(),
+                         "load_average_start": load_start, "load_average_end": load_average(),
                          **{k: round(v, 1) for k, v in timings.items()}}}
     result["tables"] = offline_report_tables(result)
     write_json(root / "tables.json", result)
@@ -167,47 +244,23 @@ def run_offline(cfg: DemoConfig) -> Path:
     return report
 
 
-def offline_settings(cfg: DemoConfig, scale: float) -> dict:
-    """What each method ran with, and the paper's value it was scaled from."""
-    o = cfg.offline
-    return {"lr_scale": scale, "k": o.k, "questions": o.questions, "temperature": 1.0,
-            "rft": {"lr": cfg.finetune_lr, "batch": cfg.finetune_batch, "steps": cfg.finetune_steps, "warmup": 0.1,
-                    "paper": {"lr": PAPER_SFT_LR, "batch": 256, "warmup": 0.1}},
-            "dpo": {"lr": o.dpo_lr, "batch": o.dpo_batch, "steps": o.dpo_steps or "1 epoch", "warmup": 0.05,
-                    "beta": o.dpo_beta, "paper": {"lr": 1e-6, "batch": 128, "warmup": 0.05}},
-            "grpo": {"lr": o.grpo_lr, "questions_per_step": o.grpo_questions, "group": o.k, "steps": o.grpo_steps,
-                     "warmup": 0.1, "beta": o.grpo_beta, "paper": {"lr": 1e-6, "batch": 256, "group": 4, "warmup": 0.1}},
-            "ppo": "not run: PPO is wired on verl, which needs a GPU (dftune baseline ppo)"}
+def base_differences(root: Path, points: list[dict], splits: list[str]) -> list[dict]:
+    """Every method minus the base, per split and "mean": the base's one evaluation paired
+    with each seed's, problem by problem (the bootstrap resamples the seeds and the problems)."""
+    import numpy as np
 
-
-def offline_report_tables(t: dict) -> list[dict]:
-    """The tables the report and results.md show: [{title, columns, rows, note}], cells as text."""
-    s, st, splits = t["settings"], t["sampling"], t["splits"]
-    cells = {(r["objective"], r["split"]): r for r in t["accuracy"]}
-    diffs = {(r["objective"], r["split"]): r for r in t["vs_baseline"]}
-    eos = {r["objective"]: r for r in t["eos"]}
-    return [{
-        "title": "Offline RL in miniature: accuracy by method",
-        "columns": ["method", "seeds"] + splits + ["mean − rft, points", "stopped %", "mean tokens"],
-        "rows": [[o, str(cells[(o, splits[0])]["seeds"])] + [tables.fmt_cell(cells[(o, b)]) for b in splits]
-                 + [tables.fmt_diff(diffs[(o, "mean")]) if (o, "mean") in diffs else "",
-                    tables._pct(eos[o]["stop"]), f"{eos[o]['mean_tokens']:.0f}"]
-                 for o in dict.fromkeys(r["objective"] for r in t["accuracy"])],
-        "note": (f"From the strong base: {st['questions']} questions x k = {st['k']} samples at temperature 1.0; "
-                 f"{st['correct']} correct ({100 * st['yield']:.1f}%) are the RFT data (DFT-on-RFT trains on the same "
-                 f"file), {st['dpo_pairs']} (correct, incorrect) pairs the DPO data. {t['metric']} in % on "
-                 f"{t['problems_per_split']} problems per split, mean ± 95% t-interval half-width over {t['seeds']} "
-                 "seeds (the base: one evaluation); the difference to RFT is paired by seed and problem, [95% "
-                 "bootstrap interval] (seeds ahead / seeds)."),
-    }, {
-        "title": "Settings (the paper's relative settings, learning rates scaled)",
-        "columns": ["method", "lr", "batch", "steps", "warm-up", "paper"],
-        "rows": [["RFT / DFT-on-RFT", f"{s['rft']['lr']:g}", f"{s['rft']['batch']} sequences", str(s["rft"]["steps"]),
-                  str(s["rft"]["warmup"]), "lr 5e-5, batch 256, warm-up 0.1"],
-                 ["DPO", f"{s['dpo']['lr']:g}", f"{s['dpo']['batch']} pairs", str(s["dpo"]["steps"]),
-                  str(s["dpo"]["warmup"]), "lr 1e-6, batch 128, warm-up 0.05"],
-                 ["GRPO", f"{s['grpo']['lr']:g}", f"{s['grpo']['questions_per_step']} questions x {s['grpo']['group']}",
-                  str(s["grpo"]["steps"]), str(s["grpo"]["warmup"]), "lr 1e-6, batch 256, group 4, warm-up 0.1"],
-                 ["PPO", "", "", "", "", s["ppo"]]],
-        "note": f"Every learning rate is the paper's times {s['lr_scale']:g} (the demo's SFT lr over the paper's 5e-5).",
-    }]
+    groups = tables._groups(points, "setting")
+    base_folder = root / groups[("offline", "base")][0] / "eval"
+    base = {b: tables.accuracy_matrix([base_folder], b)[0] for b in splits}
+    base["mean"] = np.concatenate([base[b] for b in splits], axis=1)
+    out = []
+    for (g, obj), seeds in groups.items():
+        if obj == "base":
+            continue
+        folders = [root / seeds[s] / "eval" for s in sorted(seeds)]
+        mats = {b: tables.accuracy_matrix(folders, b)[0] for b in splits}
+        mats["mean"] = np.concatenate([mats[b] for b in splits], axis=1)
+        for k, (b, m) in enumerate(mats.items()):
+            d = tables.paired_difference(m, np.repeat(base[b], len(m), axis=0), seed=k)
+            out.append({"setting": g, "objective": obj, "baseline": "base", "split": b, "seeds": len(m), **d})
+    return out
