@@ -385,6 +385,18 @@ def test_full_raises_the_defaults_but_keeps_explicit_settings():
     assert apply_full(DemoConfig()).eval_problems == DemoConfig().eval_problems
 
 
+def test_the_offline_demo_keeps_its_own_problem_count_unless_given():
+    """The continuum's default of 80 problems per split is not the offline table's 40 (the
+    size it was measured at); an explicit setting, or --full's, wins."""
+    from dftune.testbed.demo_config import FULL, OFFLINE_DEFAULTS, DemoConfig, apply_full, apply_mode
+
+    assert OFFLINE_DEFAULTS["eval_problems"] != DemoConfig().eval_problems
+    assert apply_mode(DemoConfig(mode="offline")).eval_problems == OFFLINE_DEFAULTS["eval_problems"]
+    assert apply_mode(DemoConfig(mode="offline", eval_problems=60)).eval_problems == 60
+    assert apply_mode(apply_full(DemoConfig(mode="offline", full=True))).eval_problems == FULL["eval_problems"]
+    assert apply_mode(DemoConfig()).eval_problems == DemoConfig().eval_problems  # the continuum keeps its own
+
+
 @pytest.fixture
 def answering_base(tiny_dir, tmp_path):
     """A tiny model taught the offline demo's first questions in the demonstrations' format,

@@ -111,7 +111,7 @@ class DemoConfig:
     splits: str = "id,ood_ops,ood_steps"
     """test splits (id, ood_ops, ood_steps: tasks.SPLITS)."""
     eval_problems: int = 80
-    """Problems per test split."""
+    """Problems per test split (the offline demo: 40 unless given otherwise, as its tables were measured)."""
     eval_n: int = 4
     """Samples per problem (temperature 1.0)."""
     max_new_tokens: int = 80
@@ -151,6 +151,9 @@ FULL = {"seeds": 5, "eval_problems": 100, "curve_priors": "weak,strong", "curve_
 
 FULL_OFFLINE = {"questions": 512}
 
+# mode=offline: where its defaults differ from the continuum's (a setting equal to the continuum's default is replaced)
+OFFLINE_DEFAULTS = {"eval_problems": 40}
+
 
 def apply_full(cfg: DemoConfig) -> DemoConfig:
     """``full``: the FULL settings wherever ``cfg`` still has the default."""
@@ -163,4 +166,16 @@ def apply_full(cfg: DemoConfig) -> DemoConfig:
     for k, v in FULL_OFFLINE.items():
         if getattr(cfg.offline, k) == getattr(default.offline, k):
             setattr(cfg.offline, k, v)
+    return cfg
+
+
+def apply_mode(cfg: DemoConfig) -> DemoConfig:
+    """mode=offline: the OFFLINE_DEFAULTS wherever ``cfg`` still has the continuum's default
+    (after ``apply_full``, whose values win)."""
+    if cfg.mode != "offline":
+        return cfg
+    default = DemoConfig()
+    for k, v in OFFLINE_DEFAULTS.items():
+        if getattr(cfg, k) == getattr(default, k):
+            setattr(cfg, k, v)
     return cfg
