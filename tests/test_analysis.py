@@ -1,6 +1,7 @@
 """Token-probability analysis, the probe and the report, on tiny real models."""
 
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -82,58 +83,64 @@ def test_token_stats_histograms_and_kl_match_float64(tiny_dir, setup):
 
 @pytest.mark.parametrize(
     "mean_prob, expected",
-    [(0.002, "nll"), (0.1, "nll"), (0.2, "prob_power:alpha=0.25"), (0.3, "prob_power:alpha=0.5"), (0.4, "prob_power:alpha=0.75"), (0.48, "dft"),
-     (0.5, "dft"), (0.93, "dft")],
+    [(0.002, "nll"), (0.099, "nll"), (0.2, "auto"), (0.3, "auto"), (0.48, "auto"), (0.501, "dft"), (0.93, "dft")],
 )
 def test_recommendation_rule(mean_prob, expected):
-    """Without class statistics (the v1 input) the rule uses the overall mean."""
-    rec = recommend({"mean_prob": mean_prob, "frac_below_0.1": 0.0})
-    assert rec["objective"] == expected and f"{mean_prob:.2f}"[:3] in rec["reasoning"]
-    assert rec["basis"] == "all"
+    """Without class statistics the rule uses every token: auto's statistic, the geometric mean
+    exp(-NLL) (here every token has the same p, so it equals the arithmetic mean)."""
+    rec = recommend({"mean_prob": mean_prob, "nll": -math.log(mean_prob), "frac_below_0.1": 0.0})
+    assert rec["objective"] == expected and rec["geo_p"] == pytest.approx(mean_prob)
+    assert f"{mean_prob:.3g}" in rec["reasoning"] and rec["basis"] == "all"
+    assert rec["alpha"] == pytest.approx(min(max((mean_prob - 0.1) / 0.4, 0), 1))
 
 
-def _cls(mean_prob, below=0.0, tokens=100):
+def _cls(mean_prob, below=0.0, tokens=100, nll=None):
     return {"tokens": tokens, "mean_prob": mean_prob, "frac_below_0.1": below, "frac_above_0.9": 0.0,
-            "mean_entropy": 1.0}
+            "mean_entropy": 1.0, "nll": -math.log(mean_prob) if nll is None else nll}
 
 
 # (overall mean, content, special, punct, end-of-turn mean) -> objective, warning codes
 PROFILES = [
-    # the demo's "weak" base: easy format tokens lift the overall mean to 0.68, content is weak
-    ((0.68, _cls(0.08, 0.7), _cls(0.95), _cls(0.97), 0.9), "nll", set()),
-    # strong content prior, EOS never seen: DFT, but NLL on special tokens
+    # the demo's weak base: numbers and layout known, the demonstrations' words never seen (p ~ 1e-7): the
+    # arithmetic mean says strong, the geometric mean (auto's statistic) says weak: nll
+    ((0.6, _cls(0.42, 0.53, nll=6.0), _cls(1e-7, 1.0, tokens=10, nll=16.0), _cls(0.79, 0.2, nll=2.5), 1e-7), "nll",
+     {"eot_unlearned"}),
+    # strong prior, EOS never seen: DFT, but NLL on special tokens
     ((0.7, _cls(0.75, 0.05), _cls(0.01, tokens=10), _cls(0.9), 0.01), "dft:protect=special", {"eot_unlearned"}),
-    # strong content prior, output layout unknown: DFT with a floor
-    ((0.6, _cls(0.7, 0.05), _cls(0.9), _cls(0.3, 0.5), 0.9), "dft:floor=0.1", {"format_unlearned"}),
-    ((0.6, _cls(0.7, 0.05), _cls(0.01, tokens=10), _cls(0.3, 0.5), 0.01), "dft:floor=0.1,protect=special",
+    # strong prior, a third of the output layout unknown: DFT with a floor
+    ((0.7, _cls(0.9, 0.02), _cls(0.9, tokens=10), _cls(0.6, 0.35, nll=0.6), 0.9), "dft:floor=0.1", {"format_unlearned"}),
+    ((0.7, _cls(0.9, 0.02), _cls(0.01, tokens=10), _cls(0.6, 0.35, nll=0.6), 0.01), "dft:floor=0.1,protect=special",
      {"eot_unlearned", "format_unlearned"}),
-    # strong mean, but a third of the content tokens unknown: alpha capped at 0.5
-    ((0.6, _cls(0.6, 0.35), _cls(0.9), _cls(0.9), 0.9), "prob_power:alpha=0.5", set()),
-    # middling prior with an unlearned template token (not the end of turn)
-    ((0.3, _cls(0.3, 0.2), _cls(0.05, tokens=300), _cls(0.6), 0.6), "prob_power:alpha=0.5,protect=special",
-     {"special_unlearned"}),
+    # middling prior with an unlearned template token (not the end of turn): auto, which protects special tokens
+    ((0.3, _cls(0.3, 0.2), _cls(0.05, tokens=300), _cls(0.6), 0.6), "auto", {"special_unlearned"}),
+    # a well-known majority and a third of the content unknown: neither end clearly right
+    ((0.6, _cls(0.6, 0.35, nll=1.5), _cls(0.9, tokens=10), _cls(0.9), 0.9), "auto", set()),
     # the end of turn is known, a template token (<think>...) is not: only that warning
     ((0.8, _cls(0.8), _cls(0.25, tokens=40), _cls(0.9), 0.9), "dft:protect=special", {"special_unlearned"}),
     # random model: NLL; the warnings say what DFT would do anyway
     ((0.003, _cls(0.003, 1.0), _cls(0.003, 1.0, tokens=10), _cls(0.003, 1.0), 0.003), "nll",
      {"eot_unlearned", "format_unlearned", "no_prior"}),
     # confident on everything
-    ((0.97, _cls(0.96), _cls(0.99), _cls(0.99), 0.99), "dft", set()),
+    ((0.97, _cls(0.96), _cls(0.99, tokens=10), _cls(0.99), 0.99), "dft", set()),
 ]
 
 
 @pytest.mark.parametrize("inputs, objective, codes", PROFILES)
 def test_recommendation_from_class_statistics(inputs, objective, codes):
     overall, content, special, punct, eot = inputs
-    classes = {"content_all": content, "special": special, "punct": punct}
-    rec = recommend({"mean_prob": overall, "frac_below_0.1": 0.0}, classes,
+    classes = {"content": content, "number": content, "content_all": content, "special": special, "punct": punct}
+    rec = recommend({"mean_prob": overall, "nll": 1.0, "frac_below_0.1": 0.0}, classes,
                     {"tokens": 10, "mean_prob": eot, "token_ids": [0], "text": ["<eos>"]})
     assert rec["objective"] == objective
     assert {w["code"] for w in rec["warnings"]} == codes
-    assert rec["basis"] == "content" and f"{content['mean_prob']:.2f}"[:3] in rec["reasoning"]
+    # the statistic: exp(-NLL) over the non-special classes (content, number, punct), token-weighted
+    nll = (2 * content["tokens"] * content["nll"] + punct["tokens"] * punct["nll"]) / (2 * content["tokens"]
+                                                                                        + punct["tokens"])
+    assert rec["basis"] == "non-special" and rec["geo_p"] == pytest.approx(math.exp(-nll))
+    assert f"{rec['geo_p']:.3g}" in rec["reasoning"]
     get_objective(rec["objective"])  # every recommendation is a valid objective
-    if overall - content["mean_prob"] > 0.1:
-        assert "inflate" in rec["reasoning"]
+    if objective == "nll" and rec["mean_p"] > 0.5:
+        assert "arithmetic mean is high" in rec["reasoning"]
 
 
 def _stats(ids, p, ent=None):
@@ -158,7 +165,11 @@ def test_class_summaries_and_end_of_turn_are_exact():
     assert empty["tokens"] == 0 and empty["mean_prob"] is None
     report = probe_report(st, classes, [1, 5], model="m")
     assert report["stats"]["p_percentiles"]["50"] == pytest.approx(np.percentile(np.exp(st.logp), 50))
-    assert report["schema"] == 2 and report["model"] == "m"
+    assert report["schema"] == 3 and report["model"] == "m"
+    # the decision's statistic: exp(-NLL) over the non-special tokens (ids 0, 4, 2, 3, 0, 2)
+    p = np.array([0.9, 0.5, 0.05, 0.95, 0.7, 0.3])
+    assert report["recommendation"]["geo_p"] == pytest.approx(float(np.exp(np.log(p).mean())))
+    assert report["recommendation"]["mean_p"] == pytest.approx(float(p.mean()))
     json.dumps(report)  # JSON-serialisable as is
     with pytest.raises(ValueError, match="no response tokens"):
         probe_report(_stats([], []), classes, [1, 5])

@@ -32,6 +32,10 @@ def _low_ranks(lp, pct):
     return low
 
 
+def _auto_a(pbar):
+    return min(max((float(pbar) - 0.1) / 0.4, 0.0), 1.0)
+
+
 REFERENCE = {
     "nll": lambda r: -r.lp,
     "dft": lambda r: -_p(r) * r.lp,
@@ -61,6 +65,19 @@ REFERENCE = {
     "iw_sft": lambda r: -torch.clamp(_seq_mean(r.lp.detach() - r.ref, r.seq).exp(), 0, 16) * r.lp,
     "iw_sft:level=token": lambda r: -torch.clamp((r.lp.detach() - r.ref).exp(), 0.2, 1.8) * r.lp,
     "asft:lam=0.3": lambda r: -_p(r) * r.lp,  # + KL term, added below
+    # auto: weight max(p^a, 0.1), a = clip((pbar - 0.1) / 0.4, 0, 1); special tokens (class 1) NLL
+    "auto:pbar=0.3": lambda r: torch.where(r.cls == 1, -r.lp, -torch.clamp(_p(r) ** 0.5, min=0.1) * r.lp),
+    "auto:pbar=0.05": lambda r: -r.lp,
+    "auto:pbar=0.95": lambda r: torch.where(r.cls == 1, -r.lp, -torch.clamp(_p(r), min=0.1) * r.lp),
+    "auto:floor=0,pbar=0.95": lambda r: torch.where(r.cls == 1, -r.lp, -_p(r) * r.lp),
+    "auto:pbar=0.2,norm=weight": lambda r: torch.where(r.cls == 1, -r.lp, -torch.clamp(_p(r) ** 0.25, min=0.1) * r.lp),
+    # no pbar given: from the call's own tokens other than the special ones (batch-level);
+    # geometric mean exp(mean log p) by default, arithmetic mean of p with mean=arithmetic
+    "auto": lambda r: torch.where(r.cls == 1, -r.lp, -torch.clamp(
+        _p(r) ** _auto_a(r.lp.detach()[r.cls != 1].mean().exp()), min=0.1) * r.lp),
+    "auto:mean=arithmetic,floor=0": lambda r: torch.where(r.cls == 1, -r.lp,
+                                                           -_p(r) ** _auto_a(_p(r)[r.cls != 1].mean()) * r.lp),
+    "auto:mean=arithmetic,pbar=0.4": lambda r: torch.where(r.cls == 1, -r.lp, -torch.clamp(_p(r) ** 0.75, min=0.1) * r.lp),
 }
 
 

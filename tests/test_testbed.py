@@ -58,18 +58,31 @@ def test_a_wrong_demonstration_is_wrong_only_in_its_last_step():
         assert not grade_one(bad["solution"], [row["answer"]]).correct
 
 
+@pytest.mark.parametrize("notation", tasks.NOTATIONS)
 @pytest.mark.parametrize("spec", tasks.PRETRAIN_MIX + [tasks.SPLITS["ood_ops"], tasks.SPLITS["ood_steps"]], ids=str)
-def test_the_notes_form_says_the_same_arithmetic_differently(spec):
+def test_the_notes_form_says_the_same_arithmetic_differently(spec, notation):
     for row in tasks.generate(spec, 200, seed=3):
-        doc = tasks.notes_document(row)
-        assert tasks.check_notes(doc, row["answer"]), doc
+        doc = tasks.notes_document(row, notation)
+        assert tasks.check_notes(doc, row["answer"], notation), doc
+        assert not tasks.check_notes(doc, row["answer"], next(n for n in tasks.NOTATIONS if n != notation))
         assert row["problem"] in doc and doc.endswith(f"Result: {row['answer']}\n\n")
-        for demo_only in ("\\boxed", "=", "+", "The answer is", "starts with", "<|"):  # none of the demonstrations' format
+        # none of the demonstrations' layout; the words notation not even their arithmetic
+        for demo_only in ("\\boxed", "The answer is", "starts with", "<|") + (("=", "+") if notation == "words" else ()):
             assert demo_only not in doc
+        if notation == "symbols":  # the demonstrations' own step lines, inside the notes' wrapper
+            steps = [line for line in row["solution"].split("\n")[1:-1]]
+            assert "\n".join(steps) in doc
 
 
 DOC = "Problem: Ava has 5 pens. Then Ava buys 3 more. Then Ava sells 2. How many pens does Ava have now?\n" \
       "Work: Ava has 5 pens.\n5 plus 3 is 8.\n8 minus 2 is 6.\nResult: 6\n\n"
+SYMBOLS = DOC.replace("5 plus 3 is 8", "5 + 3 = 8").replace("8 minus 2 is 6", "8 - 2 = 6")
+
+
+def test_the_symbols_checker_reads_the_demonstrations_notation():
+    assert tasks.check_notes(SYMBOLS, "6") and not tasks.check_notes(SYMBOLS, "6", "words")
+    assert not tasks.check_notes(SYMBOLS.replace("8 - 2 = 6", "8 - 2 = 5").replace("Result: 6", "Result: 5"), "5")
+    assert not tasks.check_notes(SYMBOLS.replace("5 + 3", "__import__('os') + 3"), "6")
 
 
 @pytest.mark.parametrize("text, answer, ok", [
@@ -86,7 +99,7 @@ DOC = "Problem: Ava has 5 pens. Then Ava buys 3 more. Then Ava sells 2. How many
     (DOC.replace("5 plus 3", "__import__('os') plus 3"), "6", False),
 ])
 def test_the_notes_checker_parses_and_never_evaluates(text, answer, ok):
-    assert tasks.check_notes(text, answer) is ok
+    assert tasks.check_notes(text, answer, "words") is ok
 
 
 def test_the_bases_share_one_layout_and_the_weak_rows_hold_no_special_token(tmp_path):
@@ -161,8 +174,9 @@ def test_the_bootstrap_covers_problems_and_seeds(seeds, seed_sd, noise_sd):
 # ---- the demos end to end, at toy size -------------------------------------------------------
 
 TINY = {"priors": "weak,strong", "pretrain_steps": 3, "pretrain_examples": 96, "pretrain_batch": 6,
-        "weak_objectives": "nll,dft:protect=special", "strong_objectives": "nll,dft", "seeds": 2, "finetune_examples": 16,
-        "finetune_steps": 2, "finetune_batch": 8, "splits": "id,ood_steps", "eval_problems": 3, "eval_n": 2,
+        "weak_objectives": "nll,auto", "strong_objectives": "nll,dft", "seeds": 2, "finetune_examples": 16,
+        "finetune_steps": 2, "weak_finetune_steps": 2, "weak_finetune_lr": 2e-3, "finetune_batch": 8,
+        "splits": "id,ood_steps", "eval_problems": 3, "eval_n": 2,
         "max_new_tokens": 12, "curve_priors": "strong", "curve_every": 1, "curve_problems": 2, "curve_n": 1, "hidden": 64,
         "layers": 1, "heads": 1, "analysis_examples": 6, "workers": 1}
 
@@ -182,7 +196,8 @@ def test_the_continuum_demo_end_to_end(tmp_path, capsys):
     assert "pretraining 3 steps on plain-text notes" in out and "pretraining 3 steps in the demonstrations' format" in out
     root = tmp_path / "demo"
     page = report.read_text()
-    for section in ("Evaluation", "Token probabilities", "Pre-flight probe", "Learning curves", "Tables (demo)"):
+    for section in ("Evaluation", "Token probabilities", "Pre-flight probe", "Learning curves", "Tables (demo)",
+                    "Where the gradient goes"):
         assert f"<h2>{section}</h2>" in page
 
     # the report's contract: sweep.json and the point folders
@@ -204,7 +219,13 @@ def test_the_continuum_demo_end_to_end(tmp_path, capsys):
     for prior in ("weak", "strong"):
         assert read_json(root / f"probe_{prior}.json")["recommendation"]["objective"]
         analysis = read_json(root / f"analysis_{prior}" / "token_probs.json")
-        assert set(analysis["end_of_turn"]) == {"base", "nll", "dft" if prior == "strong" else "dft:protect=special"}
+        assert set(analysis["end_of_turn"]) == {"base", "nll", "dft" if prior == "strong" else "auto"}
+    # each prior's runs used its own fine-tuning length and rate; auto logged its decisions every step
+    for prior, lr in (("weak", 2e-3), ("strong", 5e-4)):
+        log = read_jsonl(root / f"prior={prior}_objective=nll_seed=0" / "log.jsonl")
+        assert len(log) == 2 and max(r["lr"] for r in log) == pytest.approx(lr)
+    auto_log = read_jsonl(root / "prior=weak_objective=auto_seed=0" / "log.jsonl")
+    assert all(0 <= r["auto_exponent"] <= 1 and "protected_weight" in r for r in auto_log)
 
     # tables.json agrees with the per-sample files
     t = read_json(root / "tables.json")
@@ -253,19 +274,30 @@ def test_the_continuum_demo_end_to_end(tmp_path, capsys):
     assert row[-1] == tables.fmt_diff(diff)
     assert not any(d["objective"] == "base" for d in t["vs_baseline"])  # the base has no training seeds to pair
     stops = shown["Does the model learn to stop? (how samples end, all splits and seeds pooled)"]
-    eos = next(r for r in t["eos"] if (r["prior"], r["objective"]) == ("weak", "dft:protect=special"))
-    assert ["weak", "dft:protect=special", tables._pct(eos["stop"])] == next(
-        r for r in stops["rows"] if r[:2] == ["weak", "dft:protect=special"])[:3]
-    probe_rows = {r[0]: r for r in shown["Each base on the demonstrations, before training (the probe)"]["rows"]}
+    eos = next(r for r in t["eos"] if (r["prior"], r["objective"]) == ("weak", "auto"))
+    assert ["weak", "auto", tables._pct(eos["stop"])] == next(r for r in stops["rows"] if r[:2] == ["weak", "auto"])[:3]
+    probe_rows = {r[0]: r for r in shown["Each base on the demonstrations, before training (the probe), and the "
+                                         "outcome"]["rows"]}
+    checks = {c["prior"]: c for c in t["probe_check"]}
     for prior in ("weak", "strong"):
         assert 0 <= t["probe"][prior]["notes_accuracy"] <= 1
-        assert probe_rows[prior][6] == read_json(root / f"probe_{prior}.json")["recommendation"]["objective"]
+        rec = read_json(root / f"probe_{prior}.json")["recommendation"]
+        assert probe_rows[prior][7] == rec["objective"] == checks[prior]["recommended"]
+        assert t["probe"][prior]["geo_p"] == rec["geo_p"] and probe_rows[prior][1] == f"{rec['geo_p']:.3g}"
+        # the recommendation tested against the outcome: the best trained objective by mean accuracy
+        trained = {c["objective"]: c["mean"] for c in t["accuracy"]
+                   if c["prior"] == prior and c["split"] == "mean" and c["objective"] != "base"}
+        assert trained[checks[prior]["best"]] == max(trained.values())
+        want = ("not trained" if rec["objective"] not in trained else "best" if rec["objective"] == checks[prior]["best"]
+                else None)
+        assert checks[prior]["verdict"] == want or (want is None and checks[prior]["verdict"] in ("within noise",
+                                                                                                  "behind"))
     curves = next(tab for title, tab in shown.items() if title.startswith("Learning curves"))
     assert curves["columns"][2:] == ["step 0", "step 1", "step 2"] and len(curves["rows"]) == 2
     md = (root / "results.md").read_text()
     for title, tab in shown.items():
         assert f"## {title}" in md and tab["note"] in md and html.escape(title) in page
-    assert "| weak | dft:protect=special | 2 |" in md
+    assert "| weak | auto | 2 |" in md
 
     # a second run reuses the cached bases and every finished point; changed settings redo them
     def mtimes():
@@ -351,6 +383,18 @@ def test_full_raises_the_defaults_but_keeps_explicit_settings():
     cfg = apply_full(DemoConfig(full=True, seeds=7))
     assert cfg.seeds == 7 and cfg.eval_problems == FULL["eval_problems"]
     assert apply_full(DemoConfig()).eval_problems == DemoConfig().eval_problems
+
+
+def test_the_offline_demo_keeps_its_own_problem_count_unless_given():
+    """The continuum's default of 80 problems per split is not the offline table's 40 (the
+    size it was measured at); an explicit setting, or --full's, wins."""
+    from dftune.testbed.demo_config import FULL, OFFLINE_DEFAULTS, DemoConfig, apply_full, apply_mode
+
+    assert OFFLINE_DEFAULTS["eval_problems"] != DemoConfig().eval_problems
+    assert apply_mode(DemoConfig(mode="offline")).eval_problems == OFFLINE_DEFAULTS["eval_problems"]
+    assert apply_mode(DemoConfig(mode="offline", eval_problems=60)).eval_problems == 60
+    assert apply_mode(apply_full(DemoConfig(mode="offline", full=True))).eval_problems == FULL["eval_problems"]
+    assert apply_mode(DemoConfig()).eval_problems == DemoConfig().eval_problems  # the continuum keeps its own
 
 
 @pytest.fixture

@@ -145,8 +145,8 @@ def cmd_demo(cfg) -> None:
     """The laptop-scale testbed: pretrain tiny bases (weak and strong prior, cached), fine-tune them with
     several objectives and seeds, evaluate in and out of distribution, analyse, and write report.html.
 
-    example: dftune demo                       # the continuum, weak and strong prior: about 6 minutes on 2 CPU cores
-             dftune demo --full                # firmer numbers: 5 seeds, 100 problems per split (about 16 minutes)
+    example: dftune demo                       # NLL, DFT and auto at a weak and a strong prior: about 1,040 s of CPU
+             dftune demo --full                # firmer numbers: 5 seeds, 100 problems per split, floor/protect too
              dftune demo offline               # RFT, DFT-on-RFT, DPO and GRPO: about 7 minutes (11 under load)
     """
     from dftune.testbed.demo import run_demo

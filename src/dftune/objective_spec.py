@@ -49,7 +49,8 @@ def _protect(obj: Objective, classes: str) -> Objective:
         return torch.where(protected, -logp, inner(logp, ctx))
 
     label = "+".join(CLASS_NAMES[i] for i in ids)
-    return replace(obj, name=_join(obj.name, f"protect={label}"), fn=fn, needs_classes=True)
+    return replace(obj, name=_join(obj.name, f"protect={label}"), fn=fn, needs_classes=True,
+                   protected=tuple(sorted(set(obj.protected) | set(ids))))
 
 
 def _join(name: str, param: str) -> str:
@@ -111,6 +112,8 @@ def get_objective(spec: str | Objective) -> Objective:
         obj = _protect(obj, protect)
     if norm == "weight":
         obj = replace(obj, name=_join(obj.name, "norm=weight"), normalize="weights")
+    if obj.follows and "pbar" not in raw:  # auto: the training loop supplies the data's statistic every step
+        obj = replace(obj, with_data_prob=lambda pbar: get_objective(_join(str(spec), f"pbar={float(pbar)!r}")))
     return obj
 
 

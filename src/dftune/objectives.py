@@ -12,7 +12,7 @@ Names used in configs and on the command line: ``dft``, ``dft:floor=0.1``,
 ``dft:protect=special``, ``nll``, ``prob_power:alpha=2``, ``thresholded:q=0.2``,
 ``thresholded:pct=20,keep=bottom,loss=p``, ``dft_clip:tau=0.7``, ``talr``,
 ``focal:gamma=2``, ``eaft:k=20,alpha=1``, ``chord_phi``, ``psft:eps=0.2``, ``iw_sft``,
-``iw_sft:level=token``, ``asft:lam=0.05``. Two parameters are accepted by every objective
+``iw_sft:level=token``, ``asft:lam=0.05``, ``auto``. Two parameters are accepted by every objective
 (``objective_spec.GENERIC_PARAMS``): ``norm=weight`` (divide by the global sum of the
 per-token weights instead of the token count) and ``protect=special`` (NLL on the named
 token classes). The registry is the plain dict ``OBJECTIVES`` (name -> factory taking the
@@ -73,6 +73,13 @@ class Objective:
     normalize: "tokens" (sum / global token count, the default) or "weights" (the
         training loop rescales the step's gradient by tokens / sum of weights:
         ``dftune.loss.normalize_gradients_``).
+    protected: the token classes (``dftune.vocab`` ids) trained with NLL's weight whatever
+        the objective does elsewhere (``protect=``, auto's special tokens): the training
+        loop logs their share of the tokens and of the weight.
+    follows: the statistic of the data under the current model that the objective follows
+        (auto: "geo_p" or "mean_p", ``data_stats``); the training loop computes it every step.
+    with_data_prob: for such objectives, given that statistic (global, detached), the
+        objective for this step (``objective_spec.get_objective`` sets it).
     """
 
     name: str
@@ -83,6 +90,9 @@ class Objective:
     topk: int = 0
     needs_classes: bool = False
     normalize: str = "tokens"
+    protected: tuple[int, ...] = ()
+    follows: str = ""
+    with_data_prob: Callable[[float], Objective] | None = None
 
     def __call__(self, logp: Tensor, ctx: TokenContext) -> Tensor:
         return self.fn(logp, ctx)
@@ -341,6 +351,90 @@ def asft(lam: float = 0.05) -> Objective:
     return Objective(f"asft:lam={lam:g}", dft().fn, needs_ref=True, kl_coef=float(lam))
 
 
+# "Beyond Log Likelihood" (arXiv 2510.00526, PAPER.md): a mean target probability under the
+# model above ~0.5 favours prior-leaning objectives (DFT), below ~0.1 favours NLL. The
+# literature's constants, not fitted to any dataset; the probe uses the same ones.
+AUTO_LOW, AUTO_HIGH = 0.1, 0.5
+# auto's statistic of the data, by its ``mean`` parameter: the key the training loop fills
+# (``train.StepStats.data_stats``), over the tokens the exponent acts on (not the protected ones)
+AUTO_MEANS = {"geometric": "geo_p", "arithmetic": "mean_p"}
+
+
+def auto_exponent(data_prob: float) -> float:
+    """auto's exponent a = clip((pbar - AUTO_LOW) / (AUTO_HIGH - AUTO_LOW), 0, 1): 0 (NLL)
+    while the data's mean target probability pbar is at or below 0.1, 1 (DFT) from 0.5."""
+    return min(max((float(data_prob) - AUTO_LOW) / (AUTO_HIGH - AUTO_LOW), 0.0), 1.0)
+
+
+def data_stats(logp: Tensor) -> dict[str, float]:
+    """The statistics auto can follow, of the target log-probs ``logp`` (M,): the arithmetic
+    mean of p (``mean_p``) and the geometric one (``geo_p`` = exp(mean log p) = exp(-NLL))."""
+    lp = logp.detach().double()
+    if not lp.numel():
+        return {"mean_p": 0.0, "geo_p": 0.0}
+    return {"mean_p": float(lp.exp().mean()), "geo_p": float(lp.mean().exp())}
+
+
+def auto(pbar: float | None = None, mean: str = "geometric", floor: float = 0.1) -> Objective:
+    """auto: weight sg(max(p^a, 0.1)) on -log p, a = clip((pbar - 0.1) / 0.4, 0, 1) following the data's
+    mean target p under the current model (NLL while it is low, DFT once it is high); NLL on special tokens.
+
+    Weight sg(max(p_t^a, floor)) on -log p_t (the probability-power family of "Beyond Log
+    Likelihood", arXiv 2510.00526: a = 0 is NLL, a = 1 DFT) with one exponent for all tokens, following
+    the data: a = clip((pbar - 0.1) / 0.4, 0, 1), pbar the mean target probability of the
+    training data under the *current* model (that paper's thresholds: below ~0.1 NLL wins,
+    above ~0.5 prior-leaning objectives do). A weak prior starts as NLL and moves towards DFT
+    as it learns the data; a strong prior is DFT from the first step. End-of-turn, EOS and
+    template tokens (class ``special``) always get NLL's weight 1, so the model learns to
+    stop whatever a is (the DFT authors' remedy for unlearned special tokens), and pbar is
+    taken over the other tokens, those a acts on.
+
+    mean: "geometric" (default): pbar = exp(mean log p) = exp(-NLL), the data's per-token
+    likelihood (TALR, arXiv 2509.20758, also sets its exponent from the NLL): a share of
+    tokens the model has never seen (p ~ 1e-6: a new layout, new words) pulls it down
+    however well the rest is known. "arithmetic": the mean of p, the statistic that paper
+    measured; a base that knows most tokens perfectly and a third not at all has a high
+    arithmetic mean (docs/testbed.md: 0.60 on the weak base) and gets DFT's weighting.
+
+    floor: weight max(p^a, floor) on the unprotected tokens, 0.1 by default (the DFT authors'
+    floor, ``dft:floor=0.1``): every token keeps a tenth of its NLL gradient however far a has
+    moved towards DFT, so tokens that stay unlikely once the rest is known are still learned
+    slowly (docs/testbed.md: without it auto fell 2.8 points behind NLL at the weak prior on
+    clean demonstrations). ``floor=0``: the pure probability-power weight.
+
+    pbar: the training loop supplies it every step: the previous step's global statistic
+    (all micro-batches and processes; before the first step, that step's own batch under the
+    initial weights); the checkpoint keeps it. Left out (a direct ``token_loss`` call), it
+    is computed from the call's own tokens, which makes the objective batch-level.
+    """
+    from dftune.vocab import SPECIAL
+
+    if mean not in AUTO_MEANS:
+        raise ObjectiveError(f"auto: mean must be one of {', '.join(AUTO_MEANS)}, got {mean!r}")
+    if pbar is not None and not 0.0 <= float(pbar) <= 1.0:
+        raise ObjectiveError(f"auto: pbar must be in [0, 1], got {pbar}")
+    f = float(floor)
+    if not 0.0 <= f <= 1.0:
+        raise ObjectiveError(f"auto: floor must be in [0, 1], got {floor}")
+    fixed = None if pbar is None else auto_exponent(pbar)
+
+    def fn(logp: Tensor, ctx: TokenContext) -> Tensor:
+        cls = need(ctx.token_class, "token classes (token_loss(..., token_class=dftune.vocab.token_classes(tok, V)))",
+                   "auto")
+        lp = logp.detach()
+        special = cls == SPECIAL
+        a = fixed if fixed is not None else auto_exponent(data_stats(lp[~special])[AUTO_MEANS[mean]])
+        w = torch.where(special, torch.ones_like(lp), (a * lp).exp().clamp_min(f))  # p^a; special tokens: 1
+        return -w * logp
+
+    params = ([f"mean={mean}"] if mean != "geometric" else []) + ([f"floor={f:g}"] if f != 0.1 else [])
+    name = "auto" + (":" + ",".join(params) if params else "")
+    if pbar is not None:
+        name += ("," if ":" in name else ":") + f"pbar={float(pbar)!r}"
+    return Objective(name, fn, batch_level=pbar is None, needs_classes=True, protected=(SPECIAL,),
+                     follows=AUTO_MEANS[mean])
+
+
 OBJECTIVES: dict[str, Callable[..., Objective]] = {
     "nll": nll,
     "sft": nll,
@@ -355,4 +449,5 @@ OBJECTIVES: dict[str, Callable[..., Objective]] = {
     "psft": psft,
     "iw_sft": iw_sft,
     "asft": asft,
+    "auto": auto,
 }

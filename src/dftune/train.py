@@ -42,6 +42,7 @@ from dftune.run_folder import check_run_folder, claim_run_folder, export_final, 
 from dftune.run_log import RunLog
 from dftune.schedule import Schedule, objective_schedule
 from dftune.settings import ConfigError, Problems, to_dict
+from dftune.step_stats import StepStats, data_stats, first_data_stats, gradient_record, protected_targets
 
 
 class NonFiniteError(UserError, RuntimeError):
@@ -62,26 +63,6 @@ def _param_groups(module, weight_decay: float):
         if p.requires_grad:
             (no_decay if p.ndim < 2 else decay).append(p)  # biases and norms: no decay
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-class StepStats:
-    """Sums over one optimizer step's valid tokens (every micro-batch, every process), kept
-    on the device so that a step syncs with the host once."""
-
-    FIELDS = ("objective", "nll", "prob", "entropy", "kl_ref", "weight", "tokens", "input_tokens")
-
-    def __init__(self, device: torch.device):
-        self.sums = torch.zeros(len(self.FIELDS), dtype=torch.float64, device=device)
-
-    def add(self, res, attention_mask: torch.Tensor) -> None:
-        m = res.mask
-        kl = res.kl[m].sum() if res.kl is not None else torch.zeros((), device=m.device)
-        self.sums += torch.stack([res.objective_sum.double(), -res.logp[m].double().sum(), res.logp[m].double().exp().sum(),
-                                  res.entropy[m].double().sum(), kl.double(), res.weight_sum.double(), m.sum().double(),
-                                  attention_mask.sum().double()])
-
-    def reduce(self, rt: dist.Runtime) -> dict[str, float]:
-        return dict(zip(self.FIELDS, rt.all_sum(self.sums).tolist()))
 
 
 class Batches:
@@ -123,6 +104,12 @@ class Setup:
     opt: torch.optim.Optimizer
     save_dtype: torch.dtype  # the final model's (train.save_dtype; auto: as the base was stored)
     start: int = 0  # the step a resumed run continues from
+    classes: torch.Tensor | None = None  # (V,) token class per vocabulary id, when an objective needs them
+    data_stats: dict | None = None  # the last step's statistics of the data (auto follows one; checkpointed)
+
+    def state(self) -> dict:
+        """What a checkpoint keeps beside the weights (JSON): the objective and the data's statistics."""
+        return {"objective": self.schedule.spec, "data_stats": self.data_stats}
 
 
 def setup(cfg: Config, rt: dist.Runtime, schedule: Schedule, resume_from: Path | None) -> Setup:
@@ -162,9 +149,10 @@ def setup(cfg: Config, rt: dist.Runtime, schedule: Schedule, resume_from: Path |
     module = dist.parallelize(module, model, rt, parallel, mixed_bf16=precision.mixed)
     opt = torch.optim.AdamW(_param_groups(module, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2))
     s = Setup(cfg, rt, out, precision, schedule, tokenizer, batches, total, int(t.warmup_ratio * total), module,
-              [p for p in module.parameters() if p.requires_grad], opt, save_dtype)
+              [p for p in module.parameters() if p.requires_grad], opt, save_dtype, classes=classes)
     if resume_from is not None:
-        s.start = dist.load_checkpoint(rt, module, opt, resume_from)["step"]
+        state = dist.load_checkpoint(rt, module, opt, resume_from)
+        s.start, s.data_stats = state["step"], state.get("data_stats")
         if rt.is_main:
             print(f"resumed from {resume_from} (step {s.start})")
     return s
@@ -176,7 +164,14 @@ def train_step(s: Setup, step: int, logs_entropy: bool) -> dict:
     Returns the step's log record."""
     t, rt, inner = s.cfg.train, s.rt, dist.unwrap(s.module)
     micro, global_count = s.batches(step)
-    objective = inner.objective = s.schedule.at(step / s.total)
+    objective = s.schedule.at(step / s.total)
+    follows = objective.with_data_prob is not None  # auto: the objective follows a statistic of the data
+    if follows:
+        if s.data_stats is None:  # the first step: its own batch, measured before the update
+            s.data_stats = first_data_stats(rt, s.module, micro, s.precision.autocast, objective, s.classes)
+        used = s.data_stats[objective.follows] if s.data_stats else 0.0
+        objective = objective.with_data_prob(used)
+    inner.objective = objective
     inner.entropy = logs_entropy  # a logged statistic only (one more pass over the logits)
 
     stats = StepStats(rt.device)
@@ -186,8 +181,9 @@ def train_step(s: Setup, step: int, logs_entropy: bool) -> dict:
             with s.precision.autocast():
                 res = s.module(**batch, num_items=global_count / rt.world)
             res.loss.backward()
-        stats.add(res, batch["attention_mask"])
+        stats.add(res, batch["attention_mask"], protected_targets(objective, s.classes, batch["labels"]))
     sums = stats.reduce(rt)
+    s.data_stats = data_stats(sums) or s.data_stats
 
     # norm=weight: divide by the step's summed weights instead of its token count
     factor = normalize_gradients_(s.params, sums["tokens"], sums["weight"]) if objective.normalize == "weights" else 1.0
@@ -209,6 +205,11 @@ def train_step(s: Setup, step: int, logs_entropy: bool) -> dict:
            "tokens": int(sums["tokens"]), "input_tokens": int(sums["input_tokens"])}
     if logs_entropy:
         rec["entropy"] = sums["entropy"] / n
+    rec.update(gradient_record(sums, bool(objective.protected)))  # where the gradient went
+    if follows:
+        from dftune.objectives import auto_exponent
+
+        rec.update(auto_pbar=used, auto_exponent=auto_exponent(used))
     if factor != 1.0:
         rec["norm_factor"] = factor
     if not s.schedule.static:
@@ -305,7 +306,7 @@ def _train(cfg: Config, rt: dist.Runtime, schedule: Schedule, resume_from: Path 
                 bar.update(1)
             log.write(rec, bar)
             if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < s.total:
-                dist.save_checkpoint(rt, s.module, s.opt, s.out, step + 1, t.keep_checkpoints, {"objective": s.schedule.spec})
+                dist.save_checkpoint(rt, s.module, s.opt, s.out, step + 1, t.keep_checkpoints, s.state())
             if t.eval_every and (step + 1) % t.eval_every == 0:
                 _periodic_eval(s, step + 1)
             if on_step is not None:
@@ -317,7 +318,7 @@ def _train(cfg: Config, rt: dist.Runtime, schedule: Schedule, resume_from: Path 
         log.close()
         if bar is not None:
             bar.close()
-    dist.save_checkpoint(rt, s.module, s.opt, s.out, s.total, t.keep_checkpoints, {"objective": s.schedule.spec})
+    dist.save_checkpoint(rt, s.module, s.opt, s.out, s.total, t.keep_checkpoints, s.state())
     final = export_final(rt, s.module, s.tokenizer, s.out, s.save_dtype)
     if rt.is_main:  # the export's dtype may not be the master weights': say so where the run ends
         print(export_note(final, s.save_dtype, t.save_dtype, s.precision.weights))

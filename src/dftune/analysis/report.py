@@ -315,7 +315,8 @@ def build_report(paths: list[str | Path], title: str = "dftune report", base: st
     body = "".join([
         S.summary_section(ctx, found),
         "".join(S.tables_section(t, folder.name) for folder, _, _, t in sweeps if t),
-        S.analysis_section(ctx, found), S.probe_section(ctx), S.curves_section(ctx), E.eval_section(ctx),
+        S.analysis_section(ctx, found), S.probe_section(ctx), S.curves_section(ctx), S.gradient_section(ctx),
+        E.eval_section(ctx),
         E.compare_section(ctx, [r for r in runs if id(r) not in in_sweeps]),
         "".join(E.sweep_section(folder, sweep, pts) for folder, sweep, pts, _ in sweeps),
         E.general_section(runs), E.samples_section(ctx), E.config_section(ctx),

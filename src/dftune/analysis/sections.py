@@ -243,3 +243,47 @@ def curves_section(ctx: Context) -> str:
                                                                        "more learning curves"))
             + details("Every seed", img(plots.curve_grid(main_rows + more_rows, ctx.colors, per_seed=True),
                                         "learning curves of every seed")))
+
+
+# Where each step's gradient went (train.py's log): the share of the summed token weight on
+# the tokens below p = 0.1 and on the protected ones, and auto's exponent and statistic.
+GRADIENT_CURVES = [("auto_exponent", "auto's exponent a (0: NLL, 1: DFT)", False),
+                   ("auto_pbar", "auto's pbar (data's mean p, previous step)", False),
+                   ("low_p_weight", "weight share on tokens p < 0.1", False),
+                   ("low_p_tokens", "token share p < 0.1", False),
+                   ("protected_weight", "weight share on protected tokens", False)]
+
+
+def _first_last(g: Group, key: str) -> dict[str, tuple[float, float]]:
+    """{objective: (mean over seeds of the first logged value, of the last)}."""
+    out = {}
+    for name, seeds in _series(g, key, "log").items():
+        out[name] = (sum(s[0][1] for s in seeds) / len(seeds), sum(s[-1][1] for s in seeds) / len(seeds))
+    return out
+
+
+def gradient_section(ctx: Context) -> str:
+    """Where the gradient went, step by step: a table of first and last values per objective
+    and the curves. Shown when any run logged the shares (train.py does, every step)."""
+    rows = _rows(ctx, [(k, lab, lg, "log") for k, lab, lg in GRADIENT_CURVES])
+    if not rows:
+        return ""
+    head = ["group", "objective", "auto's a (first → last)", "weight on p<0.1 (first → last)",
+            "tokens p<0.1 (first → last)", "weight on protected"]
+    body = []
+    for g in ctx.groups:
+        cols = {k: _first_last(g, k) for k in ("auto_exponent", "low_p_weight", "low_p_tokens", "protected_weight")}
+        for name in g.arms:
+            def cell(k, as_pct=True, name=name):
+                v = cols[k].get(name)
+                if v is None:
+                    return ""
+                return f"{pct(v[0])}% → {pct(v[1])}%" if as_pct else f"{v[0]:.2f} → {v[1]:.2f}"
+            body.append([esc(g.label or "runs"), swatch(name, ctx.colors), cell("auto_exponent", False),
+                         cell("low_p_weight"), cell("low_p_tokens"), cell("protected_weight")])
+    return ("<h2>Where the gradient goes</h2><p class='note'>Per step, over all its tokens: the share of the summed "
+            "per-token weight (NLL: 1 each; DFT: p) that falls on tokens the model gives p &lt; 0.1, and on protected "
+            "tokens (NLL on special tokens: <code>protect=</code>, <code>auto</code>); for <code>auto</code>, its "
+            "exponent a = clip((pbar − 0.1) / 0.4, 0, 1) and the statistic pbar it follows. Mean over seeds of the "
+            "first and the last step.</p>" + table(head, body)
+            + img(plots.curve_grid(rows, ctx.colors), "where the gradient goes"))

@@ -27,6 +27,7 @@ import torch
 
 from dftune.loss import next_token_targets, token_loss
 from dftune.model import _hidden, decoder_and_head
+from dftune.objectives import AUTO_HIGH, AUTO_LOW, auto_exponent
 from dftune.vocab import CLASS_NAMES, CONTENT, NUMBER, end_of_turn_ids, token_classes
 
 # log-spaced probability bins: [0, 1e-6), [1e-6, 1e-5.5), ..., [10^-0.5, 1]
@@ -177,71 +178,76 @@ def analyze(stats: dict[str, TokenStats], decode, base: str | None = None, top: 
 # ---- the pre-flight probe ------------------------------------------------------------------
 
 # The capability-continuum thresholds on the mean target probability ("Beyond Log
-# Likelihood", PAPER.md), applied to content tokens: above HIGH prior-leaning objectives
-# (DFT) win, below LOW NLL does.
-HIGH, LOW = 0.5, 0.1
+# Likelihood", PAPER.md): above HIGH prior-leaning objectives (DFT) win, below LOW NLL does.
+# Applied, as auto applies them, to the geometric mean (exp(-NLL)) of the tokens other than
+# the special ones: the statistic auto's exponent follows (dftune.objectives.auto).
+HIGH, LOW = AUTO_HIGH, AUTO_LOW
 UNKNOWN = 0.1  # a token with p below this is one the model does not know yet
-CONTENT_TAIL = 0.3  # more content tokens than this below UNKNOWN: cap alpha at 0.5
 STOP_LOW = 0.3  # end-of-turn / special tokens with mean p below this: DFT would barely learn them
 FORMAT_TAIL = 0.3  # more punct/layout tokens than this below UNKNOWN: advise dft's floor
 PERCENTILES = (5, 10, 20, 30, 50, 70, 90)
-PROBE_SCHEMA = 2
+PROBE_SCHEMA = 3
 
 
 def _warn(code: str, message: str) -> dict:
     return {"code": code, "message": message}
 
 
+def prior_strength(stats: dict, classes: dict | None = None) -> dict:
+    """auto's statistic of the data under the base model, from the probe's summaries: the
+    geometric mean target probability exp(-NLL) (``geo_p``), the arithmetic mean
+    (``mean_p``) and the share below p = 0.1 (``below``) over the tokens other than the
+    special ones (those auto trains with NLL whatever its exponent); over all tokens
+    (``basis`` "all") without class summaries."""
+    parts = [c for name, c in (classes or {}).items() if name in CLASS_NAMES and name != "special" and c.get("tokens")]
+    if not parts:
+        return {"geo_p": float(np.exp(-stats["nll"])), "mean_p": stats["mean_prob"],
+                "below": stats.get("frac_below_0.1", 0.0), "basis": "all"}
+    n = sum(c["tokens"] for c in parts)
+
+    def mean(key):
+        return sum(c["tokens"] * c[key] for c in parts) / n
+
+    return {"geo_p": float(np.exp(-mean("nll"))), "mean_p": mean("mean_prob"), "below": mean("frac_below_0.1"),
+            "basis": "non-special"}
+
+
 def recommend(stats: dict, classes: dict | None = None, end_of_turn: dict | None = None) -> dict:
     """The objective for this base model and data, with its reason and warnings.
 
-    stats: ``summary`` over all tokens; classes: ``class_summaries`` (then the decision uses
-    content tokens, not the template and layout tokens that inflate the mean);
-    end_of_turn: ``end_of_turn_summary``. Rules, in order:
-    1. content mean p >= HIGH: dft; <= LOW: nll; between: prob_power with alpha rising from
-       0 to 1 in steps of 0.25.
-    2. more than CONTENT_TAIL of content tokens below p = 0.1: alpha at most 0.5 (DFT would
-       leave them unlearned).
-    3. with any probability weighting (alpha > 0): ``protect=special`` when the end-of-turn or
-       other special tokens have mean p < STOP_LOW, ``floor=0.1`` (dft only) when more than
-       FORMAT_TAIL of the punctuation/layout tokens are below p = 0.1.
+    stats: ``summary`` over all tokens; classes: ``class_summaries``; end_of_turn:
+    ``end_of_turn_summary``. The decision is auto's first step (``prior_strength``: the
+    geometric mean target probability of the non-special tokens, which a share of tokens
+    the model has never seen pulls down however well it knows the rest):
+    1. at or above HIGH (auto's exponent 1): dft; at or below LOW (exponent 0): nll; between:
+       auto (neither end is clearly right, and the model's prior changes as it learns).
+    2. with dft: ``protect=special`` when the end-of-turn or other special tokens have mean p
+       < STOP_LOW, ``floor=0.1`` when more than FORMAT_TAIL of the punctuation/layout tokens
+       are below p = 0.1 (auto protects special tokens itself).
     Warnings name what DFT would leave unlearned whatever the recommendation, since a user
-    may pick DFT anyway. Returned keys: objective, alpha, reasoning, warnings (code, message),
-    basis ("content" or "all"), thresholds.
+    may pick DFT anyway. Returned keys: objective, alpha (auto's first exponent), geo_p,
+    mean_p, reasoning, warnings (code, message), basis ("non-special" or "all"), thresholds.
     """
-    content = (classes or {}).get("content_all") or {}
-    if content.get("tokens"):
-        basis, mp, below = "content", content["mean_prob"], content["frac_below_0.1"]
+    strength = prior_strength(stats, classes)
+    basis, gp, mp = strength["basis"], strength["geo_p"], strength["mean_p"]
+    alpha = auto_exponent(gp)
+    what = "tokens other than the special ones" if basis == "non-special" else "tokens"
+    measure = (f"The base model's geometric mean target probability (exp(-NLL)) on the data's {what} is {gp:.3g} "
+               f"(arithmetic mean {mp:.2f})")
+    if alpha == 1:
+        why = (f"{measure}: >= {HIGH}, a strong prior. Prior-leaning objectives (DFT) fit this regime: they damp the "
+               "updates on the few low-probability tokens, which NLL would up-weight by 1/p.")
+    elif alpha == 0:
+        why = (f"{measure}: <= {LOW}, little prior for this data as a whole. DFT multiplies each token's gradient by "
+               "its probability and would barely learn the tokens the model does not know; NLL is the right choice "
+               "(auto starts as NLL here and moves towards DFT as the model learns the data).")
+        if mp > HIGH:
+            why += (f" (The arithmetic mean is high because most tokens are known; the {strength['below']:.0%} below "
+                    f"p = {UNKNOWN} are what fine-tuning has to teach.)")
     else:
-        basis, mp, below = "all", stats["mean_prob"], stats.get("frac_below_0.1", 0.0)
-    what = "content tokens (words and numbers; template and layout tokens aside)" if basis == "content" else "tokens"
-    if mp >= HIGH:
-        alpha = 1.0
-        why = (f"The base model gives the data's {what} a mean probability of {mp:.2f} (>= {HIGH}): a strong prior. "
-               "Prior-leaning objectives (DFT, or prob_power with alpha >= 1) fit this regime: they damp the updates on "
-               "the few low-probability tokens, which NLL would up-weight by 1/p.")
-    elif mp <= LOW:
-        alpha = 0.0
-        why = (f"The mean target probability of the {what} is {mp:.3f} (<= {LOW}): the model has little prior for this "
-               "data. DFT multiplies each token's gradient by its probability and would barely learn; NLL is the right "
-               "choice.")
-    else:
-        alpha = round(4 * (mp - LOW) / (HIGH - LOW)) / 4
-        why = (f"The mean target probability of the {what} is {mp:.2f}, between {LOW} and {HIGH}: a middling prior"
-               + (" close to the strong end, so DFT." if alpha == 1 else ". An objective between NLL and DFT is "
-                  "suggested (prob_power's gradient weight p^alpha)")
-               + "; compare it with nll and dft on a short run.")
-    if alpha > 0.5 and below > CONTENT_TAIL:
-        alpha = 0.5
-        why += (f" But {below:.0%} of them are below p = {UNKNOWN}: DFT would leave those unlearned, so alpha is "
-                "capped at 0.5.")
-    elif basis == "all" and below > CONTENT_TAIL and alpha > 0:
-        why += (f" Note: {below:.0%} of tokens are below p = {UNKNOWN}; if they carry format or new knowledge "
-                "(special tokens, answer layouts), DFT may under-learn them.")
-    if basis == "content" and stats.get("mean_prob") is not None and stats["mean_prob"] - mp > 0.1:
-        why += (f" (Over all tokens the mean is {stats['mean_prob']:.2f}: template and layout tokens are easy and "
-                "inflate it, so the decision uses content tokens.)")
-
+        why = (f"{measure}: between {LOW} and {HIGH}, neither end clearly right. auto weights each token by max(p^a, 0.1) with "
+               f"a following this statistic as the model learns (a = {alpha:.2f} at the start), special tokens at NLL's "
+               "weight; compare it with nll and dft on a short run.")
     warnings, protect, floor = [], False, False
     eot = end_of_turn or {}
     if eot.get("tokens") and eot["mean_prob"] < STOP_LOW:
@@ -250,7 +256,7 @@ def recommend(stats: dict, classes: dict | None = None, end_of_turn: dict | None
             f"The end-of-turn token{'s' if len(eot.get('token_ids', [])) > 1 else ''} "
             f"({', '.join(map(str, eot.get('text') or eot.get('token_ids', [])))}) get mean p = {eot['mean_prob']:.3f}: "
             f"under DFT their gradient is that fraction of NLL's, so the model may never learn to stop (it repeats or "
-            f"runs to the length limit). Use dft:protect=special (NLL on special tokens), dft:floor=0.1, or nll.")))
+            f"runs to the length limit). Use dft:protect=special (NLL on special tokens), dft:floor=0.1, auto or nll.")))
     special = (classes or {}).get("special") or {}
     # special tokens other than the end-of-turn ones (which are special by construction)
     n_other = (special.get("tokens") or 0) - (eot.get("tokens") or 0)
@@ -268,28 +274,27 @@ def recommend(stats: dict, classes: dict | None = None, end_of_turn: dict | None
             f"{punct['frac_below_0.1']:.0%} of the punctuation/layout tokens (the output format) are below p = "
             f"{UNKNOWN}: DFT would learn the format slowly. Use dft:floor=0.1 (every token keeps 10% of its NLL "
             "gradient) or nll.")))
-    if mp <= 0.02:
+    content = (classes or {}).get("content_all") or {}
+    cp = content["mean_prob"] if content.get("tokens") else mp  # words and numbers: what the task is about
+    if cp <= 0.02:
         warnings.append(_warn("no_prior", (
-            f"The model has almost no prior for this data (mean p {mp:.3f}): DFT's gradients are ~{mp:.3f} of NLL's "
-            "and it would learn almost nothing; train with nll (or schedule nll first: nll@0.2,dft).")))
+            f"The model has almost no prior for this data (mean p {cp:.3f}{' on words and numbers' if content else ''}): "
+            f"DFT's gradients are ~{cp:.3f} of NLL's and it would learn almost nothing; train with nll (or auto).")))
 
     if alpha == 0:
         objective = "nll"
+    elif alpha < 1:
+        objective = "auto"
     else:
-        params = []
-        if floor and alpha == 1:
-            params.append("floor=0.1")
-        if protect:
-            params.append("protect=special")
-        base = "dft" if alpha == 1 else f"prob_power:alpha={alpha:g}"
-        objective = base + ((":" if base == "dft" else ",") + ",".join(params) if params else "")
+        params = (["floor=0.1"] if floor else []) + (["protect=special"] if protect else [])
+        objective = "dft" + (":" + ",".join(params) if params else "")
         if protect:
             why += " Special tokens (EOS, end-of-turn, template) are trained with NLL (protect=special): see warnings."
-        if floor and alpha == 1:
+        if floor:
             why += " A floor of 0.1 on the weight keeps the output format learning: see warnings."
-    return {"objective": objective, "alpha": alpha, "reasoning": why, "warnings": warnings, "basis": basis,
-            "thresholds": {"prior_leaning_above": HIGH, "nll_below": LOW, "unknown_below": UNKNOWN,
-                           "content_tail": CONTENT_TAIL, "stop_low": STOP_LOW, "format_tail": FORMAT_TAIL}}
+    return {"objective": objective, "alpha": alpha, "geo_p": gp, "mean_p": mp, "reasoning": why, "warnings": warnings,
+            "basis": basis, "thresholds": {"prior_leaning_above": HIGH, "nll_below": LOW, "unknown_below": UNKNOWN,
+                                           "stop_low": STOP_LOW, "format_tail": FORMAT_TAIL}}
 
 
 def probe_report(st: TokenStats, classes: np.ndarray, eot_ids, *, decode=None, **meta) -> dict:

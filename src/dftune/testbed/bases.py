@@ -3,12 +3,13 @@ with NLL on the same problems (``tasks.PRETRAIN_MIX``), the same number of steps
 surface forms.
 
 - ``weak``: the problems and their computations as plain-text notes
-  (``tasks.notes_document``: "Work: Ava has 5 pens; 5 plus 3 is 8; ...  Result: 8"), one to
-  a row, as raw documents: no chat template, no box, and never an EOS or end-of-turn token
-  as a target. The model learns the arithmetic (``notes_accuracy`` measures it in its own
-  form) but not the demonstrations' wording, layout or when to stop: a weak prior for the
-  demonstrations (the probe measures how weak), like a base model pretrained on another
-  surface form of a task.
+  (``tasks.notes_document``: "Problem: ...\nWork: Ava has 5 pens.\n5 + 3 = 8.\nResult: 8"),
+  one to a row, as raw documents: no chat template, no box, and never an EOS or end-of-turn
+  token as a target. The model learns the arithmetic, in the demonstrations' own notation
+  (``notes_accuracy`` measures it in its own form), but not the demonstrations' chat turn,
+  wording, box or when to stop: a weak prior for the demonstrations (the probe measures how
+  weak), like a base model pretrained on another surface form of a task. (``notation=words``,
+  "5 plus 3 is 8", was the earlier weak base: see docs/testbed.md's design log.)
 - ``strong``: the same problems in the demonstrations' own format: the chat template with
   the paper's system turn and boxed instruction, "a + b = c." lines, "The answer is
   \\boxed{N}." and the end-of-text token (EOS). Fine-tuning then starts from a prior that
@@ -49,7 +50,7 @@ CHAT_TEMPLATE = (
 )
 SUFFIX = "\n" + INSTRUCTION
 PROMPT = "chat"
-FORMAT = 4  # bump when the recipe below changes in a way the cache key does not see
+FORMAT = 6  # bump when the recipe below changes in a way the cache key does not see
 MAX_LENGTH = 320
 PRIORS = ("weak", "strong")
 
@@ -84,7 +85,9 @@ def initial_model(cache: Path, rows: list[dict], *, hidden: int, layers: int, he
     from transformers import AutoTokenizer, GenerationConfig
 
     texts = [f"system\n{SYSTEM}\nuser\n{r['problem']}{SUFFIX}\nassistant\n{r['solution']}" for r in rows[:1500]]
-    texts += [tasks.notes_document(r) for r in rows[:1500]]
+    # the notes in words, as the first weak base had them: the tokenizer, the initialisation and so
+    # the strong base stay those of earlier versions (the symbols notation adds no new strings)
+    texts += [tasks.notes_document(r, "words") for r in rows[:1500]]
     tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")  # two processes may build it at once
     shutil.rmtree(tmp, ignore_errors=True)
     make_tiny(tmp, texts, vocab_size=512, split_digits=True, hidden=hidden, layers=layers, heads=heads,
@@ -102,7 +105,7 @@ def initial_model(cache: Path, rows: list[dict], *, hidden: int, layers: int, he
     return folder
 
 
-def notes_rows(tokenizer, rows: list[dict]) -> list[dict]:
+def notes_rows(tokenizer, rows: list[dict], notation: str = "symbols") -> list[dict]:
     """Weak pretraining rows: one notes document each, tokenised as plain text, no special
     token anywhere (``dftune.data``'s tokenized format). The loss is on the worked part
     ("Work: ... Result: N"), not the problem line: the strong base's loss is on the
@@ -110,7 +113,7 @@ def notes_rows(tokenizer, rows: list[dict]) -> list[dict]:
     computation and differ in its surface form."""
     out = []
     for r in rows:
-        problem, work = tasks.notes_document(r).split("\nWork: ", 1)
+        problem, work = tasks.notes_document(r, notation).split("\nWork: ", 1)
         ids, mask = [], []
         for text, m in ((problem + "\n", 0), ("Work: " + work, 1)):
             piece = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -141,9 +144,10 @@ def base_folder(prior: str, cache: Path, **recipe) -> Path:
 
 
 def pretrained_base(prior: str, cache: Path, *, steps: int, examples: int, batch: int, lr: float, hidden: int,
-                    layers: int, heads: int, wrong_last_steps: float = 0.0) -> Path:
+                    layers: int, heads: int, notation: str = "symbols", wrong_last_steps: float = 0.0) -> Path:
     """The cached ``final`` folder of the ``prior`` base, pretrained if missing: ``steps``
-    steps of ``batch`` problems (of ``examples``) at ``lr``, from the shared initialisation.
+    steps of ``batch`` problems (of ``examples``) at ``lr``, from the shared initialisation;
+    the weak base's notes in ``notation`` (``tasks.NOTATIONS``).
     ``wrong_last_steps`` (strong only): the share of its pretraining solutions whose last step
     is off by 1 to 3 (``tasks.with_wrong_last_step``): a base that often slips at the end of a
     derivation it otherwise gets right (the offline demo's)."""
@@ -153,6 +157,8 @@ def pretrained_base(prior: str, cache: Path, *, steps: int, examples: int, batch
 
     recipe = {"steps": steps, "examples": examples, "batch": batch, "lr": lr, "hidden": hidden, "layers": layers,
               "heads": heads}
+    if prior == "weak":
+        recipe["notation"] = notation
     if wrong_last_steps:  # only when set: the other bases keep their cache keys
         recipe["wrong_last_steps"] = wrong_last_steps
     folder = base_folder(prior, cache, **recipe)
@@ -170,25 +176,25 @@ def pretrained_base(prior: str, cache: Path, *, steps: int, examples: int, batch
         print(f"base 'strong': pretraining {steps} steps in the demonstrations' format -> {folder}")
     else:
         tok = load_tokenizer(str(init))
-        data = DataConfig(path=str(write_jsonl(folder / "pretrain.jsonl", notes_rows(tok, rows))), format="tokenized",
-                          max_length=MAX_LENGTH)
-        print(f"base 'weak': pretraining {steps} steps on plain-text notes -> {folder}")
+        data = DataConfig(path=str(write_jsonl(folder / "pretrain.jsonl", notes_rows(tok, rows, notation))),
+                          format="tokenized", max_length=MAX_LENGTH)
+        print(f"base 'weak': pretraining {steps} steps on plain-text notes ({notation}) -> {folder}")
     return _pretrain(init, folder, data, steps=steps, batch=batch, lr=lr)
 
 
-def notes_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int = 64) -> float:
+def notes_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int = 64, notation: str = "symbols") -> float:
     """The fraction of ``rows`` whose notes the model completes correctly (greedy) from
     "Problem: ...\\nWork:": the arithmetic the weak base knows, in its own surface form."""
     import torch
 
     right = 0
     for r in rows:
-        doc = tasks.notes_document(r)
+        doc = tasks.notes_document(r, notation)
         prefix = doc[:doc.index("\nWork:") + len("\nWork:")]
         ids = tokenizer(prefix, return_tensors="pt", add_special_tokens=False)
         with torch.no_grad():
             out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
         text = prefix + tokenizer.decode(out[0][ids["input_ids"].shape[1]:])
-        right += tasks.check_notes(text.split("\n\n")[0] + "\n\n", r["answer"])
+        right += tasks.check_notes(text.split("\n\n")[0] + "\n\n", r["answer"], notation)
     return right / max(len(rows), 1)

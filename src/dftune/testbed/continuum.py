@@ -11,13 +11,14 @@ from pathlib import Path
 
 from dftune.eval.metrics import avg_key
 from dftune.settings import ConfigError
-from dftune.testbed import bases, tables
+from dftune.testbed import bases, tables, tasks
 from dftune.testbed.demo_config import DemoConfig
 from dftune.testbed.stages import (
     build_bases,
     elapsed,
     evaluate_model,
     finetune,
+    finetune_schedule,
     folder_name,
     load_average,
     objectives_for,
@@ -46,6 +47,8 @@ def _check(cfg: DemoConfig) -> list[str]:
         for o in objs:
             objective_schedule(o)  # a bad spec fails now, not after pretraining
     splits_of(cfg)
+    if cfg.weak_notes not in tasks.NOTATIONS:
+        raise ConfigError(f"weak_notes must be one of {', '.join(tasks.NOTATIONS)}; got {cfg.weak_notes!r}")
     return priors
 
 
@@ -78,9 +81,9 @@ def _point_job(cfg: DemoConfig, root: Path, files: dict, base: Path, values: dic
         marker.write_text(str(base))
         return
     curve = curve_eval(cfg, files, values["seed"]) if curve_every else None
-    final = finetune(base, bases.data_config(files["narrow"]), out, objective=values["objective"], lr=cfg.finetune_lr,
-                     batch=cfg.finetune_batch, steps=cfg.finetune_steps, seed=values["seed"], curve=curve,
-                     curve_every=curve_every)
+    steps, lr = finetune_schedule(cfg, values["prior"])
+    final = finetune(base, bases.data_config(files["narrow"]), out, objective=values["objective"], lr=lr,
+                     batch=cfg.finetune_batch, steps=steps, seed=values["seed"], curve=curve, curve_every=curve_every)
     if curve and not any(r.get("step") == 0 for r in read_jsonl(out / "eval_curve.jsonl")):
         # the curve starts at the base: the loop's own quick evaluation, on the step-0 weights
         import torch
@@ -121,7 +124,8 @@ def _analysis_job(cfg: DemoConfig, root: Path, files: dict, prior: str, base: Pa
                                                    data=str(files["narrow"])))
     own = None
     if prior != "real":
-        own = bases.notes_accuracy(base_model, tok, test_rows(cfg, CURVE_BENCHMARK)[:cfg.curve_problems])
+        own = bases.notes_accuracy(base_model, tok, test_rows(cfg, CURVE_BENCHMARK)[:cfg.curve_problems],
+                                   notation=cfg.weak_notes)
     stats = {"base": token_stats(base_model, exs, tok.pad_token_id)}
     classes = token_classes(tok, vocab_size=max(len(tok), base_model.get_output_embeddings().weight.shape[0]))
     eot_ids, eot_p = end_of_turn_ids(tok), {}
@@ -200,11 +204,13 @@ def continuum_tables(root: Path, cfg: DemoConfig, points: list[dict], priors: li
     probes = {}
     for prior in priors:
         pr = read_json(root / f"probe_{prior}.json")
-        probes[prior] = {"content_p": pr["classes"]["content_all"]["mean_prob"], "all_p": pr["stats"]["mean_prob"],
+        rec = pr["recommendation"]
+        probes[prior] = {"geo_p": rec["geo_p"], "mean_p": rec["mean_p"], "alpha": rec["alpha"],
+                         "content_p": pr["classes"]["content_all"]["mean_prob"], "all_p": pr["stats"]["mean_prob"],
+                         "below_0.1": pr["stats"]["frac_below_0.1"],
                          "punct_below_0.1": pr["classes"]["punct"]["frac_below_0.1"],
-                         "eot_p": pr["end_of_turn"]["mean_prob"], "objective": pr["recommendation"]["objective"],
-                         "warnings": [w["code"] for w in pr["recommendation"]["warnings"]],
-                         "notes_accuracy": own_form.get(prior)}
+                         "eot_p": pr["end_of_turn"]["mean_prob"], "objective": rec["objective"],
+                         "warnings": [w["code"] for w in rec["warnings"]], "notes_accuracy": own_form.get(prior)}
     eos = []
     for (prior, obj), seeds in tables._groups(points, "prior").items():
         folders = [root / seeds[s] / "eval" for s in sorted(seeds)]
@@ -220,9 +226,12 @@ def continuum_tables(root: Path, cfg: DemoConfig, points: list[dict], priors: li
             "problems_per_split": cfg.eval_problems, "seeds": cfg.seeds, "splits": splits + ["mean"], "group": "prior",
             "baseline": "nll", "intervals": {"cell": tables.CELL_INTERVAL, "diff": tables.DIFF_INTERVAL},
             "settings": {k: getattr(cfg, k) for k in ("pretrain_steps", "finetune_steps", "finetune_batch", "finetune_lr",
+                                                        "weak_notes", "weak_finetune_steps", "weak_finetune_lr",
                                                         "finetune_examples", "wrong_demos", "max_new_tokens",
                                                         "curve_every", "curve_problems", "curve_n")},
-            "probe": probes, "accuracy": accuracy, "vs_baseline": diffs, "eos": eos, "curves": curves,
+            "probe": probes, "probe_check": tables.probe_check(root, points, splits, "prior",
+                                                                {p: v["objective"] for p, v in probes.items()}),
+            "accuracy": accuracy, "vs_baseline": diffs, "eos": eos, "curves": curves,
             "steps_to_reach": tables.steps_to_reach(curves, "prior", "nll")}
 
 
@@ -253,16 +262,22 @@ def report_tables(t: dict) -> list[dict]:
                              f"{r['sign_test']['b_better']} behind, p = {r['sign_test']['p']:.2g}"
                              for r in t["vs_baseline"] if r["split"] == "mean") + "."),
     }, {
-        "title": "Each base on the demonstrations, before training (the probe)",
-        "columns": ["prior", "content-token p", "all-token p", "end-of-turn p", "punct/layout p<0.1",
-                    "own-form accuracy", "probe recommends", "warnings"],
-        "rows": [[p, f"{v['content_p']:.3f}", f"{v['all_p']:.3f}", f"{v['eot_p']:.2g}", pct(v["punct_below_0.1"]) + "%",
-                  "" if v.get("notes_accuracy") is None else pct(v["notes_accuracy"]) + "%", v["objective"],
-                  ", ".join(v["warnings"]) or "none"] for p, v in t["probe"].items()],
-        "note": ("Mean probability the base gives the demonstrations' response tokens (content: words and numbers; "
-                 "end-of-turn: EOS and <|im_end|>). Own-form accuracy: greedy completions of the id split's problems "
-                 "as plain-text notes (the weak base's pretraining form), checked step by step: the arithmetic the "
-                 "base knows, whatever the surface form."),
+        "title": "Each base on the demonstrations, before training (the probe), and the outcome",
+        "columns": ["prior", "geometric mean p", "arithmetic mean p", "tokens p<0.1", "content-token p",
+                    "end-of-turn p", "own-form accuracy", "probe recommends", "warnings", "measured best",
+                    "recommended − best, points"],
+        "rows": [[p, f"{v['geo_p']:.3g}", f"{v['mean_p']:.3f}", pct(v["below_0.1"]) + "%", f"{v['content_p']:.3f}",
+                  f"{v['eot_p']:.2g}", "" if v.get("notes_accuracy") is None else pct(v["notes_accuracy"]) + "%",
+                  v["objective"], ", ".join(v["warnings"]) or "none"] + _check_cells(t, p)
+                 for p, v in t["probe"].items()],
+        "note": ("The base's target probabilities on the demonstrations' response tokens. Geometric mean: exp(-NLL) "
+                 "over the tokens other than the special ones, the statistic auto's exponent follows and the probe "
+                 "decides by (>= 0.5: dft, <= 0.1: nll, between: auto); arithmetic mean over the same tokens beside "
+                 "it; content: words and numbers; end-of-turn: EOS and <|im_end|>. Own-form accuracy: greedy "
+                 "completions of the id split's problems as plain-text notes (the weak base's pretraining form), "
+                 "checked step by step. Measured best: the fine-tuned objective with the highest mean accuracy; the "
+                 "recommended one's paired difference to it [95% bootstrap interval] (\"best\" when they are the "
+                 "same)."),
     }, {
         "title": "Does the model learn to stop? (how samples end, all splits and seeds pooled)",
         "columns": ["prior", "objective", "stopped (EOS) %", "hit the token limit %", "mean tokens", "boxed answer %",
@@ -292,3 +307,16 @@ def report_tables(t: dict) -> list[dict]:
                      "95% t-interval over seeds; step 0 is the base. " + "; ".join(reach) + "."),
         })
     return out
+
+
+def _check_cells(t: dict, prior: str) -> list[str]:
+    """The probe-versus-outcome cells of a prior: the measured best, and the recommended
+    objective's paired difference to it (or its verdict)."""
+    row = next((r for r in t.get("probe_check", []) if r["prior"] == prior), None)
+    if row is None:
+        return ["", ""]
+    best = f"{row['best']} ({tables._pct(row['best_mean'])}%)"
+    if "diff" not in row:
+        return [best, row["verdict"]]
+    lo, hi = row["ci95"]
+    return [best, f"{100 * row['diff']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]: {row['verdict']}"]

@@ -1,6 +1,6 @@
 """`dftune demo`: the capability continuum and DFT's failure modes on a CPU in minutes.
 
-    dftune demo                      # the continuum: weak and strong prior, 5.7 min on 2 cores
+    dftune demo                      # the continuum: weak and strong prior, nll/dft/auto, about 1,040 s of CPU
     dftune demo offline              # the paper's offline-RL table in miniature (demo_offline.py)
     dftune demo --full               # firmer numbers: more seeds and problems
 
@@ -28,7 +28,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dftune.settings import ConfigError, Problems
-from dftune.testbed.demo_config import DemoConfig, apply_full
+from dftune.testbed.demo_config import DemoConfig, apply_full, apply_mode
 
 
 def validate_demo(cfg: DemoConfig) -> None:
@@ -64,7 +64,7 @@ def validate_demo(cfg: DemoConfig) -> None:
 
 def run_demo(cfg: DemoConfig) -> Path:
     """Run the demo ``cfg.mode`` asks for; return the report's path."""
-    apply_full(cfg)
+    apply_mode(apply_full(cfg))
     validate_demo(cfg)
     if not cfg.out:
         cfg.out = "out/demo-offline" if cfg.mode == "offline" else "out/demo"

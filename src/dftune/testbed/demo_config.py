@@ -64,8 +64,9 @@ class DemoConfig:
     """continuum (weak and strong prior: accuracy, EOS failure, learning curves) or offline (the offline-RL table);
     `dftune demo offline` is mode=offline."""
     full: bool = False
-    """firmer numbers: 5 seeds, 100 problems per split, curves at both priors (13 min on 2 cores with the bases
-    cached); settings you give explicitly win (unless equal to the default)."""
+    """firmer numbers: 5 seeds, 100 problems per split, curves at both priors, and the DFT authors' remedies at the
+    weak prior (dft:floor=0.1, dft:protect=special); settings you give explicitly win (unless equal to the
+    default)."""
     out: str = ""
     """the demo's folder (data, runs, evaluations, analysis, tables, report.html); empty: out/demo (continuum) or
     out/demo-offline."""
@@ -73,10 +74,10 @@ class DemoConfig:
     """where pretrained bases are kept between runs (default: ~/.cache/dftune/testbed)."""
     priors: str = "weak,strong"
     """weak, strong or both (weak: pretrained on another surface form of the task)."""
-    weak_objectives: str = "nll,dft,dft:floor=0.1,dft:protect=special"
+    weak_objectives: str = "nll,dft,auto"
     """Objectives compared at the weak prior (comma-separated; a spec's own commas are kept, as in dftune sweep);
     nll, the baseline, included."""
-    strong_objectives: str = "nll,dft"
+    strong_objectives: str = "nll,dft,auto"
     """Objectives compared at the strong prior (as weak_objectives)."""
     seeds: int = 3
     """fine-tuning seeds per (prior, objective); tables give mean and 95% intervals."""
@@ -96,13 +97,21 @@ class DemoConfig:
     """Demonstrations per fine-tuning step."""
     finetune_lr: float = 5e-4
     """The fine-tuning learning rate."""
+    weak_notes: str = "symbols"
+    """The weak base's notes: symbols ("7 + 3 = 10.", the demonstrations' arithmetic inside the notes' wrapper) or
+    words ("7 plus 3 is 10", the earlier weak base)."""
+    weak_finetune_steps: int = 150
+    """Fine-tuning steps at the weak prior (finetune_steps is the strong prior's): the demonstrations' layout and stop
+    are new to the weak base."""
+    weak_finetune_lr: float = 1e-3
+    """Fine-tuning learning rate at the weak prior (finetune_lr is the strong prior's)."""
     wrong_demos: float = 0.2
     """the fraction of demonstrations whose last step (and so the answer) is wrong by 1 to 3, as real SFT sets hold
     wrong solutions; 0 for clean ones."""
     splits: str = "id,ood_ops,ood_steps"
     """test splits (id, ood_ops, ood_steps: tasks.SPLITS)."""
-    eval_problems: int = 40
-    """Problems per test split."""
+    eval_problems: int = 80
+    """Problems per test split (the offline demo: 40 unless given otherwise, as its tables were measured)."""
     eval_n: int = 4
     """Samples per problem (temperature 1.0)."""
     max_new_tokens: int = 80
@@ -136,10 +145,14 @@ class DemoConfig:
 
 
 # full=true: what changes (explicit settings equal to the default are replaced too)
-FULL = {"seeds": 5, "eval_problems": 100, "curve_priors": "weak,strong", "curve_problems": 64, "analysis_examples": 128}
+FULL = {"seeds": 5, "eval_problems": 100, "curve_priors": "weak,strong", "curve_problems": 64, "analysis_examples": 128,
+        "weak_objectives": "nll,dft,auto,dft:floor=0.1,dft:protect=special"}
 
 
 FULL_OFFLINE = {"questions": 512}
+
+# mode=offline: where its defaults differ from the continuum's (a setting equal to the continuum's default is replaced)
+OFFLINE_DEFAULTS = {"eval_problems": 40}
 
 
 def apply_full(cfg: DemoConfig) -> DemoConfig:
@@ -153,4 +166,16 @@ def apply_full(cfg: DemoConfig) -> DemoConfig:
     for k, v in FULL_OFFLINE.items():
         if getattr(cfg.offline, k) == getattr(default.offline, k):
             setattr(cfg.offline, k, v)
+    return cfg
+
+
+def apply_mode(cfg: DemoConfig) -> DemoConfig:
+    """mode=offline: the OFFLINE_DEFAULTS wherever ``cfg`` still has the continuum's default
+    (after ``apply_full``, whose values win)."""
+    if cfg.mode != "offline":
+        return cfg
+    default = DemoConfig()
+    for k, v in OFFLINE_DEFAULTS.items():
+        if getattr(cfg, k) == getattr(default, k):
+            setattr(cfg, k, v)
     return cfg

@@ -17,6 +17,13 @@ from dftune.testbed import bases, tasks
 from dftune.testbed.demo_config import DemoConfig
 
 
+def finetune_schedule(cfg: DemoConfig, prior: str) -> tuple[int, float]:
+    """(steps, lr) of the fine-tuning runs at ``prior``: the weak prior has its own."""
+    if prior == "weak":
+        return cfg.weak_finetune_steps, cfg.weak_finetune_lr
+    return cfg.finetune_steps, cfg.finetune_lr
+
+
 def objectives_for(cfg: DemoConfig, prior: str) -> list[str]:
     from dftune.sweep import split_values  # a spec's own commas are kept
 
@@ -91,7 +98,7 @@ def base_for(cfg: DemoConfig, prior: str, cache: Path) -> Path:
         return smollm2_folder(cache) if cfg.real_base == "smollm2" else Path(cfg.real_base)
     return bases.pretrained_base(prior, cache, steps=cfg.pretrain_steps, examples=cfg.pretrain_examples,
                                  batch=cfg.pretrain_batch, lr=cfg.pretrain_lr, hidden=cfg.hidden, layers=cfg.layers,
-                                 heads=cfg.heads)
+                                 heads=cfg.heads, notation=cfg.weak_notes)
 
 
 def build_bases(cfg: DemoConfig, priors: list[str], cache: Path) -> dict[str, Path]:

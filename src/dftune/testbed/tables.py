@@ -231,3 +231,36 @@ def steps_to_reach(curves: list[dict], group: str, baseline: str) -> list[dict]:
         out.append({group: g, "objective": obj, "baseline": baseline, "baseline_final": target,
                     "baseline_final_step": b["steps"][-1], "first_step_reaching": first, "final": c["mean"][-1]})
     return out
+
+
+def probe_check(root: Path, points: list[dict], splits: list[str], group: str, recommended: dict[str, str],
+                reps: int = 10_000) -> list[dict]:
+    """The probe's recommendation tested against the outcome, per group value: the measured
+    best fine-tuned objective (highest mean accuracy over every split), and the recommended
+    one's paired difference to it ([95% bootstrap interval], ``paired_difference``). verdict:
+    "best", "within noise" (the interval holds 0), "behind" (the interval is below 0), or
+    "not trained" (the recommendation is not among the objectives run)."""
+    groups = _groups(points, group)
+    out = []
+    for g, rec in recommended.items():
+        arms = {obj: seeds for (gv, obj), seeds in groups.items() if gv == g and obj != "base"}
+        if not arms:
+            continue
+        acc = {}
+        for obj, seeds in arms.items():
+            folders = [root / seeds[s] / "eval" for s in sorted(seeds)]
+            acc[obj] = np.concatenate([accuracy_matrix(folders, b)[0] for b in splits], axis=1)
+        best = max(acc, key=lambda o: acc[o].mean())
+        row = {group: g, "recommended": rec, "best": best, "best_mean": float(acc[best].mean())}
+        if rec not in acc:
+            out.append({**row, "verdict": "not trained"})
+            continue
+        row["recommended_mean"] = float(acc[rec].mean())
+        if rec == best:
+            out.append({**row, "verdict": "best"})
+            continue
+        n = min(len(acc[rec]), len(acc[best]))
+        d = paired_difference(acc[rec][:n], acc[best][:n], reps=reps)
+        verdict = "behind" if d["ci95"][1] < 0 else "within noise"
+        out.append({**row, "verdict": verdict, "diff": d["diff"], "ci95": d["ci95"]})
+    return out

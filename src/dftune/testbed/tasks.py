@@ -11,11 +11,11 @@ operation the demonstrations lack, longer chains).
                 "steps": [[5, "+", 3, 8], ...]}
 
 Two surface forms of the same arithmetic: ``solution`` is the demonstrations' form
-("5 + 3 = 8." lines, then "The answer is \\boxed{8}."), and ``notes_document(row)`` writes
-the same problem and computation as a plain-text note ("Work: 5 plus 3 is 8; ...
-Result: 8") with no box, no chat template and no end-of-text token: what the testbed's
-weak-prior base is pretrained on. It knows the arithmetic, not the demonstrations' format
-or when to stop.
+("Ava starts with 5 pens.\n5 + 3 = 8.\nThe answer is \\boxed{8}." after a chat prompt,
+then the end of text), and ``notes_document(row)`` writes the same problem and computation
+as a plain-text note ("Problem: ...\nWork: Ava has 5 pens.\n5 + 3 = 8.\nResult: 8") with
+no box, no chat template and no end-of-text token: what the testbed's weak-prior base is
+pretrained on. It knows the arithmetic, not the demonstrations' layout or when to stop.
 """
 
 from __future__ import annotations
@@ -128,23 +128,39 @@ def with_wrong_last_step(row: dict, rng: random.Random) -> dict:
 
 NOTE_WORDS = {"+": "plus", "-": "minus", "*": "times"}
 _WORD_OPS = {w: op for op, w in NOTE_WORDS.items()}
+NOTATIONS = ("symbols", "words")
 
 
-def notes_document(row: dict) -> str:
-    """The problem and its computation as a plain-text note: the same order of operands as
-    the demonstrations (so the arithmetic can transfer) but other words and layout ("5 plus
-    3 is 8" on one line, no "=", no box, no "The answer is"), ending after the result's line
-    with a blank line and nothing else (no end-of-text token: a document continues)."""
-    start = row["problem"].split(".")[0]  # "Ava has 5 pens": restated, as the demonstrations restate it
-    work = ".\n".join([start] + [f"{a} {NOTE_WORDS[op]} {b} is {c}" for a, op, b, c in row["steps"]])
+def notes_document(row: dict, notation: str = "symbols") -> str:
+    """The problem and its computation as a plain-text note, ending after the result's line
+    with a blank line and nothing else (no end-of-text token: a document continues), with no
+    box, no chat template and no "The answer is".
+
+    notation="symbols": the steps in the demonstrations' arithmetic ("5 + 3 = 8."), inside
+    the notes' own wrapper ("Problem: ...", "Work: ...", "Result: 8"): the weak base then
+    knows the computation's tokens and not the demonstrations' layout, chat turn, box or
+    stop. notation="words": "5 plus 3 is 8" (the earlier weak base; the arithmetic has to
+    transfer across notations). The start is restated ("Ava has 5 pens."), as the
+    demonstrations restate it, and the operands come in the demonstrations' order.
+    """
+    if notation not in NOTATIONS:
+        raise ValueError(f"notation must be one of {NOTATIONS}; got {notation!r}")
+    start = row["problem"].split(".")[0]  # "Ava has 5 pens"
+    if notation == "symbols":
+        steps = [f"{a} {op} {b} = {c}" for a, op, b, c in row["steps"]]
+    else:
+        steps = [f"{a} {NOTE_WORDS[op]} {b} is {c}" for a, op, b, c in row["steps"]]
+    work = ".\n".join([start] + steps)
     return f"Problem: {row['problem']}\nWork: {work}.\nResult: {row['answer']}\n\n"
 
 
-_NOTE_STEP = re.compile(r"^(\d+) (plus|minus|times) (\d+) is (\d+)$")
+_NOTE_STEP = {"symbols": re.compile(r"^(\d+) ([+\-*]) (\d+) = (\d+)$"),
+              "words": re.compile(r"^(\d+) (plus|minus|times) (\d+) is (\d+)$")}
 
 
-def check_notes(text: str, answer: str) -> bool:
-    """A notes document's arithmetic is right and its result is ``answer``: parsed, never evaluated."""
+def check_notes(text: str, answer: str, notation: str = "symbols") -> bool:
+    """A notes document (in ``notation``) whose arithmetic is right and whose result is
+    ``answer``: parsed, never evaluated."""
     m = re.fullmatch(r"Problem: [^\n]*? has (\d+) [^\n]*\nWork: (.+)\.\nResult: (\d+)\n\n", text, re.DOTALL)
     if not m or m.group(3) != answer:
         return False
@@ -153,10 +169,10 @@ def check_notes(text: str, answer: str) -> bool:
     if not re.fullmatch(rf"\w+ has {value} \w+", start):
         return False
     for part in parts:
-        s = _NOTE_STEP.match(part)
+        s = _NOTE_STEP[notation].match(part)
         if s is None:
             return False
-        a, op, b, c = int(s.group(1)), _WORD_OPS[s.group(2)], int(s.group(3)), int(s.group(4))
+        a, op, b, c = int(s.group(1)), _WORD_OPS.get(s.group(2), s.group(2)), int(s.group(3)), int(s.group(4))
         if a != value or c != {"+": a + b, "-": a - b, "*": a * b}[op]:
             return False
         value = c
